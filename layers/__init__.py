@@ -1,0 +1,53 @@
+"""Pub-sub channels over pluggable layers: in-memory, Redis, PostgreSQL, MQTT.
+
+async with Channel(create_layer("memory://")) as channel:
+    await channel.publish("chatroom", {"message": "hello"})
+    async with channel.subscribe("chatroom") as subscriber:
+        async for event in subscriber:
+            ...
+"""
+
+from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Replay, Sink
+from .core import BacklogPolicy, Channel, Item, Subscription, make_message
+from .errors import (
+    CapabilityNotSupported,
+    ChannelClosed,
+    ChannelError,
+    InvalidArgument,
+    InvalidPayload,
+    LayerConfigurationError,
+    LayerUnavailable,
+    SubscriberOverflow,
+    UnknownGroup,
+)
+from .event import Event, Gap, Message
+from .factory import create_layer
+from .memory import InMemoryChannelLayer
+
+__all__ = [
+    "BacklogPolicy",
+    "Capabilities",
+    "CapabilityNotSupported",
+    "Channel",
+    "ChannelClosed",
+    "ChannelError",
+    "ChannelLayer",
+    "ConsumerInfo",
+    "Event",
+    "Gap",
+    "GroupInfo",
+    "InMemoryChannelLayer",
+    "InvalidArgument",
+    "InvalidPayload",
+    "Item",
+    "LayerConfigurationError",
+    "LayerUnavailable",
+    "Message",
+    "Replay",
+    "Sink",
+    "SubscriberOverflow",
+    "Subscription",
+    "UnknownGroup",
+    "create_layer",
+    "make_message",
+]

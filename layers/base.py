@@ -1,0 +1,135 @@
+"""The contract every channel layer implements.
+
+A layer moves messages through one broker. It runs one listener per process (`run`) and hands every
+live message it receives to the `Sink` exactly once; fan-out to local subscribers, backpressure,
+redelivery timing and dead-lettering live in `layers.core.Channel`, once, for all layers. History
+and consumer groups are optional: a layer without them inherits methods that raise
+`CapabilityNotSupported`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from anyio.abc import TaskStatus
+
+from .errors import CapabilityNotSupported
+from .event import Event, Message
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    cross_process: bool
+    history: bool
+    groups: bool
+
+
+class Sink(Protocol):
+    def deliver(self, event: Event) -> None:
+        """A live message arrived; called once per message, on the event loop."""
+
+    def wake(self, channel: str) -> None:
+        """Group work may be waiting on `channel` (for layers whose group messages are pushed)."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Retained events, oldest first; `gap` when some that followed the cursor are gone."""
+
+    events: list[Event]
+    gap: bool = False
+    reason: str | None = None  # why there is a gap: "evicted" or "unknown_id"
+
+
+@dataclass(frozen=True)
+class ConsumerInfo:
+    name: str
+    pending: int
+    idle_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    channel: str
+    group: str
+    pending: int
+    consumers: list[ConsumerInfo] = field(default_factory=list)
+    oldest_unacked_id: str | None = None
+    oldest_unacked_age_seconds: float | None = None
+
+
+class ChannelLayer(ABC):
+    """A broker behind the `Channel` core."""
+
+    scheme: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    @abstractmethod
+    async def run(self, sink: Sink, *, task_status: TaskStatus[None]) -> None:
+        """Connect, call `task_status.started()`, then listen until cancelled."""
+
+    @abstractmethod
+    async def publish(self, messages: Sequence[Message]) -> list[str]:
+        """Store or send `messages` in order; return their ids once the broker accepted them."""
+
+    @abstractmethod
+    async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        """Start receiving live messages of these channels and patterns in this process."""
+
+    @abstractmethod
+    async def unsubscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        """Stop receiving what `subscribe` started."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise `LayerUnavailable` unless the broker answers."""
+
+    async def replay(
+        self,
+        channels: Collection[str],
+        patterns: Collection[str],
+        *,
+        after: str | None,
+        limit: int | None,
+    ) -> Replay:
+        """Retained events after `after` (the first `limit`), or the last `limit` without it."""
+        raise self._lacks("history")
+
+    async def group_join(self, channel: str, group: str, consumer: str) -> None:
+        """Create the group (starting at new messages) if needed and register the consumer."""
+        raise self._lacks("consumer groups")
+
+    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
+        """The consumer went away; its pending messages stay pending until they time out."""
+        raise self._lacks("consumer groups")
+
+    async def group_read(self, channel: str, group: str, consumer: str, count: int) -> list[Event]:
+        """Claim up to `count` messages never delivered to the group, without waiting."""
+        raise self._lacks("consumer groups")
+
+    async def group_claim(
+        self, channel: str, group: str, consumer: str, min_idle: float, count: int
+    ) -> list[Event]:
+        """Take over up to `count` messages unacked for `min_idle` seconds; counts go up by one."""
+        raise self._lacks("consumer groups")
+
+    async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        """Acknowledge; return the ids that were pending (the rest are unknown)."""
+        raise self._lacks("consumer groups")
+
+    async def group_info(self, channel: str, group: str) -> GroupInfo:
+        """Pending count, consumers and oldest unacked message; `UnknownGroup` if absent."""
+        raise self._lacks("consumer groups")
+
+    def _lacks(self, capability: str) -> CapabilityNotSupported:
+        keepers = {
+            "history": "memory://, redis+streams:// or postgresql://",
+            "consumer groups": "memory://, redis+streams://, postgresql:// or mqtt://",
+        }
+        return CapabilityNotSupported(
+            f"the {self.scheme}:// layer has no {capability}; "
+            f"configure a layer that keeps it: {keepers[capability]}"
+        )

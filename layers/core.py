@@ -1,0 +1,666 @@
+"""The `Channel` core: fan-out, backpressure, resume and consumer groups, once for every layer.
+
+Design decisions:
+
+- The layer hands each live message to `_Router.deliver` once per process; the router finds the
+  local subscribers (exact channels, then glob patterns) and appends the same `Event` object to
+  each bounded backlog. Nothing per subscriber is encoded or spawned: an event caches its frame.
+- A backlog never blocks the publisher or other subscribers. When it is full the subscriber's
+  policy drops the oldest or the newest event, or ends the subscription; dropped events become a
+  `Gap` item in that subscriber's stream, where they were lost.
+- Resume registers the subscriber first and holds live events aside while the layer replays, then
+  releases the held events whose ids the replay did not contain. Nothing is lost in the switch and
+  nothing is delivered twice, and ids never need to be compared, only matched.
+- Consumer groups are pulled: one pump task per group consumer reads new and timed-out messages
+  from the layer, only as many as the consumer's backlog has room for, woken by live messages on
+  the channel or by a timer. Redelivery timing and dead-lettering therefore work the same on every
+  layer that can claim and acknowledge.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from contextlib import asynccontextmanager
+from enum import StrEnum
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import orjson
+from anyio.abc import TaskGroup, TaskStatus
+
+from .base import ChannelLayer, GroupInfo, Replay
+from .errors import (
+    ChannelClosed,
+    ChannelError,
+    InvalidArgument,
+    LayerUnavailable,
+    SubscriberOverflow,
+)
+from .event import DEFAULT_EVENT_TYPE, Event, Gap, Message, encode_data
+from .names import compile_pattern, validate_channel, validate_event_type, validate_pattern
+
+logger = logging.getLogger(__name__)
+
+Item = Event | Gap
+DEAD_LETTER_SUFFIX = ".dead"
+
+
+class BacklogPolicy(StrEnum):
+    DROP_OLDEST = "drop_oldest"
+    DROP_NEWEST = "drop_newest"
+    DISCONNECT = "disconnect"
+
+
+def make_message(channel: str, data: Any, event: str | None = None) -> Message:
+    """Validate and encode one message to publish."""
+    return Message(
+        validate_channel(channel),
+        encode_data(data),
+        validate_event_type(event) if event is not None else DEFAULT_EVENT_TYPE,
+        time.time(),
+    )
+
+
+class Subscription:
+    """One local subscriber: the events of its channels and patterns, in a bounded backlog.
+
+    Iterate it for one `Event` or `Gap` at a time, or call `next_batch` for everything queued.
+    """
+
+    def __init__(self, core: Channel, max_backlog: int, policy: BacklogPolicy) -> None:
+        self._core = core
+        self.channels: set[str] = set()
+        self.patterns: set[str] = set()
+        self.max_backlog = max_backlog
+        self.policy = policy
+        self.dropped = 0
+        self._queue: deque[Item] = deque()
+        self._head: deque[Item] = deque()  # replayed events and gap notices come first
+        self._held: list[Event] | None = None  # live events held back while replaying
+        self._waiter: anyio.Event | None = None
+        self._overflowed = False
+        self._closed = False
+        self._on_space: Any = None  # a group pump's wake-up, when this backlog has room again
+
+    # -- fed by the core -------------------------------------------------------------------------
+
+    def push(self, item: Item) -> None:
+        if self._closed or self._overflowed:
+            return
+        if self._held is not None and isinstance(item, Event):
+            self._held.append(item)
+            return
+        queue = self._queue
+        if len(queue) >= self.max_backlog:
+            if self.policy is BacklogPolicy.DISCONNECT:
+                self.dropped += 1
+                self._overflowed = True
+            elif self.policy is BacklogPolicy.DROP_NEWEST:
+                self._drop_newest()
+                return
+            else:
+                self._drop_oldest()
+                queue.append(item)
+        else:
+            queue.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
+    def _drop_newest(self) -> None:
+        self.dropped += 1
+        last = self._queue[-1]
+        if isinstance(last, Gap):
+            self._queue[-1] = Gap("dropped", dropped=last.dropped + 1)
+        else:
+            self._queue.append(Gap("dropped", dropped=1))
+
+    def _drop_oldest(self) -> None:
+        queue = self._queue
+        lost = 0
+        head = queue[0]
+        if isinstance(head, Gap):
+            queue.popleft()
+            lost += head.dropped
+        if queue and isinstance(queue[0], Event):
+            queue.popleft()
+            self.dropped += 1
+            lost += 1
+        queue.appendleft(Gap("dropped", dropped=lost))
+
+    def close(self) -> None:
+        self._closed = True
+        if self._waiter is not None:
+            self._waiter.set()
+            self._waiter = None
+
+    # -- read by the consumer --------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.max_backlog - len(self._queue))
+
+    async def next_batch(self) -> list[Item]:
+        """Wait for at least one item and return every item queued, in order.
+
+        Raises `SubscriberOverflow` when the `disconnect` policy ended the subscription, and
+        `ChannelClosed` when the `Channel` was closed.
+        """
+        while True:
+            if self._head:
+                items = list(self._head)
+                self._head.clear()
+                if self._held is None:
+                    items.extend(self._take_queue())
+                return items
+            if self._queue and self._held is None:
+                return self._take_queue()
+            if self._overflowed:
+                raise SubscriberOverflow(
+                    f"subscriber fell more than {self.max_backlog} events behind; "
+                    "reconnect with the last event id to resume"
+                )
+            if self._closed:
+                raise ChannelClosed("the channel was closed")
+            waiter = self._waiter = anyio.Event()
+            await waiter.wait()
+
+    def _take_queue(self) -> list[Item]:
+        items = list(self._queue)
+        self._queue.clear()
+        if self._on_space is not None:
+            self._on_space()
+        return items
+
+    def __aiter__(self) -> AsyncIterator[Item]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Item]:
+        while True:
+            try:
+                batch = await self.next_batch()
+            except ChannelClosed:
+                return
+            for item in batch:
+                yield item
+
+    # -- changed by the owner (WebSocket subscribe / unsubscribe) ---------------------------------
+
+    async def add(
+        self,
+        channels: Iterable[str] = (),
+        patterns: Iterable[str] = (),
+        *,
+        last_event_id: str | None = None,
+        history: int | None = None,
+    ) -> None:
+        """Subscribe to more channels and patterns, replaying from `last_event_id` if given."""
+        await self._core._attach(self, list(channels), list(patterns), last_event_id, history)
+
+    async def remove(self, channels: Iterable[str] = (), patterns: Iterable[str] = ()) -> None:
+        await self._core._detach(self, list(channels), list(patterns))
+
+
+class _Router:
+    """The `Sink` of the layer: routes each live event to local subscribers and group pumps."""
+
+    def __init__(self) -> None:
+        self.exact: dict[str, set[Subscription]] = {}
+        self.patterns: dict[str, set[Subscription]] = {}
+        self.pumps: dict[str, set[_GroupPump]] = {}
+
+    def deliver(self, event: Event) -> None:
+        subscribers = self.exact.get(event.channel)
+        if self.patterns:
+            targets = set(subscribers) if subscribers else set()
+            for pattern, matched in self.patterns.items():
+                if compile_pattern(pattern)(event.channel):
+                    targets |= matched
+            subscribers = targets
+        if subscribers:
+            for subscriber in subscribers:
+                subscriber.push(event)
+        self.wake(event.channel)
+
+    def wake(self, channel: str) -> None:
+        pumps = self.pumps.get(channel)
+        if pumps:
+            for pump in pumps:
+                pump.wake()
+
+    def add(
+        self, subscriber: Subscription, channels: Iterable[str], patterns: Iterable[str]
+    ) -> None:
+        for name in channels:
+            self.exact.setdefault(name, set()).add(subscriber)
+        for pattern in patterns:
+            self.patterns.setdefault(pattern, set()).add(subscriber)
+
+    def remove(
+        self, subscriber: Subscription, channels: Iterable[str], patterns: Iterable[str]
+    ) -> None:
+        for table, names in ((self.exact, channels), (self.patterns, patterns)):
+            for name in names:
+                members = table.get(name)
+                if members is not None:
+                    members.discard(subscriber)
+                    if not members:
+                        del table[name]
+
+
+class _GroupPump:
+    """Feeds one group consumer's backlog from the layer: new messages, then timed-out ones."""
+
+    def __init__(
+        self, core: Channel, subscriber: Subscription, channel: str, group: str, consumer: str
+    ) -> None:
+        self.core = core
+        self.subscriber = subscriber
+        self.channel = channel
+        self.group = group
+        self.consumer = consumer
+        self._wakeup = anyio.Event()
+        subscriber._on_space = self.wake
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
+        with anyio.CancelScope() as scope:
+            task_status.started(scope)
+            core = self.core
+            claim_every = max(0.01, min(core.ack_timeout / 2, 5.0))
+            next_claim = time.monotonic() + claim_every
+            backoff = 0.1
+            while True:
+                self._wakeup = anyio.Event()
+                try:
+                    delivered = await self._fill(claim=time.monotonic() >= next_claim)
+                    backoff = 0.1
+                except LayerUnavailable as exc:
+                    logger.warning("group %s on %s: %s", self.group, self.channel, exc.detail)
+                    await anyio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + claim_every
+                if delivered:
+                    continue
+                with anyio.move_on_after(max(0.0, next_claim - time.monotonic())):
+                    await self._wakeup.wait()
+
+    async def _fill(self, *, claim: bool) -> int:
+        layer = self.core.layer
+        room = self.subscriber.free_slots
+        if room == 0:
+            return 0
+        events: list[Event] = []
+        if claim:
+            claimed = await layer.group_claim(
+                self.channel, self.group, self.consumer, self.core.ack_timeout, room
+            )
+            for event in claimed:
+                if event.deliveries is not None and event.deliveries > self.core.max_deliveries:
+                    await self.core._dead_letter(event, self.group)
+                else:
+                    events.append(event)
+        if len(events) < room:
+            events += await layer.group_read(
+                self.channel, self.group, self.consumer, room - len(events)
+            )
+        for event in events:
+            event._ack = self._acker(event.id)
+            self.subscriber.push(event)
+        return len(events)
+
+    def _acker(self, id: str) -> Any:
+        async def ack() -> bool:
+            return bool(await self.core.layer.group_ack(self.channel, self.group, [id]))
+
+        return ack
+
+
+class Channel:
+    """A pub-sub hub over one `ChannelLayer`; open it once for the life of the application."""
+
+    def __init__(
+        self,
+        layer: ChannelLayer,
+        *,
+        max_backlog: int = 1000,
+        backlog_policy: BacklogPolicy | str = BacklogPolicy.DROP_OLDEST,
+        ack_timeout: float = 30.0,
+        max_deliveries: int = 5,
+    ) -> None:
+        if max_backlog < 1:
+            raise InvalidArgument("max_backlog must be at least 1")
+        self.layer = layer
+        self.max_backlog = max_backlog
+        self.backlog_policy = BacklogPolicy(backlog_policy)
+        self.ack_timeout = ack_timeout
+        self.max_deliveries = max_deliveries
+        self._router = _Router()
+        self._refs: Counter[tuple[bool, str]] = Counter()  # (is_pattern, name) -> subscribers
+        self._listen_lock: anyio.Lock | None = None
+        self._subscriptions: set[Subscription] = set()
+        self._task_group: TaskGroup | None = None
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+
+    @property
+    def capabilities(self) -> Any:
+        return self.layer.capabilities
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Channel:
+        self._listen_lock = anyio.Lock()
+        self._token = anyio.lowlevel.current_token()
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        try:
+            await task_group.start(self.layer.run, self._router)
+        except BaseException as exc:
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._task_group = task_group
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        self.close_subscriptions()
+        task_group, self._task_group = self._task_group, None
+        self._token = None
+        if task_group is None:
+            return None
+        task_group.cancel_scope.cancel()
+        return await task_group.__aexit__(*exc_info)
+
+    def close_subscriptions(self) -> None:
+        """End every subscription's stream (graceful shutdown); the channel stays usable."""
+        for subscription in list(self._subscriptions):
+            subscription.close()
+
+    def _running(self) -> TaskGroup:
+        if self._task_group is None:
+            raise ChannelClosed("use the Channel as 'async with Channel(layer) as channel:' first")
+        return self._task_group
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, channel: str, data: Any, *, event: str | None = None) -> str:
+        """Publish one JSON value; return its id once the layer accepted it."""
+        (message_id,) = await self.publish_messages([make_message(channel, data, event)])
+        return message_id
+
+    async def publish_messages(self, messages: Sequence[Message]) -> list[str]:
+        """Publish messages built with `make_message`, in order, in one layer call."""
+        self._running()
+        if not messages:
+            return []
+        return await self.layer.publish(messages)
+
+    def publish_threadsafe(self, channel: str, data: Any, *, event: str | None = None) -> str:
+        """`publish` from a thread that is not running the event loop."""
+        if self._token is None:
+            raise ChannelClosed("the channel is not open")
+        return anyio.from_thread.run(
+            self.publish_messages, [make_message(channel, data, event)], token=self._token
+        )[0]
+
+    # -- subscribing -----------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        *channels: str,
+        patterns: Iterable[str] = (),
+        last_event_id: str | None = None,
+        history: int | None = None,
+        group: str | None = None,
+        consumer: str | None = None,
+        max_backlog: int | None = None,
+        backlog_policy: BacklogPolicy | str | None = None,
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to channels and glob patterns; the subscription ends with the block.
+
+        `last_event_id` replays every retained event after it before going live; `history=N`
+        replays the last N. With `group`, the single channel's messages are shared among the
+        group's consumers and each event must be acknowledged with `event.ack()`.
+        """
+        self._running()
+        subscription = Subscription(
+            self,
+            max_backlog or self.max_backlog,
+            BacklogPolicy(backlog_policy or self.backlog_policy),
+        )
+        patterns = list(patterns)
+        self._subscriptions.add(subscription)
+        try:
+            if group is not None:
+                async with self._group_consumer(
+                    subscription, channels, patterns, last_event_id, history, group, consumer
+                ):
+                    yield subscription
+            else:
+                await self._attach(subscription, list(channels), patterns, last_event_id, history)
+                yield subscription
+        finally:
+            subscription.close()
+            self._subscriptions.discard(subscription)
+            with anyio.CancelScope(shield=True):
+                await self._detach(
+                    subscription, list(subscription.channels), list(subscription.patterns)
+                )
+
+    async def _attach(
+        self,
+        subscription: Subscription,
+        channels: list[str],
+        patterns: list[str],
+        last_event_id: str | None,
+        history: int | None,
+    ) -> None:
+        for name in channels:
+            validate_channel(name)
+        for pattern in patterns:
+            validate_pattern(pattern)
+        if history is not None and history < 0:
+            raise InvalidArgument("history must be zero or more")
+        channels = [c for c in dict.fromkeys(channels) if c not in subscription.channels]
+        patterns = [p for p in dict.fromkeys(patterns) if p not in subscription.patterns]
+        replaying = last_event_id is not None or bool(history)
+        if replaying and not self.layer.capabilities.history:
+            if last_event_id is None:
+                raise self.layer._lacks("history")
+            # A browser keeps reconnecting with its id: it still gets a live stream.
+            subscription._head.append(Gap("no_history", last_event_id))
+            replaying = False
+        await self._listen(channels, patterns)
+        subscription.channels.update(channels)
+        subscription.patterns.update(patterns)
+        if replaying:
+            subscription._held = []
+        self._router.add(subscription, channels, patterns)
+        if not replaying:
+            return
+        try:
+            replay = await self.layer.replay(
+                channels,
+                patterns,
+                after=last_event_id,
+                limit=None if last_event_id is not None else history,
+            )
+        except BaseException:
+            subscription._held = None
+            raise
+        self._release_held(subscription, replay, last_event_id)
+
+    def _release_held(
+        self, subscription: Subscription, replay: Replay, last_event_id: str | None
+    ) -> None:
+        if replay.gap:
+            subscription._head.append(Gap(replay.reason or "evicted", last_event_id))
+        subscription._head.extend(replay.events)
+        replayed = {event.id for event in replay.events}
+        held, subscription._held = subscription._held or [], None
+        for event in held:
+            if event.id not in replayed:
+                subscription.push(event)
+        waiter = subscription._waiter
+        if waiter is not None and (subscription._head or subscription._queue):
+            subscription._waiter = None
+            waiter.set()
+
+    async def _detach(
+        self, subscription: Subscription, channels: list[str], patterns: list[str]
+    ) -> None:
+        channels = [c for c in channels if c in subscription.channels]
+        patterns = [p for p in patterns if p in subscription.patterns]
+        self._router.remove(subscription, channels, patterns)
+        subscription.channels.difference_update(channels)
+        subscription.patterns.difference_update(patterns)
+        await self._unlisten(channels, patterns)
+
+    async def _listen(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        assert self._listen_lock is not None
+        async with self._listen_lock:
+            keys = [(False, c) for c in channels] + [(True, p) for p in patterns]
+            new = [key for key in keys if self._refs[key] == 0]
+            if new:
+                await self.layer.subscribe(
+                    [name for is_pattern, name in new if not is_pattern],
+                    [name for is_pattern, name in new if is_pattern],
+                )
+            self._refs.update(keys)
+
+    async def _unlisten(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        assert self._listen_lock is not None
+        async with self._listen_lock:
+            keys = [(False, c) for c in channels] + [(True, p) for p in patterns]
+            self._refs.subtract(keys)
+            gone = [key for key in keys if self._refs[key] <= 0]
+            for key in gone:
+                del self._refs[key]
+            if gone and self._task_group is not None:
+                try:
+                    await self.layer.unsubscribe(
+                        [name for is_pattern, name in gone if not is_pattern],
+                        [name for is_pattern, name in gone if is_pattern],
+                    )
+                except ChannelError as exc:
+                    logger.warning("unsubscribe failed: %s", exc.detail)
+
+    @asynccontextmanager
+    async def _group_consumer(
+        self,
+        subscription: Subscription,
+        channels: Sequence[str],
+        patterns: Sequence[str],
+        last_event_id: str | None,
+        history: int | None,
+        group: str,
+        consumer: str | None,
+    ) -> AsyncIterator[None]:
+        if len(channels) != 1 or patterns:
+            raise InvalidArgument("a group subscription takes exactly one channel and no patterns")
+        if last_event_id is not None or history:
+            raise InvalidArgument(
+                "a group resumes from its own pending messages; drop last_event_id and history"
+            )
+        channel = validate_channel(channels[0])
+        validate_group_name(group)
+        consumer = validate_group_name(consumer or uuid.uuid4().hex, what="consumer")
+        await self.layer.group_join(channel, group, consumer)
+        await self._listen([channel], [])  # live messages on the channel wake the pump
+        pump = _GroupPump(self, subscription, channel, group, consumer)
+        self._router.pumps.setdefault(channel, set()).add(pump)
+        try:
+            scope = await self._running().start(pump.run)
+            try:
+                yield
+            finally:
+                scope.cancel()
+        finally:
+            pumps = self._router.pumps.get(channel)
+            if pumps is not None:
+                pumps.discard(pump)
+                if not pumps:
+                    del self._router.pumps[channel]
+            with anyio.CancelScope(shield=True):
+                await self._unlisten([channel], [])
+                try:
+                    await self.layer.group_leave(channel, group, consumer)
+                except ChannelError as exc:
+                    logger.warning("leaving group %s failed: %s", group, exc.detail)
+
+    async def _dead_letter(self, event: Event, group: str) -> None:
+        dead = Message(
+            event.channel + DEAD_LETTER_SUFFIX,
+            orjson.dumps(
+                {
+                    "group": group,
+                    "deliveries": (event.deliveries or 1) - 1,
+                    "message": orjson.Fragment(event.envelope()),
+                }
+            ),
+            event.event,
+            time.time(),
+        )
+        await self.layer.publish([dead])
+        await self.layer.group_ack(event.channel, group, [event.id])
+
+    # -- history, groups, health -----------------------------------------------------------------
+
+    async def history(
+        self, channel: str, *, after: str | None = None, limit: int | None = None
+    ) -> Replay:
+        """Retained events of one channel, oldest first."""
+        validate_channel(channel)
+        if limit is not None and limit < 1:
+            raise InvalidArgument("limit must be at least 1")
+        return await self.layer.replay([channel], [], after=after, limit=limit)
+
+    async def ack(
+        self, channel: str, group: str, ids: Sequence[str]
+    ) -> tuple[list[str], list[str]]:
+        """Acknowledge group deliveries; return (acked, unknown) ids."""
+        validate_channel(channel)
+        validate_group_name(group)
+        await self.layer.group_info(channel, group)  # UnknownGroup when absent
+        acked = await self.layer.group_ack(channel, group, list(dict.fromkeys(ids)))
+        done = set(acked)
+        return acked, [i for i in dict.fromkeys(ids) if i not in done]
+
+    async def group_info(self, channel: str, group: str) -> GroupInfo:
+        validate_channel(channel)
+        validate_group_name(group)
+        return await self.layer.group_info(channel, group)
+
+    async def ping(self) -> None:
+        await self.layer.ping()
+
+
+def validate_group_name(name: str, *, what: str = "group") -> str:
+    if (
+        not isinstance(name, str)
+        or not (1 <= len(name) <= 100)
+        or not all(c.isascii() and (c.isalnum() or c in "_-:@.") for c in name)
+    ):
+        raise InvalidArgument(
+            f"invalid {what} name {name!r}: use 1-100 letters, digits and '_ - : @ .'"
+        )
+    return name
+
+
+__all__ = ["BacklogPolicy", "Channel", "Item", "Subscription", "make_message"]

@@ -1,0 +1,228 @@
+"""`memory://`: one process, with history and consumer groups.
+
+Ids are `<epoch>-<sequence>`: one sequence for all channels, so a single id places a subscriber in
+every channel it follows, and an epoch per layer instance, so an id issued before a restart is
+recognised as foreign (a gap) instead of being mistaken for a position in the new sequence.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Replay, Sink
+from .errors import UnknownGroup
+from .event import Event, Message
+from .names import compile_pattern
+
+
+@dataclass
+class _Pending:
+    event: Event
+    consumer: str
+    delivered_at: float
+    deliveries: int
+
+
+@dataclass
+class _Group:
+    cursor: int  # sequence of the last message handed to the group
+    pending: dict[str, _Pending]
+    consumers: dict[str, float]  # consumer -> last seen (monotonic)
+
+
+class InMemoryChannelLayer(ChannelLayer):
+    scheme = "memory"
+    capabilities = Capabilities(cross_process=False, history=True, groups=True)
+
+    def __init__(self, history_size: int = 1000, history_ttl: float | None = None) -> None:
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self._epoch = _base36(time.time_ns() // 1000)
+        self._sequence = itertools.count(1)
+        self._logs: dict[str, deque[tuple[int, Event]]] = {}
+        self._evicted: dict[str, int] = {}  # channel -> highest evicted sequence
+        self._groups: dict[tuple[str, str], _Group] = {}
+        self._sink: Sink | None = None
+
+    async def run(self, sink: Sink, *, task_status: TaskStatus[None]) -> None:
+        self._sink = sink
+        task_status.started()
+        try:
+            while True:  # expire idle channels' history even when nobody publishes
+                await anyio.sleep(self.history_ttl or 60.0)
+                for channel in list(self._logs):
+                    self._trim(channel)
+        finally:
+            self._sink = None
+
+    async def publish(self, messages: Sequence[Message]) -> list[str]:
+        sink = self._sink
+        ids = []
+        for message in messages:
+            sequence = next(self._sequence)
+            event = Event.from_message(message, f"{self._epoch}-{sequence}")
+            log = self._logs.get(message.channel)
+            if log is None:
+                log = self._logs[message.channel] = deque()
+            log.append((sequence, event))
+            self._trim(message.channel)
+            ids.append(event.id)
+            if sink is not None:
+                sink.deliver(event)
+        return ids
+
+    def _trim(self, channel: str) -> None:
+        log = self._logs[channel]
+        deadline = time.time() - self.history_ttl if self.history_ttl else None
+        while log and (
+            len(log) > self.history_size
+            or (deadline is not None and log[0][1].published_at < deadline)
+        ):
+            self._evicted[channel] = log.popleft()[0]
+        if not log and not any(key[0] == channel for key in self._groups):
+            del self._logs[channel]
+
+    async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        """Every publish reaches the core, which routes it; nothing to register."""
+
+    async def unsubscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        """See `subscribe`."""
+
+    async def ping(self) -> None:
+        """Always reachable."""
+
+    # -- history ---------------------------------------------------------------------------------
+
+    def _parse(self, id: str) -> int | None:
+        epoch, _, sequence = id.partition("-")
+        if epoch != self._epoch or not sequence.isdigit():
+            return None
+        return int(sequence)
+
+    def _matching(self, channels: Collection[str], patterns: Collection[str]) -> list[str]:
+        matchers = [compile_pattern(p) for p in patterns]
+        names = set(channels)
+        return [c for c in self._logs if c in names or any(m(c) for m in matchers)]
+
+    async def replay(
+        self,
+        channels: Collection[str],
+        patterns: Collection[str],
+        *,
+        after: str | None,
+        limit: int | None,
+    ) -> Replay:
+        names = self._matching(channels, patterns)
+        for name in names:
+            self._trim(name)
+        logs = [self._logs.get(name, ()) for name in names]
+        merged = [event for _, event in heapq.merge(*logs, key=lambda entry: entry[0])]
+        if after is None:
+            return Replay(merged[-limit:] if limit else merged)
+        position = self._parse(after)
+        if position is None:
+            return Replay(merged[:limit] if limit else merged, gap=True, reason="unknown_id")
+        gap = any(self._evicted.get(name, 0) > position for name in names)
+        events = [
+            event
+            for sequence, event in heapq.merge(*logs, key=lambda entry: entry[0])
+            if sequence > position
+        ]
+        return Replay(
+            events[:limit] if limit else events, gap=gap, reason="evicted" if gap else None
+        )
+
+    # -- consumer groups -------------------------------------------------------------------------
+
+    def _group(self, channel: str, group: str) -> _Group:
+        try:
+            return self._groups[channel, group]
+        except KeyError:
+            raise UnknownGroup(
+                f"no group {group!r} on channel {channel!r}; subscribe with ?group= to create it"
+            ) from None
+
+    async def group_join(self, channel: str, group: str, consumer: str) -> None:
+        state = self._groups.get((channel, group))
+        if state is None:
+            log = self._logs.setdefault(channel, deque())
+            last = log[-1][0] if log else 0
+            state = self._groups[channel, group] = _Group(last, {}, {})
+        state.consumers[consumer] = time.monotonic()
+
+    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
+        state = self._groups.get((channel, group))
+        if state is not None:
+            state.consumers[consumer] = time.monotonic()
+
+    async def group_read(self, channel: str, group: str, consumer: str, count: int) -> list[Event]:
+        state = self._group(channel, group)
+        state.consumers[consumer] = now = time.monotonic()
+        fresh: list[Event] = []
+        for sequence, event in self._logs.get(channel, ()):
+            if len(fresh) >= count:
+                break
+            if sequence > state.cursor:
+                state.cursor = sequence
+                delivery = event.redelivered(group, 1)
+                state.pending[event.id] = _Pending(delivery, consumer, now, 1)
+                fresh.append(delivery)
+        return fresh
+
+    async def group_claim(
+        self, channel: str, group: str, consumer: str, min_idle: float, count: int
+    ) -> list[Event]:
+        state = self._group(channel, group)
+        state.consumers[consumer] = now = time.monotonic()
+        claimed: list[Event] = []
+        for entry in state.pending.values():
+            if len(claimed) >= count:
+                break
+            if now - entry.delivered_at >= min_idle:
+                entry.consumer, entry.delivered_at = consumer, now
+                entry.deliveries += 1
+                entry.event = entry.event.redelivered(group, entry.deliveries)
+                claimed.append(entry.event)
+        return claimed
+
+    async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        pending = self._group(channel, group).pending
+        return [id for id in ids if pending.pop(id, None) is not None]
+
+    async def group_info(self, channel: str, group: str) -> GroupInfo:
+        state = self._group(channel, group)
+        now = time.monotonic()
+        per_consumer = {name: 0 for name in state.consumers}
+        for entry in state.pending.values():
+            per_consumer[entry.consumer] = per_consumer.get(entry.consumer, 0) + 1
+        oldest = next(iter(state.pending.values()), None)
+        return GroupInfo(
+            channel=channel,
+            group=group,
+            pending=len(state.pending),
+            consumers=[
+                ConsumerInfo(name, count, round(now - state.consumers.get(name, now), 3))
+                for name, count in per_consumer.items()
+            ],
+            oldest_unacked_id=oldest.event.id if oldest else None,
+            oldest_unacked_age_seconds=(
+                round(time.time() - oldest.event.published_at, 3) if oldest else None
+            ),
+        )
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while number:
+        number, rest = divmod(number, 36)
+        out = digits[rest] + out
+    return out or "0"

@@ -1,0 +1,70 @@
+"""Channel names, glob patterns and event types.
+
+A name is 1-200 characters from letters, digits and ``_ - : @ .``; ``.`` separates segments and no
+segment is empty. Patterns may also hold ``*`` (any run of characters, dots included) and ``?``
+(exactly one character): the semantics of Redis PSUBSCRIBE, so a pattern means the same thing
+whichever layer evaluates it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+
+from .errors import InvalidArgument
+
+MAX_NAME_LENGTH = 200
+_NAME = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
+_PATTERN = re.compile(r"[A-Za-z0-9_\-:@*?]+(?:\.[A-Za-z0-9_\-:@*?]+)*")
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_\-:.@]{1,64}")
+_NAME_RULE = (
+    "1-200 characters from letters, digits and '_ - : @ .', where '.' separates non-empty segments"
+)
+
+
+def validate_channel(name: str) -> str:
+    """Return `name` if it is a valid channel name, else raise `InvalidArgument`."""
+    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not _NAME.fullmatch(name):
+        raise InvalidArgument(f"invalid channel name {name!r}: use {_NAME_RULE}")
+    return name
+
+
+def validate_pattern(pattern: str) -> str:
+    """Return `pattern` if it is a valid glob pattern, else raise `InvalidArgument`."""
+    if (
+        not isinstance(pattern, str)
+        or len(pattern) > MAX_NAME_LENGTH
+        or not _PATTERN.fullmatch(pattern)
+    ):
+        raise InvalidArgument(
+            f"invalid pattern {pattern!r}: use {_NAME_RULE}, plus '*' and '?' as wildcards"
+        )
+    return pattern
+
+
+def validate_event_type(event: str) -> str:
+    """Event types become SSE `event:` fields, so they are kept to a safe alphabet."""
+    if not isinstance(event, str) or not _EVENT_TYPE.fullmatch(event):
+        raise InvalidArgument(
+            f"invalid event type {event!r}: use 1-64 letters, digits and '_ - : . @'"
+        )
+    return event
+
+
+def is_pattern(name: str) -> bool:
+    return "*" in name or "?" in name
+
+
+@lru_cache(maxsize=4096)
+def compile_pattern(pattern: str) -> Callable[[str], bool]:
+    """A predicate telling whether a channel name matches the glob `pattern`."""
+    regex = "".join(
+        ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern
+    )
+    compiled = re.compile(regex, re.DOTALL)
+    return lambda name: compiled.fullmatch(name) is not None
+
+
+def matches_any(name: str, channels: Iterable[str], patterns: Iterable[str]) -> bool:
+    return name in set(channels) or any(compile_pattern(p)(name) for p in patterns)

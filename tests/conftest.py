@@ -1,0 +1,47 @@
+"""Shared fixtures: the list of layers the contract suite runs over, and service URLs.
+
+Services come from environment variables (defaults are this machine's). A service that does not
+answer skips its tests locally and fails them under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from layers import ChannelLayer, InMemoryChannelLayer
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def require_service(name: str, reachable: bool, url: str) -> None:
+    """Skip (locally) or fail (in CI) when a broker the test needs is not running."""
+    if reachable:
+        return
+    message = f"{name} is not reachable at {url}; start it or set the URL variable"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+LayerFactory = Callable[..., ChannelLayer]
+
+# (fixture that builds the layer, anyio backends it runs under). Later layers add themselves here.
+CONTRACT_LAYERS = [
+    pytest.param(("memory_layer_factory", "asyncio"), id="memory-asyncio"),
+    pytest.param(("memory_layer_factory", "trio"), id="memory-trio"),
+]
+
+
+@pytest.fixture
+def memory_layer_factory() -> LayerFactory:
+    return InMemoryChannelLayer
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name prefix no other test (or earlier run against a persistent broker) has used."""
+    return f"t{uuid.uuid4().hex[:12]}"
