@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from layers import (
@@ -54,7 +55,7 @@ def need(channel: Channel, capability: str) -> None:
         pytest.skip(f"{channel.layer.scheme}:// has no {capability} by design")
 
 
-# -- publish and subscribe ------------------------------------------------------------------------
+# -- publish and subscribe --
 
 
 async def test_subscriber_receives_published_event(open_channel: OpenChannel, unique: str) -> None:
@@ -180,7 +181,7 @@ async def test_publish_from_another_thread(open_channel: OpenChannel, unique: st
     assert result == [event.id]
 
 
-# -- cleanup ----------------------------------------------------------------------------------------
+# -- cleanup --
 
 
 async def test_subscription_cleans_up_on_exit_and_on_cancel(
@@ -224,7 +225,7 @@ async def test_closing_the_channel_ends_subscriptions(
     assert received == []
 
 
-# -- backpressure -----------------------------------------------------------------------------------
+# -- backpressure --
 
 
 async def _flood(channel: Channel, name: str, count: int) -> None:
@@ -279,7 +280,7 @@ async def test_disconnect_policy_ends_the_lagging_subscriber_only(
                 await slow.next_batch()
 
 
-# -- history and resume -----------------------------------------------------------------------------
+# -- history and resume --
 
 
 async def test_history_is_oldest_first_with_after_and_limit(
@@ -334,7 +335,7 @@ async def test_resume_replays_then_goes_live_without_gap_or_duplicate(
             for n in range(20, 220):
                 await channel.publish(unique, n)
                 if n % 10 == 0:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(keep_publishing)
@@ -409,7 +410,7 @@ async def test_resume_without_history_is_live_after_a_gap(
             assert data_of(await take(sub, 1)) == ["live"]
 
 
-# -- consumer groups --------------------------------------------------------------------------------
+# -- consumer groups --
 
 
 async def test_group_consumers_compete_for_messages(open_channel: OpenChannel, unique: str) -> None:
@@ -489,7 +490,8 @@ async def test_redelivery_goes_to_another_live_consumer(
         need(channel, "groups")
         async with channel.subscribe(unique, group="g", consumer="gone") as leaving:
             message_id = await channel.publish(unique, "orphan")
-            (event,) = await events(leaving, 1)
+            (first,) = await events(leaving, 1)
+            assert first.id == message_id
         async with channel.subscribe(unique, group="g", consumer="stays") as staying:
             (again,) = await events(staying, 1)
             assert again.id == message_id and again.deliveries == 2

@@ -1,0 +1,1 @@
+"""The channels gateway: a FastAPI service over the `layers` library."""

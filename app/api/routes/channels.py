@@ -1,0 +1,100 @@
+"""History and consumer groups of a channel."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from app.api.deps import GatewayDep, check_fields, read_json_object
+from app.api.models import AckReply, AckRequest, GroupReply, HistoryReply, errors
+from app.api.routes.publish import json_response
+from app.errors import ApiError
+
+router = APIRouter(tags=["channels"])
+
+
+@router.get(
+    "/channels/{channel}/history",
+    summary="Retained messages of a channel, oldest first",
+    response_model=HistoryReply,
+    responses=errors(401, 403, 422, 501, 503),
+)
+async def history(
+    channel: str,
+    gateway: GatewayDep,
+    after: Annotated[str | None, Query(description="Only messages after this id")] = None,
+    limit: Annotated[
+        int | None,
+        Query(ge=1, le=10_000, description="At most this many (the newest without `after`)"),
+    ] = None,
+) -> Response:
+    gateway.check_channel(channel)
+    replay = await gateway.channel.history(channel, after=after, limit=limit)
+    body = b"".join(
+        (
+            b'{"messages":[',
+            b",".join(event.envelope() for event in replay.events),
+            b'],"gap":',
+            b"true" if replay.gap else b"false",
+            b"}",
+        )
+    )
+    return Response(body, media_type="application/json")
+
+
+@router.post(
+    "/channels/{channel}/groups/{group}/ack",
+    summary="Acknowledge group deliveries",
+    description="Acks for ids the group has no pending delivery for are reported, not fatal.",
+    response_model=AckReply,
+    responses=errors(400, 401, 403, 404, 413, 415, 422, 501, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": AckRequest.model_json_schema()}},
+        }
+    },
+)
+async def ack(channel: str, group: str, request: Request, gateway: GatewayDep) -> Response:
+    gateway.check_channel(channel)
+    body = await read_json_object(request, gateway.settings.max_payload_bytes)
+    check_fields(body, {"ids"}, set())
+    ids = body["ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ApiError(422, "invalid_argument", "ids must be a list of strings")
+    acked, unknown = await gateway.channel.ack(channel, group, ids)
+    return json_response({"acked": len(acked), "unknown": unknown})
+
+
+@router.get(
+    "/channels/{channel}/groups/{group}",
+    summary="Consumer group state",
+    response_model=GroupReply,
+    responses=errors(401, 403, 404, 422, 501, 503),
+)
+async def group_info(channel: str, group: str, gateway: GatewayDep) -> Response:
+    gateway.check_channel(channel)
+    info = await gateway.channel.group_info(channel, group)
+    oldest = (
+        {"id": info.oldest_unacked_id, "age_seconds": info.oldest_unacked_age_seconds}
+        if info.oldest_unacked_id is not None
+        else None
+    )
+    return Response(
+        orjson.dumps(
+            {
+                "channel": info.channel,
+                "group": info.group,
+                "pending": info.pending,
+                "consumers": [
+                    {"name": c.name, "pending": c.pending, "idle_seconds": c.idle_seconds}
+                    for c in info.consumers
+                ],
+                "oldest_unacked": oldest,
+            }
+        ),
+        media_type="application/json",
+    )

@@ -1,0 +1,122 @@
+"""Subscribing over Server-Sent Events: one channel, or several channels and patterns."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query
+
+from app.api.deps import GatewayDep
+from app.api.models import errors
+from app.gateway import Gateway
+from app.transports.sse import EventStream
+
+router = APIRouter(tags=["subscribe"])
+
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": (
+            "A `text/event-stream`. Each message is `id: <id>`, `event: <type>` and "
+            "`data: <envelope JSON>`; `event: gap` tells what could not be replayed; comment "
+            "lines keep the connection alive."
+        ),
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+LastEventIdHeader = Annotated[
+    str | None,
+    Header(
+        alias="Last-Event-ID",
+        description="Sent by EventSource on reconnect; wins over the `last_event_id` parameter",
+    ),
+]
+LastEventIdQuery = Annotated[
+    str | None,
+    Query(description="Resume after this id (a first EventSource connect cannot send headers)"),
+]
+HistoryQuery = Annotated[
+    int | None, Query(ge=0, le=100_000, description="Replay the last N messages on connect")
+]
+
+
+async def open_stream(
+    gateway: Gateway,
+    channels: list[str],
+    patterns: list[str],
+    last_event_id: str | None,
+    history: int | None,
+    group: str | None = None,
+    consumer: str | None = None,
+) -> EventStream:
+    """Open the subscription now, so refusals are JSON errors; the stream owns it afterwards."""
+    gateway.check_subscription(channels, patterns)
+    cleanup = AsyncExitStack()
+    try:
+        cleanup.enter_context(gateway.connection())
+        subscription = await cleanup.enter_async_context(
+            gateway.channel.subscribe(
+                *channels,
+                patterns=patterns,
+                # a group resumes from its own pending list; a reconnecting browser still sends
+                # its last id, which must not make the request fail
+                last_event_id=None if group else last_event_id,
+                history=history,
+                group=group,
+                consumer=consumer,
+            )
+        )
+    except BaseException:
+        await cleanup.aclose()
+        raise
+    return EventStream(gateway, subscription, cleanup)
+
+
+@router.get(
+    "/channels/{channel}/events",
+    summary="Subscribe to one channel (SSE)",
+    response_class=EventStream,
+    responses={**SSE_RESPONSE, **errors(401, 403, 404, 422, 501, 503)},
+)
+async def channel_events(
+    channel: str,
+    gateway: GatewayDep,
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id: LastEventIdQuery = None,
+    history: HistoryQuery = None,
+    group: Annotated[str | None, Query(description="Join this consumer group")] = None,
+    consumer: Annotated[str | None, Query(description="Consumer name within the group")] = None,
+) -> EventStream:
+    return await open_stream(
+        gateway,
+        [channel],
+        [],
+        last_event_id_header or last_event_id,
+        history,
+        group,
+        consumer,
+    )
+
+
+@router.get(
+    "/events",
+    summary="Subscribe to several channels and patterns (SSE)",
+    description=(
+        "`?channel=a&channel=b&pattern=chat.*`. Ids are ordered across all of them, so one "
+        "`Last-Event-ID` resumes every channel and pattern of the stream."
+    ),
+    response_class=EventStream,
+    responses={**SSE_RESPONSE, **errors(401, 403, 422, 501, 503)},
+)
+async def events(
+    gateway: GatewayDep,
+    channel: Annotated[list[str], Query(description="Channel names")] = [],  # noqa: B006
+    pattern: Annotated[list[str], Query(description="Glob patterns: `*` and `?`")] = [],  # noqa: B006
+    last_event_id_header: LastEventIdHeader = None,
+    last_event_id: LastEventIdQuery = None,
+    history: HistoryQuery = None,
+) -> EventStream:
+    return await open_stream(
+        gateway, channel, pattern, last_event_id_header or last_event_id, history
+    )

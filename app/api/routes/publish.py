@@ -1,0 +1,105 @@
+"""Publishing: one message, or a batch in one layer call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from app.api.deps import (
+    GatewayDep,
+    check_fields,
+    media_type,
+    read_body,
+    read_json_object,
+)
+from app.api.models import BatchReply, BatchRequest, PublishReply, PublishRequest, errors
+from app.errors import ApiError, status_of
+from layers import ChannelError, make_message
+
+router = APIRouter(tags=["publish"])
+
+
+def json_response(value: Any) -> Response:
+    return Response(orjson.dumps(value), media_type="application/json")
+
+
+@router.post(
+    "/channels/{channel}/publish",
+    summary="Publish one message",
+    description=(
+        'Body `{"data": <json>, "event": "<type>"?}` as `application/json`, or the data '
+        "itself as a string with `text/plain` (event type from `?event=`). Answers once the layer "
+        "accepted the message."
+    ),
+    response_model=PublishReply,
+    responses=errors(400, 401, 403, 413, 415, 422, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": PublishRequest.model_json_schema()},
+                "text/plain": {"schema": {"type": "string"}},
+            },
+        }
+    },
+)
+async def publish(
+    channel: str,
+    request: Request,
+    gateway: GatewayDep,
+    event: str | None = Query(None, description="Event type, for `text/plain` bodies"),
+) -> Response:
+    gateway.check_channel(channel)
+    limit = gateway.settings.max_payload_bytes
+    if media_type(request) == "text/plain":
+        try:
+            data: Any = (await read_body(request, limit)).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_text", "a text/plain body must be UTF-8") from None
+    else:
+        body = await read_json_object(request, limit)
+        check_fields(body, {"data"}, {"event"})
+        data, event = body["data"], body.get("event", event)
+    (message_id,) = await gateway.channel.publish_messages([make_message(channel, data, event)])
+    gateway.metrics.published.inc()
+    return json_response({"channel": channel, "id": message_id})
+
+
+@router.post(
+    "/publish",
+    summary="Publish a batch of messages",
+    description="All messages are validated first; then they are published in order, in one call.",
+    response_model=BatchReply,
+    responses=errors(400, 401, 403, 413, 415, 422, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": BatchRequest.model_json_schema()}},
+        }
+    },
+)
+async def publish_batch(request: Request, gateway: GatewayDep) -> Response:
+    body = await read_json_object(request, gateway.settings.max_payload_bytes)
+    check_fields(body, {"messages"}, set())
+    items = body["messages"]
+    if not isinstance(items, list) or not items:
+        raise ApiError(422, "invalid_argument", "messages must be a non-empty list")
+    messages = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ApiError(422, "invalid_argument", f"messages[{index}] must be an object")
+        try:
+            check_fields(item, {"channel", "data"}, {"event"})
+            gateway.check_channel(item["channel"])
+            messages.append(make_message(item["channel"], item["data"], item.get("event")))
+        except (ApiError, ChannelError) as exc:
+            status = exc.status if isinstance(exc, ApiError) else status_of(exc)
+            raise ApiError(status, exc.code, f"messages[{index}]: {exc.detail}") from None
+    ids = await gateway.channel.publish_messages(messages)
+    gateway.metrics.published.inc(len(ids))
+    return json_response(
+        {"published": [{"channel": m.channel, "id": i} for m, i in zip(messages, ids, strict=True)]}
+    )

@@ -1,0 +1,103 @@
+"""The state one gateway process shares between requests: settings, the channel, metrics, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from app.errors import ApiError
+from app.metrics import Metrics
+from app.settings import Settings
+from layers import Channel
+from layers.names import compile_pattern, validate_channel, validate_pattern
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics(settings.layer.split(":", 1)[0])
+        self._channel: Channel | None = None
+        self.connections = 0
+
+    @property
+    def channel(self) -> Channel:
+        if self._channel is None:
+            raise ApiError(503, "starting", "the gateway is starting or stopping; retry shortly")
+        return self._channel
+
+    @channel.setter
+    def channel(self, channel: Channel | None) -> None:
+        self._channel = channel
+
+    def check_channel(self, name: str) -> str:
+        """A valid channel name that the `GATEWAY_CHANNELS` allow-list admits."""
+        validate_channel(name)
+        allowed = self.settings.channels
+        if allowed and not any(compile_pattern(glob)(name) for glob in allowed):
+            raise ApiError(
+                403, "channel_not_allowed", f"channel {name!r} is not in GATEWAY_CHANNELS"
+            )
+        return name
+
+    def check_subscription(self, channels: Sequence[str], patterns: Sequence[str]) -> None:
+        if not channels and not patterns:
+            raise ApiError(422, "invalid_argument", "name at least one channel or pattern")
+        limit = self.settings.max_channels_per_subscription
+        if len(channels) + len(patterns) > limit:
+            raise ApiError(
+                422,
+                "too_many_channels",
+                f"at most {limit} channels and patterns per subscription "
+                "(GATEWAY_MAX_CHANNELS_PER_SUBSCRIPTION)",
+            )
+        for name in channels:
+            self.check_channel(name)
+        for pattern in patterns:
+            validate_pattern(pattern)
+            allowed = self.settings.channels
+            if allowed and not any(pattern_within(pattern, glob) for glob in allowed):
+                raise ApiError(
+                    403,
+                    "channel_not_allowed",
+                    f"pattern {pattern!r} can match channels outside GATEWAY_CHANNELS",
+                )
+
+    @contextmanager
+    def connection(self) -> Iterator[None]:
+        """Count one streaming connection; 503 past `GATEWAY_MAX_CONNECTIONS`."""
+        if self.connections >= self.settings.max_connections:
+            raise ApiError(
+                503,
+                "too_many_connections",
+                f"this instance holds its maximum of {self.settings.max_connections} "
+                "connections; retry later or on another instance",
+            )
+        self.connections += 1
+        try:
+            yield
+        finally:
+            self.connections -= 1
+
+
+def pattern_within(pattern: str, glob: str) -> bool:
+    """True if every name `pattern` can match is also matched by `glob`.
+
+    Dynamic programming over the two strings: a `*` of the pattern can only be covered by a `*` of
+    the glob, a `?` by `?` or `*`, a literal by itself, `?` or `*`.
+    """
+    rows, cols = len(pattern), len(glob)
+    # within[i][j]: pattern[i:] is within glob[j:]
+    within = [[False] * (cols + 1) for _ in range(rows + 1)]
+    within[rows][cols] = True
+    for j in range(cols - 1, -1, -1):
+        within[rows][j] = glob[j] == "*" and within[rows][j + 1]
+    for i in range(rows - 1, -1, -1):
+        for j in range(cols - 1, -1, -1):
+            p, g = pattern[i], glob[j]
+            if g == "*":
+                within[i][j] = within[i][j + 1] or within[i + 1][j]
+            elif p == "*":
+                within[i][j] = False
+            else:
+                within[i][j] = (g == "?" or g == p) and within[i + 1][j + 1]
+    return within[0][0]

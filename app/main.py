@@ -1,0 +1,64 @@
+"""The application factory: settings → channel layer (for the app's lifetime) → routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app import errors
+from app.api.routes import channels, console, events, health, publish, ws
+from app.gateway import Gateway
+from app.settings import Settings
+from layers import Channel, create_layer
+
+logger = logging.getLogger("app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    gateway = Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        layer = create_layer(
+            settings.layer,
+            history_size=settings.history_size,
+            history_ttl=settings.history_ttl_seconds,
+        )
+        async with Channel(
+            layer,
+            max_backlog=settings.max_backlog,
+            backlog_policy=settings.backlog_policy,
+            ack_timeout=settings.ack_timeout_seconds,
+            max_deliveries=settings.max_deliveries,
+        ) as channel:
+            gateway.channel = channel
+            logger.info("gateway ready on %s", layer.scheme)
+            try:
+                yield
+            finally:
+                gateway.channel = None
+
+    app = FastAPI(
+        title="Channels gateway",
+        summary="Publish over HTTP; subscribe over Server-Sent Events or WebSocket.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    errors.install(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials="*" not in settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        )
+    for module in (publish, events, channels, ws, health, console):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,77 @@
+"""Gateway settings: environment variables with the `GATEWAY_` prefix (or a `.env` file)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from layers.names import validate_pattern
+
+StrList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_file=".env", extra="ignore")
+
+    layer: str = Field("memory://", description="Channel layer URL: memory://, redis://, ...")
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
+    workers: int = Field(1, ge=1, description="Worker processes (needs a cross-process layer)")
+    max_payload_bytes: int = Field(1_048_576, ge=1, description="Largest request body (413)")
+    max_backlog: int = Field(1000, ge=1, description="Events queued per subscriber")
+    backlog_policy: Literal["drop_oldest", "drop_newest", "disconnect"] = Field(
+        "drop_oldest", description="What a full backlog does"
+    )
+    keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment keepalive interval")
+    retry_ms: int = Field(3000, ge=0, description="SSE `retry:` reconnection hint")
+    history_size: int = Field(1000, ge=0, description="Messages retained per channel")
+    history_ttl_seconds: float | None = Field(
+        86400.0, gt=0, description="Age after which retained messages expire (empty: never)"
+    )
+    ack_timeout_seconds: float = Field(30.0, gt=0, description="Redelivery after this")
+    max_deliveries: int = Field(5, ge=1, description="Deliveries before `<channel>.dead`")
+    channels: StrList = Field(
+        default_factory=list, description="Allowed channel globs; empty allows any valid name"
+    )
+    shutdown_grace_seconds: float = Field(10.0, ge=0, description="Drain time on SIGTERM")
+    max_connections: int = Field(10_000, ge=1, description="SSE + WebSocket per process (503)")
+    max_channels_per_subscription: int = Field(
+        100, ge=1, description="Channels plus patterns in one subscription"
+    )
+    cors_origins: StrList = Field(default_factory=list, description="Origins allowed by CORS")
+
+    @field_validator("channels", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """Accept a JSON list or comma-separated values."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return orjson.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _valid_globs(cls, value: list[str]) -> list[str]:
+        for glob in value:
+            validate_pattern(glob)
+        return value
+
+    @field_validator("history_ttl_seconds", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", "0", 0) else value
+
+    @model_validator(mode="after")
+    def _memory_is_one_process(self) -> Settings:
+        if self.workers > 1 and self.layer.startswith("memory:"):
+            raise ValueError(
+                "memory:// keeps messages inside one process, so GATEWAY_WORKERS > 1 would split "
+                "subscribers from publishers; choose a cross-process layer: "
+                "redis://, redis+streams://, postgresql:// or mqtt://"
+            )
+        return self

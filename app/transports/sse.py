@@ -1,0 +1,125 @@
+"""Server-Sent Events as a raw ASGI response.
+
+Design decisions, so nobody "fixes" them:
+
+- The subscription is opened by the route, before the response starts, so a bad channel name or a
+  missing capability is still a JSON error with the right status. This response owns it from then
+  on and closes it when the stream ends.
+- Each event's frame is encoded once per message (`Event.sse_frame`) and whatever a subscriber has
+  queued is written in one `send`, so a lagging client costs one write, not one per event.
+- The disconnect listener and the writer run in one task group; whichever ends first cancels the
+  other, so a client that goes away frees its subscription at once.
+- Gap notices carry no `id:` field, so the browser's last event id stays on the last real event.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
+
+import anyio
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from layers import ChannelClosed, Event, Gap, SubscriberOverflow, Subscription
+
+if TYPE_CHECKING:
+    from app.gateway import Gateway
+
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),
+    (b"connection", b"keep-alive"),
+]
+KEEPALIVE = b": keepalive\n\n"
+
+
+def gap_frame(gap: Gap) -> bytes:
+    return b"event: gap\ndata: " + gap.to_json() + b"\n\n"
+
+
+def error_frame(code: str, detail: str) -> bytes:
+    from app.errors import error_body
+
+    return b"event: error\ndata: " + error_body(code, detail) + b"\n\n"
+
+
+class EventStream(Response):
+    """The ASGI response that streams one `Subscription` as SSE."""
+
+    def __init__(
+        self, gateway: Gateway, subscription: Subscription, cleanup: AsyncExitStack
+    ) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self.gateway = gateway
+        self.subscription = subscription
+        self.cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self.gateway.metrics
+        active = metrics.subscribers("sse")
+        active.inc()
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._watch_disconnect, receive, tasks.cancel_scope)
+                await self._stream(send)
+                tasks.cancel_scope.cancel()
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            active.dec()
+            with anyio.CancelScope(shield=True):
+                await self.cleanup.aclose()
+
+    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    async def _stream(self, send: Send) -> None:
+        settings = self.gateway.settings
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b": connected\nretry: %d\n\n" % settings.retry_ms,
+                "more_body": True,
+            }
+        )
+        delivered = self.gateway.metrics.delivered("sse")
+        dropped = self.gateway.metrics.dropped("sse")
+        subscription = self.subscription
+        keepalive = settings.keepalive_seconds
+        ending = b""
+        while True:
+            batch = None
+            with anyio.move_on_after(keepalive):
+                try:
+                    batch = await subscription.next_batch()
+                except SubscriberOverflow as exc:
+                    dropped.inc()
+                    ending = (
+                        error_frame(exc.code, exc.detail) + b"retry: %d\n\n" % settings.retry_ms
+                    )
+                    break
+                except ChannelClosed:
+                    # shutting down: reconnect soon, to another instance if there is one
+                    ending = b"retry: %d\n\n" % min(settings.retry_ms, 1000)
+                    break
+            if batch is None:
+                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                continue
+            frames = []
+            events = 0
+            for item in batch:
+                if isinstance(item, Event):
+                    frames.append(item.sse_frame())
+                    events += 1
+                else:
+                    if item.dropped:
+                        dropped.inc(item.dropped)
+                    frames.append(gap_frame(item))
+            await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+            delivered.inc(events)
+        await send({"type": "http.response.body", "body": ending, "more_body": False})

@@ -1,0 +1,259 @@
+"""The WebSocket protocol: JSON text frames `subscribe`, `unsubscribe`, `publish`, `ack`.
+
+One writer task owns the socket's send side; subscription forwarders and replies queue frames for
+it, so frames never interleave and a slow socket pushes back on the subscription backlog, where
+the backlog policy applies. A bad frame is answered with an error frame and the socket stays open.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import orjson
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
+from starlette.websockets import WebSocket
+
+from app.api.deps import check_fields
+from app.errors import ApiError, close_code_of, status_of
+from layers import (
+    ChannelClosed,
+    ChannelError,
+    Event,
+    SubscriberOverflow,
+    Subscription,
+    make_message,
+)
+
+if TYPE_CHECKING:
+    from app.gateway import Gateway
+
+OUTBOX_SIZE = 256
+
+
+@dataclass
+class _Close:
+    code: int
+    reason: str = ""
+
+
+@dataclass
+class _Feed:
+    """One subscription of this socket, with the task forwarding it."""
+
+    subscription: Subscription
+    cleanup: AsyncExitStack
+    forwarder: anyio.CancelScope
+
+
+def message_frame(event: Event) -> str:
+    return '{"type":"message",' + event.envelope()[1:].decode()
+
+
+def reply(kind: str, ref: Any, **fields: Any) -> str:
+    body = {"type": kind, **fields}
+    if ref is not None:
+        body["ref"] = ref
+    return orjson.dumps(body).decode()
+
+
+class WebSocketSession:
+    def __init__(self, gateway: Gateway, websocket: WebSocket) -> None:
+        self.gateway = gateway
+        self.websocket = websocket
+        self.live: _Feed | None = None
+        self.groups: dict[tuple[str, str], _Feed] = {}
+        self.outbox: MemoryObjectSendStream[str | _Close]
+        self.tasks: TaskGroup
+
+    async def run(self) -> None:
+        outbox, inbox = anyio.create_memory_object_stream[str | _Close](OUTBOX_SIZE)
+        self.outbox = outbox
+        await self.websocket.accept()
+        active = self.gateway.metrics.subscribers("ws")
+        active.inc()
+        try:
+            async with anyio.create_task_group() as tasks:
+                self.tasks = tasks
+                tasks.start_soon(self._write, inbox, tasks.cancel_scope)
+                await self._read()
+                tasks.cancel_scope.cancel()
+        finally:
+            active.dec()
+            with anyio.CancelScope(shield=True):
+                for feed in [self.live, *self.groups.values()]:
+                    if feed is not None:
+                        await feed.cleanup.aclose()
+
+    async def _write(self, inbox: Any, session: anyio.CancelScope) -> None:
+        async with inbox:
+            async for frame in inbox:
+                if isinstance(frame, _Close):
+                    await self.websocket.close(frame.code, frame.reason)
+                    session.cancel()
+                    return
+                await self.websocket.send_text(frame)
+
+    async def _read(self) -> None:
+        limit = self.gateway.settings.max_payload_bytes
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                await self._error(None, ApiError(422, "invalid_frame", "send JSON text frames"))
+            elif len(text) > limit:
+                await self._error(
+                    None,
+                    ApiError(413, "payload_too_large", f"frames are limited to {limit} bytes"),
+                )
+            else:
+                await self._handle(text)
+
+    async def _handle(self, text: str) -> None:
+        ref = None
+        try:
+            try:
+                frame = orjson.loads(text)
+            except orjson.JSONDecodeError as exc:
+                raise ApiError(400, "invalid_json", f"the frame is not valid JSON: {exc}") from None
+            if not isinstance(frame, dict):
+                raise ApiError(422, "invalid_frame", "a frame is a JSON object with an 'op'")
+            ref = frame.get("ref")
+            op = frame.get("op")
+            handler = {
+                "subscribe": self._subscribe,
+                "unsubscribe": self._unsubscribe,
+                "publish": self._publish,
+                "ack": self._ack,
+            }.get(op if isinstance(op, str) else "")
+            if handler is None:
+                raise ApiError(
+                    422, "unknown_op", f"op {op!r} is not subscribe, unsubscribe, publish or ack"
+                )
+            fields = await handler(frame)
+            await self.outbox.send(reply("ok", ref, op=op, **fields))
+        except (ApiError, ChannelError) as exc:
+            await self._error(ref, exc)
+
+    async def _error(self, ref: Any, exc: ApiError | ChannelError) -> None:
+        status = exc.status if isinstance(exc, ApiError) else status_of(exc)
+        await self.outbox.send(
+            reply("error", ref, error=exc.code, detail=exc.detail, status=status)
+        )
+
+    # -- ops -------------------------------------------------------------------------------------
+
+    async def _subscribe(self, frame: dict[str, Any]) -> dict[str, Any]:
+        channels = _names(frame, "channels")
+        patterns = _names(frame, "patterns")
+        last_event_id = _optional(frame, "last_event_id", str)
+        history = _optional(frame, "history", int)
+        group = _optional(frame, "group", str)
+        consumer = _optional(frame, "consumer", str)
+        gateway = self.gateway
+        if group is not None:
+            gateway.check_subscription(channels, patterns)
+            key = (channels[0] if channels else "", group)
+            if key in self.groups:
+                raise ApiError(422, "already_subscribed", f"already in group {group!r} here")
+            self.groups[key] = await self._feed(
+                *channels, patterns=patterns, group=group, consumer=consumer
+            )
+        elif self.live is None:
+            gateway.check_subscription(channels, patterns)
+            self.live = await self._feed(
+                *channels, patterns=patterns, last_event_id=last_event_id, history=history
+            )
+        else:
+            current = self.live.subscription
+            gateway.check_subscription(
+                sorted(current.channels | set(channels)), sorted(current.patterns | set(patterns))
+            )
+            await current.add(channels, patterns, last_event_id=last_event_id, history=history)
+        return {"channels": channels, "patterns": patterns}
+
+    async def _feed(self, *channels: str, **options: Any) -> _Feed:
+        cleanup = AsyncExitStack()
+        try:
+            cleanup.enter_context(self.gateway.connection())
+            subscription = await cleanup.enter_async_context(
+                self.gateway.channel.subscribe(*channels, **options)
+            )
+            forwarder = await self.tasks.start(self._forward, subscription)
+        except BaseException:
+            await cleanup.aclose()
+            raise
+        return _Feed(subscription, cleanup, forwarder)
+
+    async def _forward(
+        self, subscription: Subscription, *, task_status: TaskStatus[anyio.CancelScope]
+    ) -> None:
+        delivered = self.gateway.metrics.delivered("ws")
+        dropped = self.gateway.metrics.dropped("ws")
+        with anyio.CancelScope() as scope:
+            task_status.started(scope)
+            try:
+                while True:
+                    for item in await subscription.next_batch():
+                        if isinstance(item, Event):
+                            await self.outbox.send(message_frame(item))
+                            delivered.inc()
+                        else:
+                            dropped.inc(item.dropped)
+                            await self.outbox.send('{"type":"gap",' + item.to_json()[1:].decode())
+            except (SubscriberOverflow, ChannelClosed) as exc:
+                if isinstance(exc, SubscriberOverflow):
+                    dropped.inc()
+                    await self._error(None, exc)
+                await self.outbox.send(_Close(close_code_of(exc), exc.code))
+
+    async def _unsubscribe(self, frame: dict[str, Any]) -> dict[str, Any]:
+        channels = _names(frame, "channels")
+        patterns = _names(frame, "patterns")
+        group = _optional(frame, "group", str)
+        if group is not None:
+            feeds = [self.groups.pop((name, group), None) for name in channels]
+            for feed in feeds:
+                if feed is not None:
+                    feed.forwarder.cancel()
+                    await feed.cleanup.aclose()
+        elif self.live is not None:
+            await self.live.subscription.remove(channels, patterns)
+        return {"channels": channels, "patterns": patterns}
+
+    async def _publish(self, frame: dict[str, Any]) -> dict[str, Any]:
+        check_fields(frame, {"channel", "data"}, {"event", "op", "ref"})
+        channel = self.gateway.check_channel(frame["channel"])
+        (message_id,) = await self.gateway.channel.publish_messages(
+            [make_message(channel, frame["data"], frame.get("event"))]
+        )
+        self.gateway.metrics.published.inc()
+        return {"channel": channel, "id": message_id}
+
+    async def _ack(self, frame: dict[str, Any]) -> dict[str, Any]:
+        check_fields(frame, {"channel", "group", "ids"}, {"op", "ref"})
+        channel = self.gateway.check_channel(frame["channel"])
+        ids = frame["ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ApiError(422, "invalid_argument", "ids must be a list of strings")
+        acked, unknown = await self.gateway.channel.ack(channel, frame["group"], ids)
+        return {"acked": len(acked), "unknown": unknown}
+
+
+def _names(frame: dict[str, Any], field: str) -> list[str]:
+    value = frame.get(field, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(422, "invalid_argument", f"{field} must be a list of strings")
+    return value
+
+
+def _optional(frame: dict[str, Any], field: str, kind: type) -> Any:
+    value = frame.get(field)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise ApiError(422, "invalid_argument", f"{field} must be a {kind.__name__}")
+    return value
