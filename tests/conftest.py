@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import Callable
 
+import anyio
 import pytest
 
 from layers import ChannelLayer, InMemoryChannelLayer
@@ -45,3 +46,11 @@ def memory_layer_factory() -> LayerFactory:
 def unique() -> str:
     """A name prefix no other test (or earlier run against a persistent broker) has used."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait until `check()` holds, for state another process or thread changes with no event to
+    await (a server noticing a disconnect); bounded by `within` seconds."""
+    with anyio.fail_after(within):
+        while not check():  # noqa: ASYNC110 - nothing to await: the state is outside this task
+            await anyio.sleep(0.02)

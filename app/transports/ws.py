@@ -46,7 +46,7 @@ class _Feed:
 
     subscription: Subscription
     cleanup: AsyncExitStack
-    forwarder: anyio.CancelScope
+    forwarder: anyio.CancelScope | None = None
 
 
 def message_frame(event: Event) -> str:
@@ -82,6 +82,7 @@ class WebSocketSession:
                 await self._read()
                 tasks.cancel_scope.cancel()
         finally:
+            outbox.close()
             active.dec()
             with anyio.CancelScope(shield=True):
                 for feed in [self.live, *self.groups.values()]:
@@ -136,9 +137,20 @@ class WebSocketSession:
                     422, "unknown_op", f"op {op!r} is not subscribe, unsubscribe, publish or ack"
                 )
             fields = await handler(frame)
-            await self.outbox.send(reply("ok", ref, op=op, **fields))
+            # The reply goes out before any event of a new subscription: queue it without a
+            # checkpoint, then start the forwarders the op created.
+            self._queue(reply("ok", ref, op=op, **fields))
+            for feed in [self.live, *self.groups.values()]:
+                if feed is not None and feed.forwarder is None:
+                    feed.forwarder = await self.tasks.start(self._forward, feed.subscription)
         except (ApiError, ChannelError) as exc:
             await self._error(ref, exc)
+
+    def _queue(self, frame: str) -> None:
+        try:
+            self.outbox.send_nowait(frame)
+        except anyio.WouldBlock:
+            self.tasks.start_soon(self.outbox.send, frame)
 
     async def _error(self, ref: Any, exc: ApiError | ChannelError) -> None:
         status = exc.status if isinstance(exc, ApiError) else status_of(exc)
@@ -184,11 +196,10 @@ class WebSocketSession:
             subscription = await cleanup.enter_async_context(
                 self.gateway.channel.subscribe(*channels, **options)
             )
-            forwarder = await self.tasks.start(self._forward, subscription)
         except BaseException:
             await cleanup.aclose()
             raise
-        return _Feed(subscription, cleanup, forwarder)
+        return _Feed(subscription, cleanup)
 
     async def _forward(
         self, subscription: Subscription, *, task_status: TaskStatus[anyio.CancelScope]
@@ -220,7 +231,8 @@ class WebSocketSession:
             feeds = [self.groups.pop((name, group), None) for name in channels]
             for feed in feeds:
                 if feed is not None:
-                    feed.forwarder.cancel()
+                    if feed.forwarder is not None:
+                        feed.forwarder.cancel()
                     await feed.cleanup.aclose()
         elif self.live is not None:
             await self.live.subscription.remove(channels, patterns)
