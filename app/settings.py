@@ -8,6 +8,7 @@ import orjson
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from layers.errors import InvalidArgument
 from layers.names import validate_pattern
 
 StrList = Annotated[list[str], NoDecode]
@@ -58,7 +59,10 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_globs(cls, value: list[str]) -> list[str]:
         for glob in value:
-            validate_pattern(glob)
+            try:
+                validate_pattern(glob)
+            except InvalidArgument as exc:
+                raise ValueError(exc.detail) from None
         return value
 
     @field_validator("history_ttl_seconds", mode="before")
