@@ -56,13 +56,14 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     return parse_json_object(await read_body(request, limit))
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
+def parse_json_object(body: bytes | str, what: str = "body") -> dict[str, Any]:
+    """A JSON object: 400 for malformed JSON, 422 for another JSON value."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        raise ApiError(400, "invalid_json", f"the {what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ApiError(422, "invalid_argument", "the body must be a JSON object")
+        raise ApiError(422, "invalid_argument", f"the {what} must be a JSON object")
     return value
 
 

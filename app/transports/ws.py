@@ -17,7 +17,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 from starlette.websockets import WebSocket
 
-from app.api.deps import check_fields
+from app.api.deps import check_fields, parse_json_object
 from app.errors import ApiError, close_code_of, status_of
 from layers import (
     ChannelClosed,
@@ -118,12 +118,7 @@ class WebSocketSession:
     async def _handle(self, text: str) -> None:
         ref = None
         try:
-            try:
-                frame = orjson.loads(text)
-            except orjson.JSONDecodeError as exc:
-                raise ApiError(400, "invalid_json", f"the frame is not valid JSON: {exc}") from None
-            if not isinstance(frame, dict):
-                raise ApiError(422, "invalid_frame", "a frame is a JSON object with an 'op'")
+            frame = parse_json_object(text, "frame")
             ref = frame.get("ref")
             op = frame.get("op")
             handler = {

@@ -66,7 +66,7 @@ async def test_bad_frames_get_errors_and_the_socket_stays_usable(gateway: Runnin
         await ws.send(b"\x00binary")
         assert (await receive(ws))["error"] == "invalid_frame"
         await ws.send("[1,2]")
-        assert (await receive(ws))["error"] == "invalid_frame"
+        assert (await receive(ws))["error"] == "invalid_argument"
         unknown = await request(ws, op="dance", ref=7)
         assert (unknown["type"], unknown["ref"], unknown["error"]) == ("error", 7, "unknown_op")
         bad_name = await request(ws, op="subscribe", channels=["a..b"], ref=8)
