@@ -7,7 +7,15 @@ async with Channel(create_layer("memory://")) as channel:
             ...
 """
 
-from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Replay, Sink
+from .base import (
+    Capabilities,
+    ChannelLayer,
+    ChannelObserver,
+    ConsumerInfo,
+    GroupInfo,
+    Replay,
+    Sink,
+)
 from .core import BacklogPolicy, Channel, Item, Subscription, make_message
 from .errors import (
     CapabilityNotSupported,
@@ -32,6 +40,7 @@ __all__ = [
     "ChannelClosed",
     "ChannelError",
     "ChannelLayer",
+    "ChannelObserver",
     "ConsumerInfo",
     "Event",
     "Gap",

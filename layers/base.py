@@ -28,11 +28,43 @@ class Capabilities:
 
 
 class Sink(Protocol):
+    """What a layer reports to the core. Every method is called on the event loop, never blocks."""
+
     def deliver(self, event: Event) -> None:
         """A live message arrived; called once per message, on the event loop."""
 
-    def wake(self, channel: str) -> None:
-        """Group work may be waiting on `channel` (for layers whose group messages are pushed)."""
+    def wake(self, channel: str, *, released: bool = False) -> None:
+        """Group work may be waiting on `channel` (for layers whose group messages are pushed).
+
+        `released=True`: pending messages were released (`group_release`), so group consumers
+        claim them now instead of at their next timed claim.
+        """
+
+    def reconnected(self) -> None:
+        """The layer lost its broker connection and has it back (counted in the metrics)."""
+
+    def layer_error(self, error: BaseException) -> None:
+        """The listener hit a broker error it is recovering from (counted in the metrics)."""
+
+
+class ChannelObserver:
+    """Counts what happens inside a `Channel`, for metrics; every hook here does nothing.
+
+    The gateway passes a subclass (`Channel(layer, observer=...)`) that feeds Prometheus, so
+    `layers` stays free of any metrics library. Hooks run on the event loop and must not block.
+    """
+
+    def redelivered(self, channel: str, group: str, count: int) -> None:
+        """`count` timed-out or released group messages were claimed for another delivery."""
+
+    def dead_lettered(self, channel: str, group: str) -> None:
+        """A message passed `max_deliveries` and moved to `<channel>.dead`."""
+
+    def reconnected(self, scheme: str) -> None:
+        """The layer reconnected to its broker (reported by the layer through `Sink`)."""
+
+    def layer_error(self, scheme: str, error: BaseException) -> None:
+        """A broker error the layer or a group pump is recovering from."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +137,17 @@ class ChannelLayer(ABC):
     async def group_leave(self, channel: str, group: str, consumer: str) -> None:
         """The consumer went away; its pending messages stay pending until they time out."""
         raise self._lacks("consumer groups")
+
+    async def group_release(  # noqa: B027 - optional on purpose: the default is documented
+        self, channel: str, group: str, consumer: str
+    ) -> None:
+        """Make the consumer's unacked messages claimable by other consumers now (shutdown).
+
+        Called before `group_leave` when the `Channel` closes its subscriptions with
+        `release=True`; afterwards call `sink.wake(channel, released=True)` (or tell the other
+        processes, for a cross-process layer) so live consumers claim at once. This default does
+        nothing: the messages then wait for `ack_timeout` like those of a consumer that crashed.
+        """
 
     async def group_read(self, channel: str, group: str, consumer: str, count: int) -> list[Event]:
         """Claim up to `count` messages never delivered to the group, without waiting."""

@@ -34,7 +34,7 @@ import anyio.lowlevel
 import orjson
 from anyio.abc import TaskGroup, TaskStatus
 
-from .base import ChannelLayer, GroupInfo, Replay
+from .base import ChannelLayer, ChannelObserver, GroupInfo, Replay
 from .errors import (
     ChannelClosed,
     ChannelError,
@@ -87,6 +87,7 @@ class Subscription:
         self._overflowed = False
         self._closed = False
         self._on_space: Any = None  # a group pump's wake-up, when this backlog has room again
+        self._release = False  # on leaving its group, release its unacked messages (shutdown)
 
     # -- fed by the core -------------------------------------------------------------------------
 
@@ -211,7 +212,9 @@ class Subscription:
 class _Router:
     """The `Sink` of the layer: routes each live event to local subscribers and group pumps."""
 
-    def __init__(self) -> None:
+    def __init__(self, scheme: str, observer: ChannelObserver) -> None:
+        self.scheme = scheme
+        self.observer = observer
         self.exact: dict[str, set[Subscription]] = {}
         self.patterns: dict[str, set[Subscription]] = {}
         self.pumps: dict[str, set[_GroupPump]] = {}
@@ -229,11 +232,17 @@ class _Router:
                 subscriber.push(event)
         self.wake(event.channel)
 
-    def wake(self, channel: str) -> None:
+    def wake(self, channel: str, *, released: bool = False) -> None:
         pumps = self.pumps.get(channel)
         if pumps:
             for pump in pumps:
-                pump.wake()
+                pump.wake(claim=released)
+
+    def reconnected(self) -> None:
+        self.observer.reconnected(self.scheme)
+
+    def layer_error(self, error: BaseException) -> None:
+        self.observer.layer_error(self.scheme, error)
 
     def add(
         self, subscriber: Subscription, channels: Iterable[str], patterns: Iterable[str]
@@ -267,9 +276,11 @@ class _GroupPump:
         self.group = group
         self.consumer = consumer
         self._wakeup = anyio.Event()
+        self._claim_now = False  # released messages are waiting: claim before the timer says so
         subscriber._on_space = self.wake
 
-    def wake(self) -> None:
+    def wake(self, *, claim: bool = False) -> None:
+        self._claim_now = self._claim_now or claim
         self._wakeup.set()
 
     async def run(self, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
@@ -277,15 +288,20 @@ class _GroupPump:
             task_status.started(scope)
             core = self.core
             claim_every = max(0.01, min(core.ack_timeout / 2, 5.0))
-            next_claim = time.monotonic() + claim_every
+            # The first fill claims: a consumer that joins (or reconnects to this instance after
+            # another one shut down) takes over timed-out and released messages at once.
+            next_claim = time.monotonic()
             backoff = 0.1
             while True:
                 self._wakeup = anyio.Event()
                 try:
-                    delivered = await self._fill(claim=time.monotonic() >= next_claim)
+                    claim = self._claim_now or time.monotonic() >= next_claim
+                    self._claim_now = False
+                    delivered = await self._fill(claim=claim)
                     backoff = 0.1
                 except LayerUnavailable as exc:
                     logger.warning("group %s on %s: %s", self.group, self.channel, exc.detail)
+                    core._router.layer_error(exc)
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
@@ -311,6 +327,8 @@ class _GroupPump:
                     await self.core._dead_letter(event, self.group)
                 else:
                     events.append(event)
+            if events:
+                self.core.observer.redelivered(self.channel, self.group, len(events))
         if len(events) < room:
             events += await layer.group_read(
                 self.channel, self.group, self.consumer, room - len(events)
@@ -338,6 +356,7 @@ class Channel:
         backlog_policy: BacklogPolicy | str = BacklogPolicy.DROP_OLDEST,
         ack_timeout: float = 30.0,
         max_deliveries: int = 5,
+        observer: ChannelObserver | None = None,
     ) -> None:
         if max_backlog < 1:
             raise InvalidArgument("max_backlog must be at least 1")
@@ -346,7 +365,8 @@ class Channel:
         self.backlog_policy = BacklogPolicy(backlog_policy)
         self.ack_timeout = ack_timeout
         self.max_deliveries = max_deliveries
-        self._router = _Router()
+        self.observer = observer or ChannelObserver()
+        self._router = _Router(layer.scheme, self.observer)
         self._refs: Counter[tuple[bool, str]] = Counter()  # (is_pattern, name) -> subscribers
         self._listen_lock: anyio.Lock | None = None
         self._subscriptions: set[Subscription] = set()
@@ -386,9 +406,15 @@ class Channel:
         task_group.cancel_scope.cancel()
         return await task_group.__aexit__(*exc_info)
 
-    def close_subscriptions(self) -> None:
-        """End every subscription's stream (graceful shutdown); the channel stays usable."""
+    def close_subscriptions(self, *, release: bool = False) -> None:
+        """End every subscription's stream (graceful shutdown); the channel stays usable.
+
+        `release=True` also hands each group consumer's unacked messages back to its group as the
+        consumer leaves (`ChannelLayer.group_release`), so consumers elsewhere take them over at
+        once instead of after `ack_timeout`.
+        """
         for subscription in list(self._subscriptions):
+            subscription._release = subscription._release or release
             subscription.close()
 
     def _running(self) -> TaskGroup:
@@ -600,6 +626,8 @@ class Channel:
             with anyio.CancelScope(shield=True):
                 await self._unlisten([channel], [])
                 try:
+                    if subscription._release:
+                        await self.layer.group_release(channel, group, consumer)
                     await self.layer.group_leave(channel, group, consumer)
                 except ChannelError as exc:
                     logger.warning("leaving group %s failed: %s", group, exc.detail)
@@ -619,6 +647,7 @@ class Channel:
         )
         await self.layer.publish([dead])
         await self.layer.group_ack(event.channel, group, [event.id])
+        self.observer.dead_lettered(event.channel, group)
 
     # -- history, groups, health -----------------------------------------------------------------
 

@@ -163,6 +163,16 @@ class InMemoryChannelLayer(ChannelLayer):
         if state is not None:
             state.consumers[consumer] = time.monotonic()
 
+    async def group_release(self, channel: str, group: str, consumer: str) -> None:
+        state = self._groups.get((channel, group))
+        if state is None:
+            return
+        for entry in state.pending.values():
+            if entry.consumer == consumer:
+                entry.delivered_at = float("-inf")  # idle long enough for any claim
+        if self._sink is not None:
+            self._sink.wake(channel, released=True)
+
     async def group_read(self, channel: str, group: str, consumer: str, count: int) -> list[Event]:
         state = self._group(channel, group)
         state.consumers[consumer] = now = time.monotonic()

@@ -15,6 +15,8 @@ import pytest
 from layers import (
     CapabilityNotSupported,
     Channel,
+    ChannelLayer,
+    ChannelObserver,
     Event,
     Gap,
     InvalidArgument,
@@ -496,6 +498,58 @@ async def test_redelivery_goes_to_another_live_consumer(
             (again,) = await events(staying, 1)
             assert again.id == message_id and again.deliveries == 2
             assert await again.ack()
+
+
+async def test_closing_with_release_hands_unacked_messages_over_at_once(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    """Graceful shutdown: the consumer's unacked messages go to the group now, not after the
+    ack timeout, so a browser that reconnects elsewhere gets them back at once."""
+    async with open_channel(ack_timeout=60) as channel:
+        need(channel, "groups")
+        if type(channel.layer).group_release is ChannelLayer.group_release:
+            pytest.skip(f"{channel.layer.scheme}:// keeps the default: released messages wait")
+        async with channel.subscribe(unique, group="g", consumer="leaving") as leaving:
+            message_id = await channel.publish(unique, "in flight")
+            (first,) = await events(leaving, 1)
+            assert first.id == message_id
+            channel.close_subscriptions(release=True)
+            with anyio.fail_after(TIMEOUT):
+                assert [item async for item in leaving] == []  # the stream ended
+        async with channel.subscribe(unique, group="g", consumer="elsewhere") as taking_over:
+            with anyio.fail_after(5):  # far below the 60 s ack timeout
+                (again,) = await events(taking_over, 1)
+            assert (again.id, again.deliveries) == (message_id, 2)
+            assert await again.ack()
+
+
+class RecordingObserver(ChannelObserver):
+    def __init__(self) -> None:
+        self.redeliveries: list[tuple[str, str, int]] = []
+        self.dead_letters: list[tuple[str, str]] = []
+
+    def redelivered(self, channel: str, group: str, count: int) -> None:
+        self.redeliveries.append((channel, group, count))
+
+    def dead_lettered(self, channel: str, group: str) -> None:
+        self.dead_letters.append((channel, group))
+
+
+async def test_observer_counts_redeliveries_and_dead_letters(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    observer = RecordingObserver()
+    async with open_channel(ack_timeout=0.3, max_deliveries=2, observer=observer) as channel:
+        need(channel, "groups")
+        async with (
+            channel.subscribe(f"{unique}.dead") as dead,
+            channel.subscribe(unique, group="g", consumer="c1") as sub,
+        ):
+            await channel.publish(unique, "never acked")
+            await events(sub, 2)
+            await events(dead, 1)
+    assert observer.redeliveries == [(unique, "g", 1)]
+    assert observer.dead_letters == [(unique, "g")]
 
 
 async def test_acks_report_unknown_ids_and_unknown_groups(
