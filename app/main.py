@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
 
 from app import errors
-from app.api.routes import channels, console, events, health, publish, ws
+from app.api.routes import channels, console, events, health, publish, stats, ws
 from app.gateway import Gateway
 from app.settings import Settings
 from layers import Channel, create_layer
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         )
-    for module in (publish, events, channels, ws, health, console):
+    for module in (publish, events, channels, ws, health, stats, console):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=console.STATIC), name="static")
     return app

@@ -381,6 +381,17 @@ class Channel:
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
 
+    def local_groups(self) -> dict[tuple[str, str], int]:
+        """(channel, group) -> consumers subscribed through this `Channel` right now.
+
+        Only what this process sees: the layer is the authority on a group's other consumers.
+        """
+        counts: Counter[tuple[str, str]] = Counter()
+        for channel, pumps in self._router.pumps.items():
+            for pump in pumps:
+                counts[channel, pump.group] += 1
+        return dict(counts)
+
     # -- lifetime --------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Channel:

@@ -76,6 +76,28 @@ class GroupReply(BaseModel):
     )
 
 
+class PerTransport(BaseModel):
+    sse: int = Field(description="Server-Sent Events")
+    ws: int = Field(description="WebSocket")
+
+
+class LocalGroup(BaseModel):
+    channel: str
+    group: str
+    consumers: int = Field(description="Consumers of the group connected to this process")
+
+
+class StatsReply(BaseModel):
+    layer: str = Field(description="Scheme of the channel layer in use")
+    subscribers: PerTransport = Field(description="Open SSE streams and WebSocket connections")
+    published: int = Field(description="Messages published through this process since start")
+    delivered: PerTransport = Field(description="Events written to subscribers since start")
+    dropped: PerTransport = Field(description="Events dropped by backlog policies since start")
+    groups: list[LocalGroup] = Field(
+        description="Consumer groups with a consumer connected to this process"
+    )
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the error statuses a route can answer."""
     meaning = {

@@ -1,0 +1,59 @@
+"""Live numbers for the web console: subscribers, message totals and consumer groups.
+
+Everything here is per process, read from the same Prometheus registry `/metrics` serves, so the
+two never disagree. Totals rather than rates: a client polling twice computes any rate it wants,
+and a process keeps no clock-dependent state for it. With several workers each answer comes from
+whichever worker took the request; `/metrics` scraped per pod is the fleet-wide view.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.responses import Response
+
+from app.api.deps import GatewayDep
+from app.api.models import StatsReply, errors
+from app.api.routes.publish import json_response
+from app.gateway import Gateway
+
+router = APIRouter(tags=["operations"])
+
+TRANSPORTS = ("sse", "ws")
+
+
+@router.get(
+    "/stats",
+    summary="Subscribers, message totals and consumer groups of this process",
+    description=(
+        "Per-process numbers for dashboards such as the web console; poll it and divide the "
+        "change in `published` and `delivered` by the time between polls for rates."
+    ),
+    response_model=StatsReply,
+    responses=errors(401, 503),
+)
+async def stats(gateway: GatewayDep) -> Response:
+    groups = gateway.channel.local_groups()  # 503 while starting
+    return json_response(
+        {
+            "layer": gateway.metrics.layer,
+            "subscribers": _per_transport(gateway, "gateway_subscribers_active"),
+            "published": _sample(gateway, "gateway_messages_published_total", {}),
+            "delivered": _per_transport(gateway, "gateway_messages_delivered_total"),
+            "dropped": _per_transport(gateway, "gateway_messages_dropped_total"),
+            "groups": [
+                {"channel": channel, "group": group, "consumers": consumers}
+                for (channel, group), consumers in sorted(groups.items())
+            ],
+        }
+    )
+
+
+def _per_transport(gateway: Gateway, name: str) -> dict[str, int]:
+    return {transport: _sample(gateway, name, {"transport": transport}) for transport in TRANSPORTS}
+
+
+def _sample(gateway: Gateway, name: str, labels: dict[str, str]) -> int:
+    value = gateway.metrics.registry.get_sample_value(
+        name, {**labels, "layer": gateway.metrics.layer}
+    )
+    return int(value or 0)  # a label set never touched has no sample yet
