@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from app.auth import Authenticator
 from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
 from layers import Channel
-from layers.names import compile_pattern, validate_channel, validate_pattern
+from layers.names import compile_pattern, pattern_within, validate_channel, validate_pattern
 
 
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.auth = Authenticator(settings)
         self.metrics = Metrics(settings.layer.split(":", 1)[0])
         self._channel: Channel | None = None
         self.connections = 0
@@ -77,27 +79,3 @@ class Gateway:
             yield
         finally:
             self.connections -= 1
-
-
-def pattern_within(pattern: str, glob: str) -> bool:
-    """True if every name `pattern` can match is also matched by `glob`.
-
-    Dynamic programming over the two strings: a `*` of the pattern can only be covered by a `*` of
-    the glob, a `?` by `?` or `*`, a literal by itself, `?` or `*`.
-    """
-    rows, cols = len(pattern), len(glob)
-    # within[i][j]: pattern[i:] is within glob[j:]
-    within = [[False] * (cols + 1) for _ in range(rows + 1)]
-    within[rows][cols] = True
-    for j in range(cols - 1, -1, -1):
-        within[rows][j] = glob[j] == "*" and within[rows][j + 1]
-    for i in range(rows - 1, -1, -1):
-        for j in range(cols - 1, -1, -1):
-            p, g = pattern[i], glob[j]
-            if g == "*":
-                within[i][j] = within[i][j + 1] or within[i + 1][j]
-            elif p == "*":
-                within[i][j] = False
-            else:
-                within[i][j] = (g == "?" or g == p) and within[i + 1][j + 1]
-    return within[0][0]

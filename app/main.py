@@ -39,6 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ) as channel:
             gateway.channel = channel
             logger.info("gateway ready on %s", layer.scheme)
+            if not gateway.auth.enabled:
+                logger.warning(
+                    "authorization is off: anyone can publish and subscribe to any channel; "
+                    "set GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY before exposing the gateway"
+                )
             try:
                 yield
             finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from layers.errors import InvalidArgument
@@ -43,6 +43,19 @@ class Settings(BaseSettings):
         100, ge=1, description="Channels plus patterns in one subscription"
     )
     cors_origins: StrList = Field(default_factory=list, description="Origins allowed by CORS")
+    ws_publish_rate: float = Field(
+        100.0, gt=0, description="WebSocket publishes per second per connection (burst: 1 s)"
+    )
+    jwt_secret: SecretStr | None = Field(None, description="HS256 key; turns authorization on")
+    jwt_public_key: str | None = Field(
+        None, description="RS256 or ES256 public key (PEM); turns authorization on"
+    )
+    jwt_audience: str | None = Field(None, description="Required `aud` claim")
+    jwt_issuer: str | None = Field(None, description="Required `iss` claim")
+    jwt_cookie: str = Field("access_token", description="Cookie that may carry the token")
+    anonymous_subscribe: bool = Field(
+        False, description="With authorization on, subscribing needs no token"
+    )
 
     @field_validator("channels", "cors_origins", mode="before")
     @classmethod
@@ -65,10 +78,29 @@ class Settings(BaseSettings):
                 raise ValueError(exc.detail) from None
         return value
 
+    @field_validator("jwt_secret", "jwt_public_key", "jwt_audience", "jwt_issuer", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # RFC 7518 section 3.2: an HS256 key is at least as long as the hash (32 bytes)
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("use at least 32 bytes, e.g. the output of `openssl rand -hex 32`")
+        return value
+
     @field_validator("history_ttl_seconds", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value in ("", "0", 0) else value
+
+    @model_validator(mode="after")
+    def _one_jwt_key(self) -> Settings:
+        if self.jwt_secret is not None and self.jwt_public_key is not None:
+            raise ValueError("set GATEWAY_JWT_SECRET (HS256) or GATEWAY_JWT_PUBLIC_KEY, not both")
+        return self
 
     @model_validator(mode="after")
     def _memory_is_one_process(self) -> Settings:

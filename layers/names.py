@@ -68,3 +68,30 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
 
 def matches_any(name: str, channels: Iterable[str], patterns: Iterable[str]) -> bool:
     return name in set(channels) or any(compile_pattern(p)(name) for p in patterns)
+
+
+def pattern_within(pattern: str, glob: str) -> bool:
+    """True if every name `pattern` can match is also matched by `glob`.
+
+    Sound but not complete: a True is always right, while a few unusual pairs whose inclusion
+    needs reasoning across several stars (`?*` within `*?`) answer False, which only ever refuses.
+
+    Dynamic programming over the two strings: a `*` of the pattern can only be covered by a `*` of
+    the glob, a `?` by `?` or `*`, a literal by itself, `?` or `*`.
+    """
+    rows, cols = len(pattern), len(glob)
+    # within[i][j]: pattern[i:] is within glob[j:]
+    within = [[False] * (cols + 1) for _ in range(rows + 1)]
+    within[rows][cols] = True
+    for j in range(cols - 1, -1, -1):
+        within[rows][j] = glob[j] == "*" and within[rows][j + 1]
+    for i in range(rows - 1, -1, -1):
+        for j in range(cols - 1, -1, -1):
+            p, g = pattern[i], glob[j]
+            if g == "*":
+                within[i][j] = within[i][j + 1] or within[i + 1][j]
+            elif p == "*":
+                within[i][j] = False
+            else:
+                within[i][j] = (g == "?" or g == p) and within[i + 1][j + 1]
+    return within[0][0]

@@ -10,10 +10,13 @@ Design decisions, so nobody "fixes" them:
 - The disconnect listener and the writer run in one task group; whichever ends first cancels the
   other, so a client that goes away frees its subscription at once.
 - Gap notices carry no `id:` field, so the browser's last event id stays on the last real event.
+- A stream ends with `event: error` (`token_expired`) when its token expires: the wait for events
+  is bounded by the expiry as well as by the keepalive interval, so there is no check per event.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
@@ -49,12 +52,17 @@ class EventStream(Response):
     """The ASGI response that streams one `Subscription` as SSE."""
 
     def __init__(
-        self, gateway: Gateway, subscription: Subscription, cleanup: AsyncExitStack
+        self,
+        gateway: Gateway,
+        subscription: Subscription,
+        cleanup: AsyncExitStack,
+        expires_at: float = math.inf,
     ) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.gateway = gateway
         self.subscription = subscription
         self.cleanup = cleanup
+        self.expires_at = expires_at  # on the anyio clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.gateway.metrics
@@ -91,10 +99,17 @@ class EventStream(Response):
         dropped = self.gateway.metrics.dropped("sse")
         subscription = self.subscription
         keepalive = settings.keepalive_seconds
+        expires_at = self.expires_at
         ending = b""
         while True:
+            now = anyio.current_time()
+            if now >= expires_at:
+                ending = error_frame(
+                    "token_expired", "the token has expired; reconnect with a new one"
+                )
+                break
             batch = None
-            with anyio.move_on_after(keepalive):
+            with anyio.move_on_at(min(now + keepalive, expires_at)):
                 try:
                     batch = await subscription.next_batch()
                 except SubscriberOverflow as exc:

@@ -3,10 +3,17 @@
 One writer task owns the socket's send side; subscription forwarders and replies queue frames for
 it, so frames never interleave and a slow socket pushes back on the subscription backlog, where
 the backlog policy applies. A bad frame is answered with an error frame and the socket stays open.
+
+The token is checked at the handshake (header, query parameter or cookie, as for HTTP); a refused
+handshake is accepted and then closed with an error frame and code 1008, because a browser sees
+neither the HTTP status of a refused upgrade nor its body. The socket closes the same way when the
+token expires. Each socket counts once against `GATEWAY_MAX_CONNECTIONS`, and publishes are
+limited per socket by a token bucket (`GATEWAY_WS_PUBLISH_RATE`, a burst of one second's worth).
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,6 +25,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from starlette.websockets import WebSocket
 
 from app.api.deps import check_fields, parse_json_object
+from app.auth import Grant
 from app.errors import ApiError, close_code_of, status_of
 from layers import (
     ChannelClosed,
@@ -60,25 +68,61 @@ def reply(kind: str, ref: Any, **fields: Any) -> str:
     return orjson.dumps(body).decode()
 
 
+class TokenBucket:
+    """`rate` tokens a second, holding at most `capacity`; `take()` is False when empty."""
+
+    def __init__(self, rate: float, capacity: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 class WebSocketSession:
     def __init__(self, gateway: Gateway, websocket: WebSocket) -> None:
         self.gateway = gateway
         self.websocket = websocket
+        self.grant: Grant
+        rate = gateway.settings.ws_publish_rate
+        self.publishes = TokenBucket(rate, max(1.0, rate))
         self.live: _Feed | None = None
         self.groups: dict[tuple[str, str], _Feed] = {}
         self.outbox: MemoryObjectSendStream[str | _Close]
         self.tasks: TaskGroup
 
     async def run(self) -> None:
+        await self.websocket.accept()
+        try:
+            # only the handshake's checks raise here: `_serve` answers errors with frames
+            self.grant = self.gateway.auth.grant_for(self.websocket)
+            with self.gateway.connection():
+                await self._serve()
+        except ApiError as exc:
+            await self.websocket.send_text(
+                reply("error", None, error=exc.code, detail=exc.detail, status=exc.status)
+            )
+            await self.websocket.close(close_code_of(exc), exc.code)
+
+    async def _serve(self) -> None:
         outbox, inbox = anyio.create_memory_object_stream[str | _Close](OUTBOX_SIZE)
         self.outbox = outbox
-        await self.websocket.accept()
         active = self.gateway.metrics.subscribers("ws")
         active.inc()
         try:
             async with anyio.create_task_group() as tasks:
                 self.tasks = tasks
                 tasks.start_soon(self._write, inbox, tasks.cancel_scope)
+                if self.grant.expires_at is not None:
+                    tasks.start_soon(self._expire, self.grant.deadline())
                 await self._read()
                 tasks.cancel_scope.cancel()
         finally:
@@ -98,6 +142,12 @@ class WebSocketSession:
                     return
                 await self.websocket.send_text(frame)
 
+    async def _expire(self, deadline: float) -> None:
+        await anyio.sleep_until(deadline)
+        expired = ApiError(401, "token_expired", "the token has expired; reconnect with a new one")
+        await self._error(None, expired)
+        await self.outbox.send(_Close(close_code_of(expired), expired.code))
+
     async def _read(self) -> None:
         limit = self.gateway.settings.max_payload_bytes
         while True:
@@ -107,7 +157,7 @@ class WebSocketSession:
             text = message.get("text")
             if text is None:
                 await self._error(None, ApiError(422, "invalid_frame", "send JSON text frames"))
-            elif len(text) > limit:
+            elif (len(text) if text.isascii() else len(text.encode())) > limit:  # bytes, not chars
                 await self._error(
                     None,
                     ApiError(413, "payload_too_large", f"frames are limited to {limit} bytes"),
@@ -163,11 +213,20 @@ class WebSocketSession:
         group = _optional(frame, "group", str)
         consumer = _optional(frame, "consumer", str)
         gateway = self.gateway
+        self.grant.require_subscribe(channels, patterns)
         if group is not None:
             gateway.check_subscription(channels, patterns)
             key = (channels[0] if channels else "", group)
             if key in self.groups:
                 raise ApiError(422, "already_subscribed", f"already in group {group!r} here")
+            limit = gateway.settings.max_channels_per_subscription
+            if len(self.groups) >= limit:
+                raise ApiError(
+                    422,
+                    "too_many_channels",
+                    f"at most {limit} group subscriptions per socket "
+                    "(GATEWAY_MAX_CHANNELS_PER_SUBSCRIPTION)",
+                )
             self.groups[key] = await self._feed(
                 *channels, patterns=patterns, group=group, consumer=consumer
             )
@@ -187,7 +246,6 @@ class WebSocketSession:
     async def _feed(self, *channels: str, **options: Any) -> _Feed:
         cleanup = AsyncExitStack()
         try:
-            cleanup.enter_context(self.gateway.connection())
             subscription = await cleanup.enter_async_context(
                 self.gateway.channel.subscribe(*channels, **options)
             )
@@ -234,8 +292,17 @@ class WebSocketSession:
         return {"channels": channels, "patterns": patterns}
 
     async def _publish(self, frame: dict[str, Any]) -> dict[str, Any]:
+        if not self.publishes.take():
+            rate = self.gateway.settings.ws_publish_rate
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"at most {rate:g} publishes a second per socket (GATEWAY_WS_PUBLISH_RATE); "
+                "slow down, this frame was not published",
+            )
         check_fields(frame, {"channel", "data"}, {"event", "op", "ref"})
         channel = self.gateway.check_channel(frame["channel"])
+        self.grant.require_publish(channel)
         (message_id,) = await self.gateway.channel.publish_messages(
             [make_message(channel, frame["data"], frame.get("event"))]
         )
@@ -245,6 +312,7 @@ class WebSocketSession:
     async def _ack(self, frame: dict[str, Any]) -> dict[str, Any]:
         check_fields(frame, {"channel", "group", "ids"}, {"op", "ref"})
         channel = self.gateway.check_channel(frame["channel"])
+        self.grant.require_subscribe([channel])
         ids = frame["ids"]
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ApiError(422, "invalid_argument", "ids must be a list of strings")

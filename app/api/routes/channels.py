@@ -11,6 +11,7 @@ from starlette.responses import Response
 from app.api.deps import GatewayDep, check_fields, read_json_object
 from app.api.models import AckReply, AckRequest, GroupReply, HistoryReply, errors
 from app.api.routes.publish import json_response
+from app.auth import GrantDep
 from app.errors import ApiError
 
 router = APIRouter(tags=["channels"])
@@ -25,6 +26,7 @@ router = APIRouter(tags=["channels"])
 async def history(
     channel: str,
     gateway: GatewayDep,
+    grant: GrantDep,
     after: Annotated[str | None, Query(description="Only messages after this id")] = None,
     limit: Annotated[
         int | None,
@@ -32,6 +34,7 @@ async def history(
     ] = None,
 ) -> Response:
     gateway.check_channel(channel)
+    grant.require_subscribe([channel])
     replay = await gateway.channel.history(channel, after=after, limit=limit)
     body = b"".join(
         (
@@ -58,8 +61,11 @@ async def history(
         }
     },
 )
-async def ack(channel: str, group: str, request: Request, gateway: GatewayDep) -> Response:
+async def ack(
+    channel: str, group: str, request: Request, gateway: GatewayDep, grant: GrantDep
+) -> Response:
     gateway.check_channel(channel)
+    grant.require_subscribe([channel])
     body = await read_json_object(request, gateway.settings.max_payload_bytes)
     check_fields(body, {"ids"}, set())
     ids = body["ids"]
@@ -75,8 +81,9 @@ async def ack(channel: str, group: str, request: Request, gateway: GatewayDep) -
     response_model=GroupReply,
     responses=errors(401, 403, 404, 422, 501, 503),
 )
-async def group_info(channel: str, group: str, gateway: GatewayDep) -> Response:
+async def group_info(channel: str, group: str, gateway: GatewayDep, grant: GrantDep) -> Response:
     gateway.check_channel(channel)
+    grant.require_subscribe([channel])
     info = await gateway.channel.group_info(channel, group)
     oldest = (
         {"id": info.oldest_unacked_id, "age_seconds": info.oldest_unacked_age_seconds}

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Query
 
 from app.api.deps import GatewayDep
 from app.api.models import errors
+from app.auth import Grant, GrantDep
 from app.gateway import Gateway
 from app.transports.sse import EventStream
 
@@ -43,6 +44,7 @@ HistoryQuery = Annotated[
 
 async def open_stream(
     gateway: Gateway,
+    grant: Grant,
     channels: list[str],
     patterns: list[str],
     last_event_id: str | None,
@@ -52,6 +54,7 @@ async def open_stream(
 ) -> EventStream:
     """Open the subscription now, so refusals are JSON errors; the stream owns it afterwards."""
     gateway.check_subscription(channels, patterns)
+    grant.require_subscribe(channels, patterns)
     cleanup = AsyncExitStack()
     try:
         cleanup.enter_context(gateway.connection())
@@ -70,7 +73,7 @@ async def open_stream(
     except BaseException:
         await cleanup.aclose()
         raise
-    return EventStream(gateway, subscription, cleanup)
+    return EventStream(gateway, subscription, cleanup, expires_at=grant.deadline())
 
 
 @router.get(
@@ -82,6 +85,7 @@ async def open_stream(
 async def channel_events(
     channel: str,
     gateway: GatewayDep,
+    grant: GrantDep,
     last_event_id_header: LastEventIdHeader = None,
     last_event_id: LastEventIdQuery = None,
     history: HistoryQuery = None,
@@ -90,6 +94,7 @@ async def channel_events(
 ) -> EventStream:
     return await open_stream(
         gateway,
+        grant,
         [channel],
         [],
         last_event_id_header or last_event_id,
@@ -111,6 +116,7 @@ async def channel_events(
 )
 async def events(
     gateway: GatewayDep,
+    grant: GrantDep,
     channel: Annotated[list[str], Query(description="Channel names")] = [],  # noqa: B006
     pattern: Annotated[list[str], Query(description="Glob patterns: `*` and `?`")] = [],  # noqa: B006
     last_event_id_header: LastEventIdHeader = None,
@@ -118,5 +124,5 @@ async def events(
     history: HistoryQuery = None,
 ) -> EventStream:
     return await open_stream(
-        gateway, channel, pattern, last_event_id_header or last_event_id, history
+        gateway, grant, channel, pattern, last_event_id_header or last_event_id, history
     )

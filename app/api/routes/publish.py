@@ -16,6 +16,7 @@ from app.api.deps import (
     read_json_object,
 )
 from app.api.models import BatchReply, BatchRequest, PublishReply, PublishRequest, errors
+from app.auth import GrantDep
 from app.errors import ApiError, status_of
 from layers import ChannelError, make_message
 
@@ -50,9 +51,11 @@ async def publish(
     channel: str,
     request: Request,
     gateway: GatewayDep,
+    grant: GrantDep,
     event: str | None = Query(None, description="Event type, for `text/plain` bodies"),
 ) -> Response:
     gateway.check_channel(channel)
+    grant.require_publish(channel)
     limit = gateway.settings.max_payload_bytes
     if media_type(request) == "text/plain":
         try:
@@ -81,7 +84,7 @@ async def publish(
         }
     },
 )
-async def publish_batch(request: Request, gateway: GatewayDep) -> Response:
+async def publish_batch(request: Request, gateway: GatewayDep, grant: GrantDep) -> Response:
     body = await read_json_object(request, gateway.settings.max_payload_bytes)
     check_fields(body, {"messages"}, set())
     items = body["messages"]
@@ -94,6 +97,7 @@ async def publish_batch(request: Request, gateway: GatewayDep) -> Response:
         try:
             check_fields(item, {"channel", "data"}, {"event"})
             gateway.check_channel(item["channel"])
+            grant.require_publish(item["channel"])
             messages.append(make_message(item["channel"], item["data"], item.get("event")))
         except (ApiError, ChannelError) as exc:
             status = exc.status if isinstance(exc, ApiError) else status_of(exc)

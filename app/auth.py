@@ -1,0 +1,203 @@
+"""Authorization: JSON Web Tokens that grant channel globs to publish and subscribe to.
+
+Design decisions, so nobody "fixes" them:
+
+- Off unless a key is configured (`GATEWAY_JWT_SECRET` for HS256, `GATEWAY_JWT_PUBLIC_KEY` for
+  RS256/ES256); then every publish, subscribe, history read, ack and group read needs a grant.
+  The accepted algorithm follows from the key alone, never from the token's header, so `alg: none`
+  and HS256-signed-with-the-public-key tokens are refused.
+- `exp` is required: a token a browser holds must stop working by itself. Open streams end at
+  that instant (the SSE and WebSocket transports take `Grant.deadline`).
+- The token comes from `Authorization: Bearer`, the `access_token` query parameter (`EventSource`
+  cannot set headers) or a cookie. A browser attaches cookies to requests any site makes, so a
+  token read from a cookie is honoured only when the request's `Origin` is absent, the gateway's own
+  host, or one of `GATEWAY_CORS_ORIGINS`: cross-site forms cannot publish and cross-site WebSocket
+  handshakes (which CORS does not cover) cannot ride a user's cookie.
+- A subscription pattern is allowed only if one granted glob covers every channel it can match
+  (`pattern_within`). That is sound but conservative: a pattern covered only by the union of several
+  globs (`a*` by `a` and `a?*`) is refused; grant a wider glob or subscribe to narrower patterns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import anyio
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from fastapi import Depends
+from starlette.requests import HTTPConnection
+
+from app.errors import ApiError
+from app.settings import Settings
+from layers.errors import InvalidArgument
+from layers.names import compile_pattern, pattern_within, validate_pattern
+
+logger = logging.getLogger("app.auth")
+
+TOKEN_QUERY_PARAMETER = "access_token"
+HOW_TO_SEND = (
+    "send a JWT as `Authorization: Bearer <token>`, the `access_token` query parameter "
+    "or the cookie named by GATEWAY_JWT_COOKIE"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What one request or connection may do: channel globs, and until when."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    expires_at: float | None = None  # epoch seconds (`exp`)
+    anonymous: bool = False  # no token was sent: refusals are 401, not 403
+
+    def deadline(self) -> float:
+        """`expires_at` on the anyio clock (what cancel scopes take); infinite without one."""
+        if self.expires_at is None:
+            return math.inf
+        return anyio.current_time() + (self.expires_at - time.time())
+
+    def require_publish(self, channel: str) -> None:
+        if not _covered(channel, self.publish):
+            raise self._refusal(f"publishing to {channel!r}")
+
+    def require_subscribe(self, channels: Sequence[str], patterns: Sequence[str] = ()) -> None:
+        for name in channels:
+            if not _covered(name, self.subscribe):
+                raise self._refusal(f"subscribing to {name!r}")
+        for pattern in patterns:
+            if "*" not in self.subscribe and not any(
+                pattern_within(pattern, glob) for glob in self.subscribe
+            ):
+                raise self._refusal(
+                    f"subscribing to pattern {pattern!r}: one granted glob must cover every "
+                    "channel it can match"
+                )
+
+    def _refusal(self, what: str) -> ApiError:
+        if self.anonymous:
+            return ApiError(401, "token_required", f"{what} needs a token: {HOW_TO_SEND}")
+        return ApiError(403, "forbidden", f"the token does not allow {what}")
+
+
+EVERYTHING = Grant(publish=("*",), subscribe=("*",))
+
+
+def _covered(channel: str, globs: tuple[str, ...]) -> bool:
+    return "*" in globs or any(compile_pattern(glob)(channel) for glob in globs)
+
+
+class Authenticator:
+    """Turns the token of a request or WebSocket handshake into a `Grant`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.cookie = settings.jwt_cookie
+        self.audience = settings.jwt_audience
+        self.issuer = settings.jwt_issuer
+        self.anonymous = (
+            Grant(publish=(), subscribe=("*",), anonymous=True)
+            if settings.anonymous_subscribe
+            else None
+        )
+        self.origins = set(settings.cors_origins)
+        self.key: Any = None
+        self.algorithms: list[str] = []
+        if settings.jwt_secret is not None:
+            self.key, self.algorithms = settings.jwt_secret.get_secret_value().encode(), ["HS256"]
+        elif settings.jwt_public_key is not None:
+            self.key, self.algorithms = load_public_key(settings.jwt_public_key)
+
+    @property
+    def enabled(self) -> bool:
+        return self.key is not None
+
+    def grant_for(self, connection: HTTPConnection) -> Grant:
+        """The grant of a request or handshake: 401 for a missing, invalid or expired token."""
+        if not self.enabled:
+            return EVERYTHING
+        token = self._token(connection)
+        if token is None:
+            if self.anonymous is None:
+                raise ApiError(401, "token_required", f"a token is required: {HOW_TO_SEND}")
+            return self.anonymous
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise ApiError(401, "token_expired", "the token has expired; get a new one") from None
+        except jwt.InvalidTokenError as exc:
+            raise ApiError(401, "invalid_token", f"the token was refused: {exc}") from None
+        return _grant_of(claims)
+
+    def _token(self, connection: HTTPConnection) -> str | None:
+        scheme, _, credentials = connection.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+        if token := connection.query_params.get(TOKEN_QUERY_PARAMETER):
+            return token
+        if (token := connection.cookies.get(self.cookie)) and self._trusted_origin(connection):
+            return token
+        return None
+
+    def _trusted_origin(self, connection: HTTPConnection) -> bool:
+        origin = connection.headers.get("origin")
+        return (
+            origin is None
+            or origin in self.origins
+            or urlsplit(origin).netloc == connection.headers.get("host")
+        )
+
+
+def _grant_of(claims: dict[str, Any]) -> Grant:
+    channels = claims.get("channels", {})
+    if not isinstance(channels, dict):
+        raise ApiError(401, "invalid_token", "the `channels` claim must be an object")
+    rights = []
+    for right in ("publish", "subscribe"):
+        globs = channels.get(right, [])
+        if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
+            raise ApiError(401, "invalid_token", f"`channels.{right}` must be a list of globs")
+        try:
+            rights.append(tuple(validate_pattern(g) for g in globs))
+        except InvalidArgument as exc:
+            raise ApiError(401, "invalid_token", f"`channels.{right}`: {exc.detail}") from None
+    exp = claims["exp"]
+    return Grant(publish=rights[0], subscribe=rights[1], expires_at=float(exp))
+
+
+def load_public_key(pem: str) -> tuple[Any, list[str]]:
+    """The verification key and the one algorithm it serves: RS256 for RSA, ES256 for P-256."""
+    try:
+        key = load_pem_public_key(pem.encode())
+    except ValueError as exc:
+        raise ValueError(f"GATEWAY_JWT_PUBLIC_KEY is not a PEM public key: {exc}") from None
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size >= 2048:
+        return key, ["RS256"]
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return key, ["ES256"]
+    raise ValueError(
+        "GATEWAY_JWT_PUBLIC_KEY must be an RSA key of at least 2048 bits (RS256) "
+        "or a P-256 EC key (ES256)"
+    )
+
+
+def get_grant(connection: HTTPConnection) -> Grant:
+    """FastAPI dependency: the grant of the request (401 for a bad token)."""
+    authenticator: Authenticator = connection.app.state.gateway.auth
+    return authenticator.grant_for(connection)
+
+
+GrantDep = Annotated[Grant, Depends(get_grant)]
