@@ -1,0 +1,82 @@
+"""Limits that keep one client from exhausting the gateway, on both SSE and WebSocket."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.app.conftest import serve
+from tests.app.test_ws import receive, request
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_websocket_publish_rate_is_limited_per_socket() -> None:
+    # 0.2 a second: a burst of one, then the next token is 5 s away, far beyond this test's pace
+    with serve(ws_publish_rate=0.2) as gateway:
+        async with connect(gateway.ws_url) as ws, connect(gateway.ws_url) as other:
+            first = await request(ws, op="publish", channel="c", data=1, ref=1)
+            assert first["type"] == "ok"
+            limited = await request(ws, op="publish", channel="c", data=2, ref=2)
+            assert (limited["type"], limited["error"], limited["status"], limited["ref"]) == (
+                "error",
+                "rate_limited",
+                429,
+                2,
+            )
+            assert "GATEWAY_WS_PUBLISH_RATE" in limited["detail"]
+            # the socket stays open and usable, and the bucket is per socket
+            assert (await request(ws, op="subscribe", channels=["c"]))["type"] == "ok"
+            assert (await request(other, op="publish", channel="c", data=3))["type"] == "ok"
+            assert (await receive(ws))["data"] == 3
+
+
+async def test_connection_limit_counts_websockets_and_streams_alike() -> None:
+    with serve(max_connections=1) as gateway:
+        async with connect(gateway.ws_url) as ws:
+            # an idle socket holds its slot: the limit is per connection, not per subscription
+            async with gateway.client() as http:
+                refused = await http.get("/channels/c/events")
+                assert refused.status_code == 503
+                assert refused.json()["error"] == "too_many_connections"
+            async with connect(gateway.ws_url) as second:
+                frame = await receive(second)
+                assert (frame["error"], frame["status"]) == ("too_many_connections", 503)
+                with anyio.fail_after(10), pytest.raises(ConnectionClosed):
+                    await second.recv()
+                assert second.close_code == 1013
+            # one socket may hold several subscriptions within its one slot
+            assert (await request(ws, op="subscribe", channels=["a"]))["type"] == "ok"
+            joined = await request(ws, op="subscribe", channels=["b"], group="g", consumer="x")
+            assert joined["type"] == "ok"
+
+
+async def test_websocket_channels_per_subscription() -> None:
+    with serve(max_channels_per_subscription=2) as gateway:
+        async with connect(gateway.ws_url) as ws:
+            too_many = await request(ws, op="subscribe", channels=["a", "b", "c"])
+            assert (too_many["error"], too_many["status"]) == ("too_many_channels", 422)
+            assert (await request(ws, op="subscribe", channels=["a"]))["type"] == "ok"
+            assert (await request(ws, op="subscribe", patterns=["b.*"]))["type"] == "ok"
+            # adding to a live subscription counts what it already holds
+            growing = await request(ws, op="subscribe", channels=["c"])
+            assert growing["error"] == "too_many_channels"
+            for group in ("g1", "g2"):
+                joined = await request(ws, op="subscribe", channels=["jobs"], group=group)
+                assert joined["type"] == "ok"
+            third = await request(ws, op="subscribe", channels=["jobs"], group="g3")
+            assert third["error"] == "too_many_channels"
+
+
+async def test_websocket_frame_limit_counts_bytes_not_characters() -> None:
+    with serve(max_payload_bytes=200) as gateway:
+        async with connect(gateway.ws_url) as ws:
+            # 100 characters, 300 bytes in UTF-8
+            text = '{"op":"publish","channel":"c","data":"' + "€" * 60 + '"}'
+            assert len(text) <= 200 < len(text.encode())
+            await ws.send(text)
+            refused = await receive(ws)
+            assert (refused["error"], refused["status"]) == ("payload_too_large", 413)
+            assert (await request(ws, op="publish", channel="c", data="€"))["type"] == "ok"
