@@ -277,6 +277,7 @@ class _GroupPump:
         self.consumer = consumer
         self._wakeup = anyio.Event()
         self._claim_now = False  # released messages are waiting: claim before the timer says so
+        self.finished = anyio.Event()
         subscriber._on_space = self.wake
 
     def wake(self, *, claim: bool = False) -> None:
@@ -284,6 +285,12 @@ class _GroupPump:
         self._wakeup.set()
 
     async def run(self, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
+        try:
+            await self._pump(task_status)
+        finally:
+            self.finished.set()
+
+    async def _pump(self, task_status: TaskStatus[anyio.CancelScope]) -> None:
         with anyio.CancelScope() as scope:
             task_status.started(scope)
             core = self.core
@@ -324,7 +331,10 @@ class _GroupPump:
             )
             for event in claimed:
                 if event.deliveries is not None and event.deliveries > self.core.max_deliveries:
-                    await self.core._dead_letter(event, self.group)
+                    # Publish and ack as one step: cancelled in between (the consumer leaving),
+                    # the message would stay pending and be dead-lettered a second time.
+                    with anyio.CancelScope(shield=True):
+                        await self.core._dead_letter(event, self.group)
                 else:
                     events.append(event)
             if events:
@@ -401,9 +411,9 @@ class Channel:
         await task_group.__aenter__()
         try:
             await task_group.start(self.layer.run, self._router)
-        except BaseException as exc:
+        except BaseException:
             task_group.cancel_scope.cancel()
-            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            await task_group.__aexit__(None, None, None)
             raise
         self._task_group = task_group
         return self
@@ -415,7 +425,10 @@ class Channel:
         if task_group is None:
             return None
         task_group.cancel_scope.cancel()
-        return await task_group.__aexit__(*exc_info)
+        # The block's own exception goes on unchanged: handed to the task group it would come back
+        # wrapped in an ExceptionGroup. Only the layer task's errors are raised from here.
+        await task_group.__aexit__(None, None, None)
+        return None
 
     def close_subscriptions(self, *, release: bool = False) -> None:
         """End every subscription's stream (graceful shutdown); the channel stays usable.
@@ -628,6 +641,8 @@ class Channel:
                 yield
             finally:
                 scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await pump.finished.wait()  # a dead-lettering in progress completes
         finally:
             pumps = self._router.pumps.get(channel)
             if pumps is not None:

@@ -1,0 +1,78 @@
+"""Regressions in the `Channel` core, reproduced on the in-memory layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+
+from layers import Channel, Event, InMemoryChannelLayer, LayerUnavailable, Message
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT = 15
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    backend: str = request.param
+    return backend
+
+
+async def test_an_error_in_the_channel_block_is_not_wrapped_in_an_exception_group() -> None:
+    with anyio.fail_after(TIMEOUT), pytest.raises(LookupError):
+        async with Channel(InMemoryChannelLayer()):
+            raise LookupError("raised by the application")
+
+
+class FailingLayer(InMemoryChannelLayer):
+    async def run(self, sink: object, *, task_status: object) -> None:
+        raise LayerUnavailable("broker down")
+
+
+async def test_a_layer_that_cannot_start_raises_its_own_error() -> None:
+    with anyio.fail_after(TIMEOUT), pytest.raises(LayerUnavailable, match="broker down"):
+        async with Channel(FailingLayer()):
+            pass
+
+
+class SlowDeadLetters(InMemoryChannelLayer):
+    """Holds every publish to a dead-letter channel until `gate` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_gate = anyio.Event()
+        self.gate = anyio.Event()
+        self.dead_letters = 0
+
+    async def publish(self, messages: Sequence[Message]) -> list[str]:
+        if any(m.channel.endswith(".dead") for m in messages):
+            self.at_gate.set()
+            await self.gate.wait()
+            self.dead_letters += 1
+        return await super().publish(messages)
+
+
+async def test_leaving_a_group_lets_a_dead_lettering_in_progress_finish() -> None:
+    """A consumer leaving while its pump had published a dead letter but not yet acked the
+    message left it pending, to be dead-lettered a second time."""
+    layer = SlowDeadLetters()
+    async with Channel(layer, ack_timeout=0.05, max_deliveries=1) as channel:
+        async with anyio.create_task_group() as tasks:
+
+            async def open_the_gate_once_all_wait() -> None:
+                await anyio.wait_all_tasks_blocked()
+                layer.gate.set()
+
+            with anyio.fail_after(TIMEOUT):
+                async with channel.subscribe("jobs", group="g", consumer="c") as sub:
+                    await channel.publish("jobs", "never acked")
+                    (event,) = await sub.next_batch()
+                    assert isinstance(event, Event)
+                    # Timed out past max_deliveries: the pump dead-letters it, held at the gate
+                    # while the subscription ends.
+                    await layer.at_gate.wait()
+                    tasks.start_soon(open_the_gate_once_all_wait)
+        info = await channel.group_info("jobs", "g")
+    assert (info.pending, layer.dead_letters) == (0, 1)
