@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -12,6 +13,8 @@ from app.settings import Settings
 from layers import Channel
 from layers.names import compile_pattern, pattern_within, validate_channel, validate_pattern
 
+logger = logging.getLogger("app")
+
 
 class Gateway:
     def __init__(self, settings: Settings) -> None:
@@ -20,6 +23,7 @@ class Gateway:
         self.metrics = Metrics(settings.layer.split(":", 1)[0])
         self._channel: Channel | None = None
         self.connections = 0
+        self.draining = False
 
     @property
     def channel(self) -> Channel:
@@ -64,9 +68,27 @@ class Gateway:
                     f"pattern {pattern!r} can match channels outside GATEWAY_CHANNELS",
                 )
 
+    def drain(self) -> None:
+        """Shutdown started (see `app.shutdown`): refuse new streams, end the open ones.
+
+        SSE streams end with a short `retry:` hint and WebSockets close with 1001, so clients
+        reconnect to another instance; group consumers release their unacked messages so the
+        group's other consumers take them over at once.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        logger.info("draining: ending %d streaming connections", self.connections)
+        if self._channel is not None:
+            self._channel.close_subscriptions(release=True)
+
     @contextmanager
     def connection(self) -> Iterator[None]:
-        """Count one streaming connection; 503 past `GATEWAY_MAX_CONNECTIONS`."""
+        """Count one streaming connection; 503 past `GATEWAY_MAX_CONNECTIONS` or when draining."""
+        if self.draining:
+            raise ApiError(
+                503, "shutting_down", "this instance is shutting down; reconnect to another one"
+            )
         if self.connections >= self.settings.max_connections:
             raise ApiError(
                 503,

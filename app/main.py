@@ -10,10 +10,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
-from app import errors
+from app import errors, openapi
 from app.api.routes import channels, console, events, health, publish, stats, ws
 from app.gateway import Gateway
+from app.logs import RequestIdMiddleware
 from app.settings import Settings
+from app.shutdown import drain_on_signal
 from layers import Channel, create_layer
 
 logger = logging.getLogger("app")
@@ -36,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backlog_policy=settings.backlog_policy,
             ack_timeout=settings.ack_timeout_seconds,
             max_deliveries=settings.max_deliveries,
+            observer=gateway.metrics,
         ) as channel:
             gateway.channel = channel
             logger.info("gateway ready on %s", layer.scheme)
@@ -45,7 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "set GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY before exposing the gateway"
                 )
             try:
-                yield
+                with drain_on_signal(gateway.drain):
+                    yield
             finally:
                 gateway.channel = None
 
@@ -57,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.gateway = gateway
     errors.install(app)
+    openapi.install(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -68,4 +73,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (publish, events, channels, ws, health, stats, console):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=console.STATIC), name="static")
+    app.add_middleware(RequestIdMiddleware)  # outermost: CORS and error replies carry the id too
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from layers.errors import InvalidArgument
@@ -38,6 +38,13 @@ class Settings(BaseSettings):
         default_factory=list, description="Allowed channel globs; empty allows any valid name"
     )
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="Drain time on SIGTERM")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the gateway, uvicorn and gunicorn"
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="One JSON object per line, or plain text for a terminal"
+    )
+    access_log: bool = Field(False, description="Log each request (never bodies) when it ends")
     max_connections: int = Field(10_000, ge=1, description="SSE + WebSocket per process (503)")
     max_channels_per_subscription: int = Field(
         100, ge=1, description="Channels plus patterns in one subscription"
@@ -111,3 +118,16 @@ class Settings(BaseSettings):
                 "redis://, redis+streams://, postgresql:// or mqtt://"
             )
         return self
+
+
+def settings_or_exit(**overrides: Any) -> Settings:
+    """The settings, or exit naming what to fix (for the command-line entry points)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"GATEWAY_{'.'.join(map(str, error['loc'])).upper()}: " if error["loc"] else "")
+            + error["msg"].removeprefix("Value error, ")
+            for error in exc.errors()
+        )
+        raise SystemExit(f"invalid gateway settings: {problems}") from None

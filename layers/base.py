@@ -54,6 +54,9 @@ class ChannelObserver:
     `layers` stays free of any metrics library. Hooks run on the event loop and must not block.
     """
 
+    def published(self, count: int, seconds: float) -> None:
+        """The layer accepted `count` messages in one publish call that took `seconds`."""
+
     def redelivered(self, channel: str, group: str, count: int) -> None:
         """`count` timed-out or released group messages were claimed for another delivery."""
 

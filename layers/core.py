@@ -458,7 +458,10 @@ class Channel:
         self._running()
         if not messages:
             return []
-        return await self.layer.publish(messages)
+        started = time.perf_counter()
+        ids = await self.layer.publish(messages)
+        self.observer.published(len(ids), time.perf_counter() - started)
+        return ids
 
     def publish_threadsafe(self, channel: str, data: Any, *, event: str | None = None) -> str:
         """`publish` from a thread that is not running the event loop."""

@@ -98,6 +98,16 @@ class StatsReply(BaseModel):
     )
 
 
+class HealthReply(BaseModel):
+    status: str = Field(description="`ok` whenever the process answers")
+
+
+class ReadyReply(BaseModel):
+    status: str = Field(description="`ready`")
+    layer: str = Field(description="Scheme of the channel layer in use")
+    capabilities: dict[str, bool] = Field(description="`cross_process`, `history`, `groups`")
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the error statuses a route can answer."""
     meaning = {

@@ -306,7 +306,6 @@ class WebSocketSession:
         (message_id,) = await self.gateway.channel.publish_messages(
             [make_message(channel, frame["data"], frame.get("event"))]
         )
-        self.gateway.metrics.published.inc()
         return {"channel": channel, "id": message_id}
 
     async def _ack(self, frame: dict[str, Any]) -> dict[str, Any]:

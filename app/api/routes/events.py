@@ -80,6 +80,7 @@ async def open_stream(
     "/channels/{channel}/events",
     summary="Subscribe to one channel (SSE)",
     response_class=EventStream,
+    status_code=200,  # EventStream's constructor names no default status for FastAPI to find
     responses={**SSE_RESPONSE, **errors(401, 403, 404, 422, 501, 503)},
 )
 async def channel_events(
@@ -112,6 +113,7 @@ async def channel_events(
         "`Last-Event-ID` resumes every channel and pattern of the stream."
     ),
     response_class=EventStream,
+    status_code=200,  # EventStream's constructor names no default status for FastAPI to find
     responses={**SSE_RESPONSE, **errors(401, 403, 422, 501, 503)},
 )
 async def events(

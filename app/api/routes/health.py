@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import anyio
 from fastapi import APIRouter
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import PlainTextResponse, Response
 
 from app.api.deps import GatewayDep
+from app.api.models import HealthReply, ReadyReply, errors
 from app.api.routes.publish import json_response
 from app.errors import error_response
 from layers import ChannelError
@@ -15,7 +16,7 @@ from layers import ChannelError
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="Liveness: the process serves requests")
+@router.get("/healthz", summary="Liveness: the process serves requests", response_model=HealthReply)
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
@@ -23,9 +24,13 @@ async def healthz() -> Response:
 @router.get(
     "/readyz",
     summary="Readiness: the channel layer answers",
-    responses={503: {"description": "The layer cannot be reached"}},
+    description="503 while the layer cannot be reached and once the instance is shutting down.",
+    response_model=ReadyReply,
+    responses=errors(503),
 )
 async def readyz(gateway: GatewayDep) -> Response:
+    if gateway.draining:  # out of the load balancer before the listener closes
+        return error_response(503, "shutting_down", "this instance is shutting down")
     try:
         with anyio.fail_after(2):
             await gateway.channel.ping()
@@ -45,7 +50,17 @@ async def readyz(gateway: GatewayDep) -> Response:
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    description=(
+        "Text exposition format. Under gunicorn the values of every worker of the instance are "
+        "summed, whichever worker answers."
+    ),
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        }
+    },
 )
 async def metrics(gateway: GatewayDep) -> Response:
-    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

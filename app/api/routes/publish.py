@@ -67,7 +67,6 @@ async def publish(
         check_fields(body, {"data"}, {"event"})
         data, event = body["data"], body.get("event", event)
     (message_id,) = await gateway.channel.publish_messages([make_message(channel, data, event)])
-    gateway.metrics.published.inc()
     return json_response({"channel": channel, "id": message_id})
 
 
@@ -103,7 +102,6 @@ async def publish_batch(request: Request, gateway: GatewayDep, grant: GrantDep) 
             status = exc.status if isinstance(exc, ApiError) else status_of(exc)
             raise ApiError(status, exc.code, f"messages[{index}]: {exc.detail}") from None
     ids = await gateway.channel.publish_messages(messages)
-    gateway.metrics.published.inc(len(ids))
     return json_response(
         {"published": [{"channel": m.channel, "id": i} for m, i in zip(messages, ids, strict=True)]}
     )

@@ -1,0 +1,99 @@
+"""Logging: one JSON object per line (python-json-logger), each carrying the request id.
+
+The request id comes from the client's `X-Request-ID` header when it looks like one (so a proxy's
+id follows the request through) or is made here, and is sent back in the response. It lives in a
+context variable: every record logged while the request runs, by the app or by uvicorn, gets it.
+
+Nothing logs message payloads: publish and subscribe log nothing per message, and uvicorn's access
+log (method, path, status; never bodies) is off unless asked for, since for streams it would only
+say when each one ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+HEADER = b"x-request-id"
+VALID_ID = re.compile(rb"[A-Za-z0-9._:@-]{1,128}")
+
+JSON_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s"
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `request_id` to every record, `None` outside a request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        record.__dict__.pop("color_message", None)  # uvicorn's terminal copy of the message
+        return True
+
+
+def log_config(level: str, form: str, *, access_log: bool = False) -> dict[str, Any]:
+    """A `logging.config.dictConfig` for the app, uvicorn and gunicorn loggers, on stderr."""
+    formatter: dict[str, Any] = (
+        {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": JSON_FORMAT,
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            "timestamp": False,
+        }
+        if form == "json"
+        else {"format": TEXT_FORMAT}
+    )
+    handler = {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request_id": {"()": RequestIdFilter}},
+        "formatters": {"default": formatter},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "default",
+                "filters": ["request_id"],
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": handler,
+            "uvicorn.error": handler,
+            "uvicorn.access": {**handler, "level": "INFO" if access_log else "WARNING"},
+            "gunicorn.error": handler,
+            "gunicorn.access": {**handler, "level": "INFO" if access_log else "WARNING"},
+        },
+    }
+
+
+class RequestIdMiddleware:
+    """Sets the request id of each HTTP request and WebSocket, and returns it in a header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(HEADER)
+        request_id = (
+            given.decode() if given and VALID_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        )
+        # Not reset afterwards: each connection runs in its own task and context, and uvicorn's
+        # "Exception in ASGI application" record, logged after the app returns, still gets it.
+        REQUEST_ID.set(request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                message["headers"] = [*message.get("headers", []), (HEADER, request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
