@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 from .base import ChannelLayer
 from .errors import LayerConfigurationError
 
+HISTORY_OPTIONS = ("history_size", "history_ttl")
+
 # scheme -> (module, class, pip extra that installs the driver)
 LAYERS: dict[str, tuple[str, str, str | None]] = {
     "memory": ("layers.memory", "InMemoryChannelLayer", None),
@@ -46,6 +48,9 @@ def create_layer(url: str = "memory://", **options: Any) -> ChannelLayer:
             f"pip install 'channels-gateway[{extra}]'"
         ) from None
     layer_class: type[ChannelLayer] = getattr(module, class_name)
+    if not layer_class.capabilities.history:
+        # The gateway passes its history settings to any layer; one that keeps none takes none.
+        options = {key: value for key, value in options.items() if key not in HISTORY_OPTIONS}
     if scheme == "memory":
         return layer_class(**options)
     return layer_class(url, **options)  # type: ignore[call-arg]

@@ -15,6 +15,8 @@ import pytest
 
 from layers import ChannelLayer, InMemoryChannelLayer
 
+pytest_plugins = ["tests.fixtures_mqtt"]
+
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
@@ -34,6 +36,7 @@ LayerFactory = Callable[..., ChannelLayer]
 CONTRACT_LAYERS = [
     pytest.param(("memory_layer_factory", "asyncio"), id="memory-asyncio"),
     pytest.param(("memory_layer_factory", "trio"), id="memory-trio"),
+    pytest.param(("mqtt_layer_factory", "asyncio"), id="mqtt-asyncio"),
 ]
 
 

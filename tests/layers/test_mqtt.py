@@ -1,0 +1,492 @@
+"""What is particular to the MQTT layer: topic mapping, exact pattern filtering, PUBACKs,
+persistent group sessions, shared subscriptions and reconnecting after the broker goes away.
+
+The behaviour every layer shares is in test_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from paho.mqtt.client import topic_matches_sub
+
+from layers import (
+    Channel,
+    ChannelLayer,
+    ChannelObserver,
+    Event,
+    InvalidArgument,
+    LayerConfigurationError,
+    LayerUnavailable,
+    Subscription,
+    UnknownGroup,
+    create_layer,
+    make_message,
+)
+from layers.mqtt import (
+    MQTTLayer,
+    channel_of,
+    decode_payload,
+    encode_payload,
+    filter_for,
+    topic_for,
+)
+from layers.names import compile_pattern
+from tests.conftest import LayerFactory
+from tests.fixtures_mqtt import Mosquitto
+
+pytestmark = [pytest.mark.anyio, pytest.mark.layer_quirk]
+
+TIMEOUT = 15
+NAMES = st.from_regex(r"[A-Za-z0-9_\-:@]{1,6}(?:\.[A-Za-z0-9_\-:@]{1,6}){0,4}", fullmatch=True)
+PATTERNS = st.from_regex(r"[a-c.*?]{1,8}", fullmatch=True).filter(
+    lambda p: not p.startswith(".") and not p.endswith(".") and ".." not in p
+)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# -- topics, filters and payloads ------------------------------------------------------------------
+
+
+def test_channel_segments_become_topic_levels() -> None:
+    assert topic_for("gw/", "chat.rooms.lobby") == "gw/chat/rooms/lobby"
+    assert topic_for("", "a") == "a"
+    assert channel_of("gw/", "gw/chat/rooms/lobby") == "chat.rooms.lobby"
+    assert channel_of("gw/", "other/chat") is None
+
+
+@given(NAMES, NAMES)
+def test_topic_mapping_is_injective(first: str, second: str) -> None:
+    assert channel_of("gw/", topic_for("gw/", first)) == first
+    if first != second:
+        assert topic_for("gw/", first) != topic_for("gw/", second)
+
+
+def test_characters_mqtt_reserves_are_refused_by_name() -> None:
+    for bad in ("a/b", "a+", "#", "$SYS", "a\0"):
+        with pytest.raises(InvalidArgument, match="reserved by MQTT"):
+            topic_for("gw/", bad)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "mqtt_filter"),
+    [
+        ("chat.rooms.*", "gw/chat/rooms/#"),
+        ("chat.rooms*", "gw/chat/#"),  # '*' also matches 'chat.roomsX' and 'chat.rooms.x.y'
+        ("chat.r?.x", "gw/chat/#"),
+        ("*.x", "gw/#"),
+        ("a?b", "gw/#"),  # '?' matches a dot too: 'a.b'
+        ("chat.rooms", "gw/chat/rooms"),  # no wildcard: the topic itself
+    ],
+)
+def test_pattern_filters_are_the_narrowest_superset(pattern: str, mqtt_filter: str) -> None:
+    assert filter_for("gw/", pattern) == mqtt_filter
+
+
+@given(PATTERNS, NAMES)
+def test_every_channel_a_pattern_matches_passes_its_filter(pattern: str, name: str) -> None:
+    for candidate in (name, pattern.replace("*", "x.y").replace("?", "z")):
+        if compile_pattern(pattern)(candidate) and re.fullmatch(r"[^.]+(\.[^.]+)*", candidate):
+            assert topic_matches_sub(filter_for("gw/", pattern), topic_for("gw/", candidate))
+
+
+def test_payload_carries_id_and_message() -> None:
+    message = make_message("a.b", {"x": [1, 2]}, "chat")
+    event = decode_payload(encode_payload("abc-7", message))
+    assert event is not None
+    assert (event.id, event.channel, event.event, event.data) == (
+        "abc-7",
+        "a.b",
+        "chat",
+        {"x": [1, 2]},
+    )
+    assert decode_payload(b"published by something else") is None
+    assert decode_payload(b"id\nnot json") is None
+
+
+def test_url_options_and_their_errors() -> None:
+    layer = MQTTLayer(
+        "mqtts://user:p%40ss@broker.example:8884/?instance=web-1&session_expiry=30&topic_prefix=x/"
+    )
+    assert (layer.address, layer.instance, layer.session_expiry) == (
+        "broker.example:8884",
+        "web-1",
+        30,
+    )
+    assert layer.topic_prefix == "x/"
+    assert MQTTLayer("mqtts://broker.example").address == "broker.example:8883"
+    assert MQTTLayer("mqtt://h", topic_prefix="").topic_prefix == ""
+    with pytest.raises(LayerConfigurationError, match="unknown MQTT URL options"):
+        MQTTLayer("mqtt://h/?qos=2")
+    for prefix in ("gw", "gw/#/", "$gw/", "a/+/"):
+        with pytest.raises(LayerConfigurationError, match="invalid topic_prefix"):
+            MQTTLayer("mqtt://h", topic_prefix=prefix)
+
+
+def test_gateway_history_settings_are_not_passed_to_the_layer() -> None:
+    layer = create_layer("mqtt://h", history_size=10, history_ttl=5.0)
+    assert isinstance(layer, MQTTLayer)
+
+
+# -- against the broker ----------------------------------------------------------------------------
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A local port nothing listens on, held so that nothing else takes it meanwhile."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        yield bound.getsockname()[1]
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.woken: list[str] = []
+        self._arrived = anyio.Event()
+
+    def deliver(self, event: Event) -> None:
+        self.events.append(event)
+        self._arrived.set()
+
+    def wake(self, channel: str, *, released: bool = False) -> None:
+        self.woken.append(channel)
+
+    def reconnected(self) -> None:
+        pass
+
+    def layer_error(self, error: BaseException) -> None:
+        pass
+
+    async def until(self, check: Callable[[], bool]) -> None:
+        with anyio.fail_after(TIMEOUT):
+            while not check():
+                self._arrived = anyio.Event()
+                await self._arrived.wait()
+
+
+@asynccontextmanager
+async def running(layer: ChannelLayer, sink: RecordingSink) -> AsyncIterator[ChannelLayer]:
+    async with anyio.create_task_group() as tasks:
+        with anyio.fail_after(TIMEOUT):
+            await tasks.start(layer.run, sink)
+        yield layer
+        tasks.cancel_scope.cancel()
+
+
+def mqtt_layer(factory: LayerFactory, *args: Any, **options: Any) -> MQTTLayer:
+    layer = factory(*args, **options)
+    assert isinstance(layer, MQTTLayer)
+    return layer
+
+
+async def take(subscription: Subscription, count: int) -> list[Event]:
+    events: list[Event] = []
+    with anyio.fail_after(TIMEOUT):
+        while len(events) < count:
+            events += [e for e in await subscription.next_batch() if isinstance(e, Event)]
+    assert len(events) == count, events
+    return events
+
+
+async def publish(channel: Channel, name: str, data: Any) -> str:
+    with anyio.fail_after(TIMEOUT):
+        return await channel.publish(name, data)
+
+
+async def test_one_delivery_per_message_despite_overlapping_filters(
+    mqtt_layer_factory: LayerFactory, unique: str
+) -> None:
+    sink = RecordingSink()
+    async with running(mqtt_layer_factory(), sink) as layer:
+        with anyio.fail_after(TIMEOUT):
+            await layer.ping()
+            # two MQTT subscriptions match 'u.a': u/a and u/# (the filter of both patterns)
+            await layer.subscribe([f"{unique}.a"], [f"{unique}.*", f"{unique}.r?"])
+            await layer.publish([make_message(f"{unique}.a", 1)])
+            await layer.publish([make_message(f"{unique}.b", 2)])
+        await sink.until(lambda: len(sink.events) >= 2)
+    assert [(e.channel, e.data) for e in sink.events] == [(f"{unique}.a", 1), (f"{unique}.b", 2)]
+
+
+async def test_wide_filters_are_narrowed_to_the_pattern(
+    mqtt_layer_factory: LayerFactory, unique: str
+) -> None:
+    sink = RecordingSink()
+    async with running(mqtt_layer_factory(), sink) as layer:
+        with anyio.fail_after(TIMEOUT):
+            await layer.subscribe([f"{unique}.end"], [f"{unique}.r?"])  # filter: <prefix>u/#
+            for name in ("r12", "r", "x.r1", "r1", "end"):  # one publisher: arrive in this order
+                await layer.publish([make_message(f"{unique}.{name}", name)])
+        await sink.until(lambda: any(e.data == "end" for e in sink.events))
+        assert [e.data for e in sink.events] == ["r1", "end"]
+
+        with anyio.fail_after(TIMEOUT):
+            await layer.unsubscribe([], [f"{unique}.r?"])
+            await layer.publish([make_message(f"{unique}.r2", "gone")])
+            await layer.publish([make_message(f"{unique}.end", "end again")])
+        await sink.until(lambda: len(sink.events) == 3)
+        assert [e.data for e in sink.events] == ["r1", "end", "end again"]
+
+
+async def test_publish_waits_for_the_brokers_puback() -> None:
+    """A broker that accepts the connection but never acknowledges: publish times out."""
+
+    async def connack_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # CONNECT
+        writer.write(bytes([0x20, 0x03, 0x00, 0x00, 0x00]))  # CONNACK, MQTT 5, success
+        await writer.drain()
+        while await reader.read(1024):  # PUBLISH and PINGREQ go unanswered
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(connack_only, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        layer = MQTTLayer(f"mqtt://127.0.0.1:{port}", instance="puback-test", timeout=0.5)
+        async with running(layer, RecordingSink()):
+            with anyio.fail_after(5), pytest.raises(LayerUnavailable, match="acknowledge"):
+                await layer.publish([make_message("a", 1)])
+            with anyio.fail_after(5), pytest.raises(LayerUnavailable, match="did not answer"):
+                await layer.ping()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_unreachable_broker_is_a_prompt_clear_error(mqtt_layer_factory: LayerFactory) -> None:
+    with (
+        closed_port() as port,
+        anyio.fail_after(5),
+        pytest.raises(LayerUnavailable, match=f"127.0.0.1:{port} is unreachable"),
+    ):
+        async with Channel(mqtt_layer_factory(f"mqtt://127.0.0.1:{port}")):
+            pass
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_refuses_to_run_under_trio(mqtt_layer_factory: LayerFactory) -> None:
+    with anyio.fail_after(5), pytest.raises(LayerConfigurationError, match="asyncio"):
+        async with Channel(mqtt_layer_factory()):
+            pass
+
+
+async def test_processes_on_one_host_get_distinct_instances(
+    mqtt_layer_factory: LayerFactory,
+) -> None:
+    first, second = mqtt_layer(mqtt_layer_factory), mqtt_layer(mqtt_layer_factory)
+    async with running(first, RecordingSink()), running(second, RecordingSink()):
+        assert first.instance_name != second.instance_name
+        taken = first.instance_name
+    again = mqtt_layer(mqtt_layer_factory)
+    async with running(again, RecordingSink()):
+        assert again.instance_name == taken  # a restarted process finds its sessions again
+
+
+# -- consumer groups ------------------------------------------------------------------------------
+
+
+async def test_unacked_group_message_outlives_the_process_acked_one_does_not(
+    mqtt_layer_factory: LayerFactory, unique: str
+) -> None:
+    instance = f"{unique}-host"
+    async with (
+        Channel(mqtt_layer_factory(instance=instance)) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as sub,
+    ):
+        acked_id = await publish(channel, unique, "acked")
+        kept_id = await publish(channel, unique, "never acked")
+        first, second = await take(sub, 2)
+        assert (first.id, second.id) == (acked_id, kept_id)
+        assert await first.ack()
+    # The process is gone; the broker kept its session, with the unacked message.
+    async with (
+        Channel(mqtt_layer_factory(instance=instance)) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as sub,
+    ):
+        marker_id = await publish(channel, unique, "marker")
+        again, marker = await take(sub, 2)
+        assert (again.id, again.data) == (kept_id, "never acked")
+        assert again.deliveries == 2  # the broker flagged it as resent
+        assert (marker.id, marker.deliveries) == (marker_id, 1)
+        assert await again.ack() and await marker.ack()
+    async with (
+        Channel(mqtt_layer_factory(instance=instance)) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as sub,
+    ):
+        marker_id = await publish(channel, unique, "second marker")
+        (first_seen,) = await take(sub, 1)
+        assert first_seen.id == marker_id  # nothing acked came back
+        assert await first_seen.ack()
+
+
+async def test_acks_out_of_order_wait_for_the_earlier_message(
+    mqtt_layer_factory: LayerFactory, unique: str
+) -> None:
+    """PUBACKs go in the order the messages arrived (MQTT 4.6): acking the second message first
+    holds its PUBACK back, so a restart before the first is acked brings both back."""
+    instance = f"{unique}-host"
+    async with (
+        Channel(mqtt_layer_factory(instance=instance)) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as sub,
+    ):
+        ids = [await publish(channel, unique, n) for n in range(2)]
+        _, second = await take(sub, 2)
+        assert await second.ack()  # acked for the gateway, PUBACK held behind the first
+        info = await channel.group_info(unique, "g")
+        assert (info.pending, info.oldest_unacked_id) == (1, ids[0])
+    async with (
+        Channel(mqtt_layer_factory(instance=instance)) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as sub,
+    ):
+        back = await take(sub, 2)
+        assert [e.id for e in back] == ids
+        assert await back[1].ack() and await back[0].ack()  # now both PUBACKs go, in order
+    async with (
+        Channel(mqtt_layer_factory(instance=instance)) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as sub,
+    ):
+        marker_id = await publish(channel, unique, "marker")
+        (first_seen,) = await take(sub, 1)
+        assert first_seen.id == marker_id
+        assert await first_seen.ack()
+
+
+async def test_shared_subscription_splits_a_group_between_processes(
+    mqtt_layer_factory: LayerFactory, unique: str
+) -> None:
+    async with (
+        Channel(mqtt_layer_factory(instance=f"{unique}-a")) as first,
+        Channel(mqtt_layer_factory(instance=f"{unique}-b")) as second,
+        first.subscribe(unique, group="g", consumer="a") as on_first,
+        second.subscribe(unique, group="g", consumer="b") as on_second,
+    ):
+        ids = [await publish(first, unique, n) for n in range(20)]
+        got: dict[str, list[Event]] = {"a": [], "b": []}
+        with anyio.fail_after(TIMEOUT):
+            while len(got["a"]) + len(got["b"]) < 20:
+                for name, sub in (("a", on_first), ("b", on_second)):
+                    with anyio.move_on_after(0.05):
+                        got[name] += [e for e in await sub.next_batch() if isinstance(e, Event)]
+        for event in got["a"] + got["b"]:
+            assert await event.ack()
+    received = [e.id for e in got["a"] + got["b"]]
+    assert sorted(received) == sorted(ids)  # every message once, none twice
+    assert got["a"] and got["b"]
+
+
+async def test_group_state_is_per_process(mqtt_layer_factory: LayerFactory, unique: str) -> None:
+    async with (
+        Channel(mqtt_layer_factory(instance=f"{unique}-a")) as member,
+        Channel(mqtt_layer_factory(instance=f"{unique}-b")) as outsider,
+        member.subscribe(unique, group="g", consumer="c"),
+    ):
+        assert (await member.group_info(unique, "g")).pending == 0
+        with pytest.raises(UnknownGroup, match="per process"):
+            await outsider.group_info(unique, "g")
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+
+class ConnectionObserver(ChannelObserver):
+    def __init__(self) -> None:
+        self.reconnects: list[str] = []
+        self.errors: list[BaseException] = []
+
+    def reconnected(self, scheme: str) -> None:
+        self.reconnects.append(scheme)
+
+    def layer_error(self, scheme: str, error: BaseException) -> None:
+        self.errors.append(error)
+
+
+async def test_broker_restart_reconnects_resubscribes_and_keeps_group_messages(
+    mqtt_layer_factory: LayerFactory, mosquitto: Mosquitto, unique: str
+) -> None:
+    layer = mqtt_layer(
+        mqtt_layer_factory,
+        mosquitto.url,
+        instance=f"{unique}-host",
+        timeout=2.0,
+        max_reconnect_delay=0.2,
+    )
+    observer = ConnectionObserver()
+    async with (
+        Channel(layer, ack_timeout=60, observer=observer) as channel,
+        channel.subscribe(f"{unique}.live") as live,
+        channel.subscribe(unique, group="g", consumer="c") as group,
+    ):
+        await publish(channel, f"{unique}.live", "before")
+        assert [e.data for e in await take(live, 1)] == ["before"]
+        pending_id = await publish(channel, unique, "in flight")
+        (pending,) = await take(group, 1)
+        assert pending.id == pending_id
+
+        await anyio.to_thread.run_sync(mosquitto.stop)  # SIGTERM: Mosquitto saves the session
+        assert (mosquitto.directory / "mosquitto.db").exists(), "the broker kept no sessions"
+        with anyio.fail_after(2), pytest.raises(LayerUnavailable):
+            await channel.publish(f"{unique}.live", "while down")
+        await anyio.to_thread.run_sync(mosquitto.start)
+        with anyio.fail_after(TIMEOUT):
+            await layer.wait_connected()
+
+        await publish(channel, f"{unique}.live", "after")
+        assert [e.data for e in await take(live, 1)] == ["after"]  # resubscribed
+        assert observer.reconnects == ["mqtt"] and observer.errors  # reported for the metrics
+        # The broker resent the unacked message to the group session: it is matched to the
+        # pending one, not handed out a second time; the next message is the new one.
+        next_id = await publish(channel, unique, "after restart")
+        (following,) = await take(group, 1)
+        assert (following.id, following.deliveries) == (next_id, 1)
+        assert await pending.ack() and await following.ack()
+    async with (
+        Channel(mqtt_layer_factory(mosquitto.url, instance=f"{unique}-host")) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as group,
+    ):
+        marker_id = await publish(channel, unique, "marker")
+        (first_seen,) = await take(group, 1)
+        assert first_seen.id == marker_id  # both acks reached the broker
+        assert await first_seen.ack()
+
+
+async def test_broker_crash_loses_its_state_but_not_what_this_process_holds(
+    mqtt_layer_factory: LayerFactory, mosquitto: Mosquitto, unique: str
+) -> None:
+    """SIGKILL: Mosquitto loses what it had not saved, the session too. A group message already
+    handed to this process stays pending here and is redelivered after `ack_timeout`."""
+    layer = mqtt_layer(
+        mqtt_layer_factory, mosquitto.url, instance=f"{unique}-host", max_reconnect_delay=0.2
+    )
+    async with (
+        Channel(layer, ack_timeout=0.5) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as group,
+    ):
+        held_id = await publish(channel, unique, "held here")
+        (first,) = await take(group, 1)
+        await anyio.to_thread.run_sync(lambda: mosquitto.stop(signal.SIGKILL))
+        await anyio.to_thread.run_sync(mosquitto.start)
+        with anyio.fail_after(TIMEOUT):
+            await layer.wait_connected()
+        (again,) = await take(group, 1)
+        assert (first.id, again.id, again.deliveries) == (held_id, held_id, 2)
+        assert await again.ack()
+        # The group session is back (a new one: the broker forgot the old) and gets new messages.
+        next_id = await publish(channel, unique, "after the crash")
+        (following,) = await take(group, 1)
+        assert (following.id, following.deliveries) == (next_id, 1)
+        assert await following.ack()
