@@ -1,0 +1,269 @@
+"""Plumbing shared by the Redis layers: connections, keys, ids, errors and the listener loop.
+
+Design decisions:
+
+- Each layer instance opens one command connection pool (publishing, pings, queries) and one
+  dedicated listener connection, all named after the instance (`client_name`), so an operator or a
+  test can find and kill exactly this instance's connections. Commands are never retried by the
+  client library: a publish that fails raises `LayerUnavailable` at once (the gateway answers 503)
+  instead of hanging on retries or risking a duplicate; a stale pooled connection is replaced when
+  it is checked out, so the first publish after a dropped connection still succeeds.
+- The listener reconnects by itself with exponential backoff (capped at `MAX_BACKOFF`) and lets
+  the layer restore its subscriptions; only a broker that is unreachable at start-up is fatal, with
+  an error naming the URL (password hidden).
+- Ids are `<ms>-<seq>` from one clock per key prefix, assigned inside the publishing Lua script:
+  `ms` is Redis `TIME` but never less than the last id's, and `seq` goes up while `ms` stands
+  still. Ids are therefore strictly increasing across all channels (one id places a resuming
+  subscriber in every channel it follows), time-based (history can expire by id), and they keep
+  increasing across a Redis restart that lost the clock key, because time moved on.
+- Channel `c` lives at key `<prefix>c`. Names are used as they are: no case folding, no escaping
+  needed, since channel names contain no glob characters. The layer's own keys contain `#`, which
+  channel names cannot, so they never collide with a channel.
+- RESP2 is used on every connection: replies are plain arrays whatever the driver's default.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+from anyio.abc import TaskStatus
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .base import ChannelLayer, Sink
+from .errors import InvalidArgument, LayerUnavailable
+from .event import Event
+
+logger = logging.getLogger("layers.redis")
+
+MIN_BACKOFF = 0.05
+MAX_BACKOFF = 2.0
+COMMAND_TIMEOUT = 5.0  # seconds a command (or a wait for a pooled connection) may take
+
+# Defines `clock(seq_key)` -> now_ms, ms, seq; the caller assigns ids `ms-(seq+1)`, ... and stores
+# the last one with `SET seq_key`. Lua numbers are doubles: exact for millisecond timestamps.
+LUA_CLOCK = """
+local function clock(seq_key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local ms, seq = now, -1
+  local last = redis.call('GET', seq_key)
+  if last then
+    local dash = string.find(last, '-', 1, true)
+    local last_ms = tonumber(string.sub(last, 1, dash - 1))
+    if last_ms >= now then
+      ms, seq = last_ms, tonumber(string.sub(last, dash + 1))
+    end
+  end
+  return now, ms, seq
+end
+"""
+
+IdTuple = tuple[int, int]
+
+
+def parse_id(id: str | bytes) -> IdTuple | None:
+    """`<ms>-<seq>` as a comparable tuple, or None if `id` is not one of ours."""
+    text = id.decode() if isinstance(id, bytes) else id
+    ms, dash, seq = text.partition("-")
+    if not dash or not ms.isdigit() or not seq.isdigit():
+        return None
+    return int(ms), int(seq)
+
+
+def format_id(id: IdTuple) -> str:
+    return f"{id[0]}-{id[1]}"
+
+
+def driver_url(url: str) -> str:
+    """`redis+streams://h/0` -> `redis://h/0`: the driver knows only the plain schemes."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
+
+
+def redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class KeySpace:
+    """Maps channel names to Redis keys and back, under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.seq = f"{prefix}#seq"  # the id clock
+
+    def key(self, channel: str) -> str:
+        return self.prefix + channel
+
+    def channel(self, key: str | bytes) -> str:
+        text = key.decode() if isinstance(key, bytes) else key
+        return text[len(self.prefix) :]
+
+    def glob(self, pattern: str) -> str:
+        """A Redis glob (PSUBSCRIBE, SCAN MATCH) for a channel pattern; the prefix is escaped."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        return escaped + pattern
+
+
+def decode_event(id: str, blob: bytes) -> Event | None:
+    """The event in a message or stream entry; None (and a warning) if another writer put it."""
+    try:
+        return Event.from_wire(id, blob)
+    except (ValueError, KeyError, TypeError):
+        logger.warning("ignoring entry %s: it was not written by this gateway", id)
+        return None
+
+
+def decode_entries(entries: Iterable[tuple[bytes, dict[bytes, bytes] | None]]) -> list[Event]:
+    """Stream entries as the driver parses them (id, fields) -> events, skipping foreign ones."""
+    events = []
+    for raw_id, fields in entries:
+        event = decode_event(raw_id.decode(), (fields or {}).get(b"m", b""))
+        if event is not None:
+            events.append(event)
+    return events
+
+
+class RedisLayer(ChannelLayer):
+    """What both Redis layers share; subclasses implement `_serve` on the listener connection."""
+
+    command_connections = 1
+    listener_timeout: float | None = None  # read timeout on the listener connection
+    lua: ClassVar[dict[str, str]] = {}  # scripts by name, loaded once per server (EVALSHA)
+
+    def __init__(self, url: str, *, key_prefix: str = "gw:") -> None:
+        if not key_prefix:
+            raise InvalidArgument("key_prefix must not be empty: the layer's keys need a namespace")
+        self.url = url
+        self.keys = KeySpace(key_prefix)
+        self.client_name = f"channels-gateway:{uuid.uuid4().hex[:12]}"
+        self.where = redacted(url)
+        self._client: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._sink: Sink | None = None
+
+    @property
+    def redis(self) -> Redis:
+        if self._client is None:
+            raise LayerUnavailable(f"the layer for {self.where} is not running; open the Channel")
+        return self._client
+
+    @contextmanager
+    def unavailable(self) -> Iterator[None]:
+        """Turn driver errors into `LayerUnavailable` naming the broker."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError) as exc:
+            raise LayerUnavailable(
+                f"Redis at {self.where} is not reachable ({exc}); "
+                "start it or fix the layer URL, then retry"
+            ) from exc
+        except RedisError as exc:
+            raise LayerUnavailable(f"Redis at {self.where} refused a command: {exc}") from exc
+
+    async def script(self, name: str, keys: list[str], args: list[str | bytes | int]) -> Any:
+        """Run one of the layer's Lua scripts: one round trip (a reload only after a restart)."""
+        with self.unavailable():
+            return await self._scripts[name](keys=keys, args=args, client=self.redis)
+
+    async def ping(self) -> None:
+        with self.unavailable():
+            await self.redis.ping()
+
+    def _open_pool(self) -> Redis:
+        pool = BlockingConnectionPool.from_url(
+            driver_url(self.url),
+            max_connections=self.command_connections,
+            timeout=COMMAND_TIMEOUT,
+            client_name=self.client_name,
+            retry=Retry(NoBackoff(), 0),
+            socket_timeout=COMMAND_TIMEOUT,
+            socket_connect_timeout=COMMAND_TIMEOUT,
+            socket_keepalive=True,
+            protocol=2,
+        )
+        return Redis(connection_pool=pool)
+
+    def _listener_connection(self) -> AbstractConnection:
+        pool = self.redis.connection_pool
+        options = {**pool.connection_kwargs, "socket_timeout": self.listener_timeout}
+        return pool.connection_class(**options)
+
+    async def run(self, sink: Sink, *, task_status: TaskStatus[None]) -> None:
+        self._client = self._open_pool()
+        self._scripts = {name: self._client.register_script(lua) for name, lua in self.lua.items()}
+        self._sink = sink
+        started = False
+        backoff = MIN_BACKOFF
+
+        def ready() -> None:
+            nonlocal started, backoff
+            backoff = MIN_BACKOFF
+            if started:
+                sink.reconnected()
+            else:
+                started = True
+                task_status.started()
+
+        try:
+            while True:
+                connection = self._listener_connection()
+                try:
+                    with self.unavailable():
+                        await connection.connect()  # type: ignore[no-untyped-call]
+                        await self._serve(connection, ready)
+                except Exception as exc:
+                    if not started:
+                        raise
+                    # Whatever went wrong, live subscriptions outlast it: reconnect and go on.
+                    sink.layer_error(exc)
+                    logger.warning(
+                        "listener lost, reconnecting in %.2fs: %s",
+                        backoff,
+                        exc.detail if isinstance(exc, LayerUnavailable) else repr(exc),
+                        exc_info=not isinstance(exc, LayerUnavailable),
+                    )
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await connection.disconnect(nowait=True)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+        finally:
+            self._sink = None
+            with anyio.CancelScope(shield=True):
+                await self.redis.aclose(close_connection_pool=True)
+            self._client = None
+
+    @abstractmethod
+    async def _serve(self, connection: AbstractConnection, ready: Callable[[], None]) -> None:
+        """Restore subscriptions on a fresh listener connection, call `ready`, then read forever."""
+
+    async def _scan(self, patterns: list[str], type: str | None = None) -> set[str]:
+        """Keys of channels matching any of the patterns, without the layer's own keys."""
+        found: set[str] = set()
+        with self.unavailable():
+            for pattern in patterns:
+                async for key in self.redis.scan_iter(
+                    match=self.keys.glob(pattern), count=1000, _type=type
+                ):
+                    text = key.decode()
+                    if "#" not in text[len(self.keys.prefix) :]:
+                        found.add(text)
+        return found

@@ -1,0 +1,168 @@
+"""`redis://`: Redis Pub/Sub, fire-and-forget, across processes.
+
+Design decisions:
+
+- One connection per process carries every subscription (SUBSCRIBE for channels, PSUBSCRIBE for
+  patterns) and one more publishes. Subscribing and unsubscribing only send commands on the
+  listening connection, which keeps reading, so other channels' messages keep flowing; a call
+  returns once Redis confirmed it, so a message published afterwards is received.
+- A publish is one Lua script call (one round trip for a whole batch) that assigns the ids from
+  the shared clock (see `layers._redis`) and PUBLISHes `<id> <wire blob>`.
+- Redis sends a message once per matching subscription (`message` for the channel, `pmessage` for
+  each pattern). Those copies are written back to back, so the listener drops a message whose id
+  equals the previous one and the core sees every message exactly once.
+- Messages published while the listening connection is down are lost: that is Pub/Sub. The
+  subscriptions themselves survive; the listener re-subscribes everything when it reconnects.
+- No history and no consumer groups: those calls raise `CapabilityNotSupported` naming
+  `redis+streams://`, which has both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+
+import anyio
+from redis.asyncio.connection import AbstractConnection
+
+from ._redis import LUA_CLOCK, RedisLayer, decode_event
+from .base import Capabilities
+from .errors import LayerUnavailable
+from .event import Message
+
+CONFIRM_TIMEOUT = 5.0
+
+# KEYS[1] = id clock; ARGV = channel key, blob, channel key, blob, ...
+PUBLISH_LUA = (
+    LUA_CLOCK
+    + """
+local now, ms, seq = clock(KEYS[1])
+local ids = {}
+for i = 1, #ARGV, 2 do
+  seq = seq + 1
+  local id = string.format('%d-%d', ms, seq)
+  redis.call('PUBLISH', ARGV[i], id .. ' ' .. ARGV[i + 1])
+  ids[#ids + 1] = id
+end
+redis.call('SET', KEYS[1], ids[#ids])
+return ids
+"""
+)
+
+Reply = tuple[bytes, bytes]  # (kind of confirmation, channel key or glob)
+
+
+class RedisPubSubLayer(RedisLayer):
+    scheme = "redis"
+    capabilities = Capabilities(cross_process=True, history=False, groups=False)
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int = 1000,
+        history_ttl: float | None = None,
+        key_prefix: str = "gw:",
+    ) -> None:
+        # history_size and history_ttl are accepted so one configuration fits every layer.
+        super().__init__(url, key_prefix=key_prefix)
+        self._channels: set[bytes] = set()  # keys wanted on the listener connection
+        self._globs: set[bytes] = set()
+        self._connection: AbstractConnection | None = None  # set while listening
+        self._lock = anyio.Lock()  # one subscription change at a time
+        self._expected: set[Reply] = set()
+        self._confirmed = anyio.Event()
+        self._last_id: bytes | None = None
+
+    lua = {"publish": PUBLISH_LUA}
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> list[str]:
+        args: list[str | bytes | int] = []
+        for message in messages:
+            args += (self.keys.key(message.channel), message.to_wire())
+        ids = await self.script("publish", [self.keys.seq], args)
+        return [id.decode() for id in ids]
+
+    # -- subscribing -----------------------------------------------------------------------------
+
+    async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        async with self._lock:
+            keys = {self.keys.key(c).encode() for c in channels} - self._channels
+            globs = {self.keys.glob(p).encode() for p in patterns} - self._globs
+            self._channels |= keys
+            self._globs |= globs
+            try:
+                await self._change(b"subscribe", keys, globs)
+            except BaseException:
+                self._channels -= keys  # the core will not unsubscribe what failed
+                self._globs -= globs
+                raise
+
+    async def unsubscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        async with self._lock:
+            keys = {self.keys.key(c).encode() for c in channels} & self._channels
+            globs = {self.keys.glob(p).encode() for p in patterns} & self._globs
+            self._channels -= keys
+            self._globs -= globs
+            if self._connection is not None:  # else the next connection leaves them out anyway
+                await self._change(b"unsubscribe", keys, globs)
+
+    async def _change(self, kind: bytes, keys: set[bytes], globs: set[bytes]) -> None:
+        """Send (P)SUBSCRIBE or (P)UNSUBSCRIBE and wait until Redis confirmed every name."""
+        if not keys and not globs:
+            return
+        connection = self._connection
+        if connection is None:
+            raise LayerUnavailable(f"Redis at {self.where} is not connected; retry shortly")
+        self._expected = {(kind, k) for k in keys} | {(b"p" + kind, g) for g in globs}
+        self._confirmed = anyio.Event()
+        with self.unavailable():
+            if keys:
+                await connection.send_command(kind.decode().upper(), *keys)
+            if globs:
+                await connection.send_command("P" + kind.decode().upper(), *globs)
+        with anyio.move_on_after(CONFIRM_TIMEOUT):
+            await self._confirmed.wait()
+        if self._expected:
+            self._expected = set()
+            raise LayerUnavailable(f"Redis at {self.where} did not confirm {kind.decode()}")
+
+    # -- listening -------------------------------------------------------------------------------
+
+    async def _serve(self, connection: AbstractConnection, ready: Callable[[], None]) -> None:
+        if self._channels:
+            await connection.send_command("SUBSCRIBE", *self._channels)
+        if self._globs:
+            await connection.send_command("PSUBSCRIBE", *self._globs)
+        self._connection = connection
+        ready()
+        try:
+            while True:
+                reply = await connection.read_response()
+                kind = reply[0]
+                if kind == b"message":
+                    self._receive(reply[2])
+                elif kind == b"pmessage":
+                    self._receive(reply[3])
+                else:
+                    self._confirm((kind, reply[1]))
+        finally:
+            self._connection = None
+            self._confirmed.set()  # a waiting subscribe sees its names unconfirmed and fails
+
+    def _confirm(self, reply: Reply) -> None:
+        expected = self._expected
+        if reply in expected:
+            expected.discard(reply)
+            if not expected:
+                self._confirmed.set()
+
+    def _receive(self, payload: bytes) -> None:
+        id, _, blob = payload.partition(b" ")
+        if id == self._last_id:  # the same message again, through another matching subscription
+            return
+        self._last_id = id
+        event = decode_event(id.decode(errors="replace"), blob)
+        if event is not None and self._sink is not None:
+            self._sink.deliver(event)
