@@ -15,7 +15,7 @@ import pytest
 
 from layers import ChannelLayer, InMemoryChannelLayer
 
-pytest_plugins = ["tests.fixtures_mqtt"]
+pytest_plugins = ["tests.fixtures_mqtt", "tests.fixtures_postgres"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -37,6 +37,7 @@ CONTRACT_LAYERS = [
     pytest.param(("memory_layer_factory", "asyncio"), id="memory-asyncio"),
     pytest.param(("memory_layer_factory", "trio"), id="memory-trio"),
     pytest.param(("mqtt_layer_factory", "asyncio"), id="mqtt-asyncio"),
+    pytest.param(("postgres_layer_factory", "asyncio"), id="postgres-asyncio"),
 ]
 
 
