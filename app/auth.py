@@ -194,8 +194,9 @@ def load_public_key(pem: str) -> tuple[Any, list[str]]:
     )
 
 
-def get_grant(connection: HTTPConnection) -> Grant:
+async def get_grant(connection: HTTPConnection) -> Grant:
     """FastAPI dependency: the grant of the request (401 for a bad token)."""
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request
     authenticator: Authenticator = connection.app.state.gateway.auth
     return authenticator.grant_for(connection)
 

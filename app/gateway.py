@@ -10,6 +10,7 @@ from app.auth import Authenticator
 from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
+from app.transports.sse import Keepalives
 from layers import Channel
 from layers.names import compile_pattern, pattern_within, validate_channel, validate_pattern
 
@@ -24,6 +25,7 @@ class Gateway:
         self._channel: Channel | None = None
         self.connections = 0
         self.draining = False
+        self.keepalives = Keepalives(settings.keepalive_seconds)
 
     @property
     def channel(self) -> Channel:

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
@@ -48,8 +49,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     "set GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY before exposing the gateway"
                 )
             try:
-                with drain_on_signal(gateway.drain):
-                    yield
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(gateway.keepalives.run)
+                    with drain_on_signal(gateway.drain):
+                        yield
+                    tasks.cancel_scope.cancel()
             finally:
                 gateway.channel = None
 

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import Any
@@ -84,6 +84,7 @@ class Subscription:
         self._head: deque[Item] = deque()  # replayed events and gap notices come first
         self._held: list[Event] | None = None  # live events held back while replaying
         self._waiter: anyio.Event | None = None
+        self._woken = False
         self._overflowed = False
         self._closed = False
         self._on_space: Any = None  # a group pump's wake-up, when this backlog has room again
@@ -142,6 +143,16 @@ class Subscription:
             self._waiter.set()
             self._waiter = None
 
+    def wake(self) -> None:
+        """Make the waiting (or the next) `next_batch` return, with an empty batch if nothing
+        is queued. One timer can drive the keepalives of many subscribers this way, instead of a
+        timeout around every wait."""
+        self._woken = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
     # -- read by the consumer --------------------------------------------------------------------
 
     @property
@@ -149,7 +160,8 @@ class Subscription:
         return max(0, self.max_backlog - len(self._queue))
 
     async def next_batch(self) -> list[Item]:
-        """Wait for at least one item and return every item queued, in order.
+        """Wait for at least one item and return every item queued, in order; an empty list
+        after a `wake` with nothing queued.
 
         Raises `SubscriberOverflow` when the `disconnect` policy ended the subscription, and
         `ChannelClosed` when the `Channel` was closed.
@@ -160,8 +172,10 @@ class Subscription:
                 self._head.clear()
                 if self._held is None:
                     items.extend(self._take_queue())
+                self._woken = False
                 return items
             if self._queue and self._held is None:
+                self._woken = False
                 return self._take_queue()
             if self._overflowed:
                 raise SubscriberOverflow(
@@ -170,7 +184,10 @@ class Subscription:
                 )
             if self._closed:
                 raise ChannelClosed("the channel was closed")
-            waiter = self._waiter = anyio.Event()
+            if self._woken:
+                self._woken = False
+                return []
+            waiter = self._waiter = self._core._new_event()
             await waiter.wait()
 
     def _take_queue(self) -> list[Item]:
@@ -379,6 +396,7 @@ class Channel:
         self._router = _Router(layer.scheme, self.observer)
         self._refs: Counter[tuple[bool, str]] = Counter()  # (is_pattern, name) -> subscribers
         self._listen_lock: anyio.Lock | None = None
+        self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__
         self._subscriptions: set[Subscription] = set()
         self._task_group: TaskGroup | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
@@ -405,6 +423,9 @@ class Channel:
     # -- lifetime --------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Channel:
+        # anyio.Event() looks the running backend up on every call, and a subscriber makes one
+        # per wait: the backend's own Event class is looked up once here instead.
+        self._new_event = type(anyio.Event())
         self._listen_lock = anyio.Lock()
         self._token = anyio.lowlevel.current_token()
         task_group = anyio.create_task_group()

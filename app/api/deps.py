@@ -11,7 +11,8 @@ from app.errors import ApiError
 from app.gateway import Gateway
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request
     gateway: Gateway = request.app.state.gateway
     return gateway
 

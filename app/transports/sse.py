@@ -8,16 +8,20 @@ Design decisions, so nobody "fixes" them:
 - Each event's frame is encoded once per message (`Event.sse_frame`) and whatever a subscriber has
   queued is written in one `send`, so a lagging client costs one write, not one per event.
 - The disconnect listener and the writer run in one task group; whichever ends first cancels the
-  other, so a client that goes away frees its subscription at once.
+  other, so a client that goes away frees its subscription at once. The writer is the child task:
+  waking it resumes a short chain of coroutines, not the whole middleware stack the request task
+  runs under, and it is woken once per message per subscriber.
+- No timeout around the wait for events: a cancel scope per wait cost more than the rest of a
+  delivery. One `Keepalives` timer for all streams wakes those that wrote nothing lately, and a
+  stream with an expiring token gets one timer task that wakes it at the expiry.
 - Gap notices carry no `id:` field, so the browser's last event id stays on the last real event.
-- A stream ends with `event: error` (`token_expired`) when its token expires: the wait for events
-  is bounded by the expiry as well as by the keepalive interval, so there is no check per event.
+- A stream ends with `event: error` (`token_expired`) when its token expires.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from typing import TYPE_CHECKING
 
 import anyio
@@ -48,6 +52,27 @@ def error_frame(code: str, detail: str) -> bytes:
     return b"event: error\ndata: " + error_body(code, detail) + b"\n\n"
 
 
+class Keepalives:
+    """One timer for the keepalive comments of every open stream.
+
+    Every half interval it wakes the streams that wrote nothing since the previous tick, so a
+    silent stream gets a comment between half an interval and one interval after its last write.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.streams: set[EventStream] = set()
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(self.interval / 2)
+            for stream in self.streams:
+                if stream.wrote:
+                    stream.wrote = False
+                else:
+                    stream.subscription.wake()
+
+
 class EventStream(Response):
     """The ASGI response that streams one `Subscription` as SSE."""
 
@@ -63,26 +88,37 @@ class EventStream(Response):
         self.subscription = subscription
         self.cleanup = cleanup
         self.expires_at = expires_at  # on the anyio clock
+        self.expired = False
+        self.wrote = False  # since the last keepalive tick
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.gateway.metrics
         active = metrics.subscribers("sse")
         active.inc()
+        keepalives = self.gateway.keepalives
+        keepalives.streams.add(self)
         try:
             async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self._watch_disconnect, receive, tasks.cancel_scope)
-                await self._stream(send)
+                tasks.start_soon(self._write, send, tasks.cancel_scope)
+                if self.expires_at < math.inf:
+                    tasks.start_soon(self._expire)
+                while (await receive())["type"] != "http.disconnect":
+                    pass
                 tasks.cancel_scope.cancel()
-        except OSError:
-            pass  # the client went away mid-write
         finally:
+            keepalives.streams.discard(self)
             active.dec()
             with anyio.CancelScope(shield=True):
                 await self.cleanup.aclose()
 
-    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+    async def _expire(self) -> None:
+        await anyio.sleep_until(self.expires_at)
+        self.expired = True
+        self.subscription.wake()
+
+    async def _write(self, send: Send, scope: anyio.CancelScope) -> None:
+        with suppress(OSError):  # the client went away mid-write
+            await self._stream(send)
         scope.cancel()
 
     async def _stream(self, send: Send) -> None:
@@ -98,31 +134,25 @@ class EventStream(Response):
         delivered = self.gateway.metrics.delivered("sse")
         dropped = self.gateway.metrics.dropped("sse")
         subscription = self.subscription
-        keepalive = settings.keepalive_seconds
-        expires_at = self.expires_at
         ending = b""
         while True:
-            now = anyio.current_time()
-            if now >= expires_at:
+            try:
+                batch = await subscription.next_batch()
+            except SubscriberOverflow as exc:
+                dropped.inc()
+                ending = error_frame(exc.code, exc.detail) + b"retry: %d\n\n" % settings.retry_ms
+                break
+            except ChannelClosed:
+                # shutting down: reconnect soon, to another instance if there is one
+                ending = b"retry: %d\n\n" % min(settings.retry_ms, 1000)
+                break
+            if self.expired:
                 ending = error_frame(
                     "token_expired", "the token has expired; reconnect with a new one"
                 )
                 break
-            batch = None
-            with anyio.move_on_at(min(now + keepalive, expires_at)):
-                try:
-                    batch = await subscription.next_batch()
-                except SubscriberOverflow as exc:
-                    dropped.inc()
-                    ending = (
-                        error_frame(exc.code, exc.detail) + b"retry: %d\n\n" % settings.retry_ms
-                    )
-                    break
-                except ChannelClosed:
-                    # shutting down: reconnect soon, to another instance if there is one
-                    ending = b"retry: %d\n\n" % min(settings.retry_ms, 1000)
-                    break
-            if batch is None:
+            self.wrote = True
+            if not batch:  # woken by `Keepalives`
                 await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
                 continue
             frames = []

@@ -76,3 +76,28 @@ async def test_leaving_a_group_lets_a_dead_lettering_in_progress_finish() -> Non
                     tasks.start_soon(open_the_gate_once_all_wait)
         info = await channel.group_info("jobs", "g")
     assert (info.pending, layer.dead_letters) == (0, 1)
+
+
+async def test_wake_ends_a_wait_with_an_empty_batch() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with Channel(InMemoryChannelLayer()) as channel, channel.subscribe("c") as sub:
+            batches: list[list[object]] = []
+
+            async def wait() -> None:
+                batches.append(list(await sub.next_batch()))
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wait)
+                await anyio.wait_all_tasks_blocked()
+                sub.wake()
+            assert batches == [[]]
+
+
+async def test_wake_with_events_queued_returns_them_and_no_extra_empty_batch() -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with Channel(InMemoryChannelLayer()) as channel, channel.subscribe("c") as sub:
+            sub.wake()
+            await channel.publish("c", 1)
+            assert [event.data for event in await sub.next_batch()] == [1]  # type: ignore[union-attr]
+            await channel.publish("c", 2)
+            assert [event.data for event in await sub.next_batch()] == [2]  # type: ignore[union-attr]
