@@ -1,0 +1,219 @@
+"""The web console in headless Chromium against a real gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.app.conftest import RunningGateway, serve
+from tests.browser.conftest import (
+    ARTIFACTS,
+    ConsolePage,
+    shown_ids,
+    subscribe_in_page,
+    wait_shown,
+)
+
+pytestmark = pytest.mark.anyio
+
+TEST_SECONDS = 60
+
+
+@pytest.fixture
+def gateway() -> Iterator[RunningGateway]:
+    with serve(keepalive_seconds=1) as running:
+        yield running
+
+
+async def publish(gateway: RunningGateway, channel: str, data: Any, **extra: Any) -> str:
+    async with gateway.client() as http:
+        reply = await http.post(f"/channels/{channel}/publish", json={"data": data, **extra})
+    assert reply.status_code == 200, reply.text
+    message_id: str = reply.json()["id"]
+    return message_id
+
+
+async def test_console_loads_without_errors(gateway: RunningGateway, console: ConsolePage) -> None:
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        await page.locator("#ready.ok").wait_for()
+        assert await page.inner_text("#layer") == "memory"
+        chips = await page.locator("#capabilities .chip").all_inner_texts()
+        assert sorted(chips) == ["cross process", "groups", "history"]
+        await page.locator("#subscribers", has_text="SSE").wait_for()
+        assert "curl -X POST" in await page.inner_text("#pub-snippet")
+        assert "new EventSource(" in await page.inner_text("#sub-snippet")
+    assert console.errors == []
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_page_subscriber_sees_what_python_publishes(
+    gateway: RunningGateway, console: ConsolePage, transport: str
+) -> None:
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        await subscribe_in_page(page, transport, "chat", patterns="rooms.*", types="message, alert")
+        first = await publish(gateway, "chat", {"text": "hello"})
+        second = await publish(gateway, "rooms.blue", [1, 2], event="alert")
+        await publish(gateway, "elsewhere", "not subscribed")
+        await wait_shown(page, second)
+        assert await shown_ids(page) == [first, second]
+        item = page.locator(f'#messages li[data-id="{second}"]')
+        assert await item.locator(".channel").inner_text() == "rooms.blue"
+        assert await item.locator(".event").inner_text() == "alert"
+        assert await item.locator(".time").inner_text() != ""
+        assert await item.locator("pre").inner_text() == "[\n  1,\n  2\n]"
+        assert await page.inner_text("#msg-count") == "2"
+    assert console.errors == []
+
+
+async def test_page_publish_reaches_a_python_subscriber(
+    gateway: RunningGateway, console: ConsolePage
+) -> None:
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        async with gateway.sse("/channels/chat/events") as stream:
+            await page.fill("#pub-channel", "chat")
+            await page.fill("#pub-event", "note")
+            await page.fill("#pub-data", '{"text": "from the page", "n": [1, 2]}')
+            snippet = await page.inner_text("#pub-snippet")
+            assert "/channels/chat/publish" in snippet
+            assert '"event":"note"' in snippet
+            await page.click("#pub-send")
+            event = await stream.next()
+        assert event.type == "note"
+        assert event.json["data"] == {"text": "from the page", "n": [1, 2]}
+        await page.locator("#pub-status", has_text=f"published {event.json['id']}").wait_for()
+    assert console.errors == []
+
+
+async def test_batch_publish_in_chunks_with_progress(
+    gateway: RunningGateway, console: ConsolePage
+) -> None:
+    page = console.page
+    count = 1234  # more than one chunk of POST /publish
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        async with gateway.sse("/channels/load/events") as stream:
+            await page.fill("#pub-channel", "load")
+            await page.fill("#batch-count", str(count))
+            await page.click("#batch-send")
+            events = await stream.take(count)
+        assert [event.json["data"]["test"] for event in events] == list(range(1, count + 1))
+        await page.locator("#batch-status", has_text=f"{count} published").wait_for()
+        assert await page.locator("#batch-progress").evaluate("bar => bar.value") == count
+
+
+async def test_bad_input_is_refused_with_a_readable_message(
+    gateway: RunningGateway, console: ConsolePage
+) -> None:
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        await page.fill("#pub-data", '{"text": ')
+        assert await page.locator("#pub-send").is_disabled()
+        assert await page.inner_text("#pub-status") == "data is not valid JSON"
+        await page.fill("#pub-data", "42")
+        await page.fill("#pub-channel", "no spaces allowed")
+        await page.click("#pub-send")
+        notice = page.locator("#notices .notice").last
+        await notice.wait_for()
+        assert (await notice.inner_text()).startswith(
+            "invalid_argument: invalid channel name 'no spaces allowed'"
+        )
+        # a refused EventSource hides the response; the console asks again and shows the reason
+        await page.fill("#sub-channels", "bad!")
+        await page.click("#sub-start")
+        await page.locator("#notices .notice", has_text="invalid channel name 'bad!'").wait_for()
+        assert await page.inner_text("#sub-status") == "refused"
+        text = await page.inner_text("#notices")
+        assert "Traceback" not in text
+
+
+async def test_reload_resumes_after_the_last_seen_id(
+    gateway: RunningGateway, console: ConsolePage
+) -> None:
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        await subscribe_in_page(page, "sse", "feed")
+        seen = await publish(gateway, "feed", 1)
+        await wait_shown(page, seen)
+        await page.goto("about:blank")
+        missed = [await publish(gateway, "feed", n) for n in (2, 3)]
+        await page.goto(gateway.url)
+        await page.locator("#sub-status.ok").wait_for()
+        live = await publish(gateway, "feed", 4)
+        await wait_shown(page, live)
+        assert await shown_ids(page) == [*missed, live]
+
+
+async def test_group_pending_messages_are_acked_by_hand(
+    gateway: RunningGateway, console: ConsolePage
+) -> None:
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        await page.fill("#group-channel", "jobs")
+        await page.fill("#group-name", "workers")
+        await page.fill("#group-consumer", "console")
+        await page.click("#group-join")
+        row = page.locator('#group-table tr[data-group="jobs/workers"]')
+        await row.wait_for()
+        await page.locator("#group-info", has_text="consumers: console").wait_for()
+        ids = [await publish(gateway, "jobs", {"job": n}) for n in (1, 2, 3)]
+        pending = page.locator("#group-pending li")
+        await page.locator(f'#group-pending li[data-id="{ids[-1]}"]').wait_for()
+        assert await pending.evaluate_all("items => items.map((i) => i.dataset.id)") == ids
+        await page.locator("#group-info", has_text="3 pending").wait_for()
+        await pending.first.get_by_role("button", name="Ack").click()
+        await page.locator("#group-info", has_text="2 pending").wait_for()
+        await page.click("#group-ack-all")
+        await page.locator("#group-info", has_text="0 pending").wait_for()
+        async with gateway.client() as http:
+            info = (await http.get("/channels/jobs/groups/workers")).json()
+            stats = (await http.get("/stats")).json()
+        assert info["pending"] == 0
+        assert stats["groups"] == [{"channel": "jobs", "group": "workers", "consumers": 1}]
+        # the table shows the pending count and that the consumer is on this process
+        await row.locator("td", has_text="0").first.wait_for()
+    assert console.errors == []
+
+
+async def test_screenshot(gateway: RunningGateway, console: ConsolePage) -> None:
+    """A console in use, saved as test-artifacts/console.png (docs/console.png is one of these)."""
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        await subscribe_in_page(page, "sse", "chat", patterns="rooms.*")
+        await page.fill("#group-channel", "jobs")
+        await page.click("#group-join")
+        await page.locator("#group-info", has_text="consumers").wait_for()
+        async with gateway.client() as http:
+            for second in range(6):
+                await http.post(
+                    "/publish",
+                    json={
+                        "messages": [
+                            {"channel": "rooms.lobby", "data": {"tick": second, "n": n}}
+                            for n in range(20 * (second + 1))
+                        ]
+                    },
+                )
+                await http.post("/channels/jobs/publish", json={"data": {"job": second}})
+                await http.post(
+                    "/channels/chat/publish",
+                    json={"data": {"user": "ada", "text": f"message {second}"}},
+                )
+                await anyio.sleep(1)  # the rate chart samples once a second
+        await page.locator("#rates", has_text="published/s").wait_for()
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=ARTIFACTS / "console.png", full_page=True)
+    assert (ARTIFACTS / "console.png").stat().st_size > 10_000
+    assert console.errors == []
