@@ -139,6 +139,7 @@ async def test_sigterm_ends_streams_with_a_reconnect_hint_and_exits(
     records = [orjson.loads(line) for line in output(log).splitlines() if line.strip()]
     assert all({"time", "level", "logger", "message", "request_id"} <= r.keys() for r in records)
     assert any(r["message"].startswith("draining") for r in records)
+    assert any(r["request_id"] for r in records)  # uvicorn's WebSocket records, inside a request
 
 
 async def _until_closed(stream: SSEStream) -> AsyncIterator[SSEEvent]:
