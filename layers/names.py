@@ -18,6 +18,10 @@ MAX_NAME_LENGTH = 200
 _NAME = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
 _PATTERN = re.compile(r"[A-Za-z0-9_\-:@*?]+(?:\.[A-Za-z0-9_\-:@*?]+)*")
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_\-:.@]{1,64}")
+# The same rules as JSON Schema regular expressions, for API documents.
+CHANNEL_REGEX = f"^{_NAME.pattern}$"
+PATTERN_REGEX = f"^{_PATTERN.pattern}$"
+EVENT_TYPE_REGEX = f"^{_EVENT_TYPE.pattern}$"
 _NAME_RULE = (
     "1-200 characters from letters, digits and '_ - : @ .', where '.' separates non-empty segments"
 )

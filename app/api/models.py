@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field
+
+from layers.names import CHANNEL_REGEX, EVENT_TYPE_REGEX, MAX_NAME_LENGTH, PATTERN_REGEX
+
+# The naming rules, stated in the OpenAPI document so clients and fuzzers know them; the
+# validators of `layers` (`validate_channel`, `validate_group_name`, ...) stay the one check.
+CHANNEL_RULE: dict[str, Any] = {"pattern": CHANNEL_REGEX, "maxLength": MAX_NAME_LENGTH}
+PATTERN_RULE: dict[str, Any] = {"pattern": PATTERN_REGEX, "maxLength": MAX_NAME_LENGTH}
+EVENT_TYPE_RULE: dict[str, Any] = {"pattern": EVENT_TYPE_REGEX}
+GROUP_RULE: dict[str, Any] = {"pattern": r"^[A-Za-z0-9_\-:@.]{1,100}$"}
+MAX_ACK_IDS = 10_000
+
+ChannelPath = Annotated[str, Path(description="Channel name", json_schema_extra=CHANNEL_RULE)]
+GroupPath = Annotated[str, Path(description="Consumer group name", json_schema_extra=GROUP_RULE)]
+EventTypeQuery = Annotated[
+    str | None,
+    Query(description="Event type, for `text/plain` bodies", json_schema_extra=EVENT_TYPE_RULE),
+]
 
 
 class ErrorReply(BaseModel):
@@ -15,7 +33,9 @@ class ErrorReply(BaseModel):
 class PublishRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data: Any = Field(description="Any JSON value")
-    event: str | None = Field(None, description="Event type; `message` when absent")
+    event: str | None = Field(
+        None, description="Event type; `message` when absent", json_schema_extra=EVENT_TYPE_RULE
+    )
 
 
 class PublishReply(BaseModel):
@@ -24,12 +44,12 @@ class PublishReply(BaseModel):
 
 
 class BatchMessage(PublishRequest):
-    channel: str
+    channel: str = Field(json_schema_extra=CHANNEL_RULE)
 
 
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    messages: list[BatchMessage]
+    messages: list[BatchMessage] = Field(min_length=1)
 
 
 class BatchReply(BaseModel):
@@ -52,7 +72,7 @@ class HistoryReply(BaseModel):
 
 class AckRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ids: list[str] = Field(max_length=10_000)
+    ids: list[str] = Field(max_length=MAX_ACK_IDS)
 
 
 class AckReply(BaseModel):
@@ -106,6 +126,25 @@ class ReadyReply(BaseModel):
     status: str = Field(description="`ready`")
     layer: str = Field(description="Scheme of the channel layer in use")
     capabilities: dict[str, bool] = Field(description="`cross_process`, `history`, `groups`")
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its `$defs` inlined, for `openapi_extra` request bodies: the
+    document resolves a `$ref` from its own root, where pydantic's `#/$defs/...` do not exist."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if str(node.get("$ref", "")).startswith("#/$defs/"):
+                return inline(definitions[node["$ref"].removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    result: dict[str, Any] = inline(schema)
+    return result
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

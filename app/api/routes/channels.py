@@ -9,7 +9,17 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from app.api.deps import GatewayDep, check_fields, read_json_object
-from app.api.models import AckReply, AckRequest, GroupReply, HistoryReply, errors
+from app.api.models import (
+    MAX_ACK_IDS,
+    AckReply,
+    AckRequest,
+    ChannelPath,
+    GroupPath,
+    GroupReply,
+    HistoryReply,
+    body_schema,
+    errors,
+)
 from app.api.routes.publish import json_response
 from app.auth import GrantDep
 from app.errors import ApiError
@@ -24,7 +34,7 @@ router = APIRouter(tags=["channels"])
     responses=errors(401, 403, 422, 501, 503),
 )
 async def history(
-    channel: str,
+    channel: ChannelPath,
     gateway: GatewayDep,
     grant: GrantDep,
     after: Annotated[str | None, Query(description="Only messages after this id")] = None,
@@ -57,12 +67,12 @@ async def history(
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": AckRequest.model_json_schema()}},
+            "content": {"application/json": {"schema": body_schema(AckRequest)}},
         }
     },
 )
 async def ack(
-    channel: str, group: str, request: Request, gateway: GatewayDep, grant: GrantDep
+    channel: ChannelPath, group: GroupPath, request: Request, gateway: GatewayDep, grant: GrantDep
 ) -> Response:
     gateway.check_channel(channel)
     grant.require_subscribe([channel])
@@ -71,6 +81,8 @@ async def ack(
     ids = body["ids"]
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ApiError(422, "invalid_argument", "ids must be a list of strings")
+    if len(ids) > MAX_ACK_IDS:
+        raise ApiError(422, "invalid_argument", f"ack at most {MAX_ACK_IDS} ids at once")
     acked, unknown = await gateway.channel.ack(channel, group, ids)
     return json_response({"acked": len(acked), "unknown": unknown})
 
@@ -81,7 +93,9 @@ async def ack(
     response_model=GroupReply,
     responses=errors(401, 403, 404, 422, 501, 503),
 )
-async def group_info(channel: str, group: str, gateway: GatewayDep, grant: GrantDep) -> Response:
+async def group_info(
+    channel: ChannelPath, group: GroupPath, gateway: GatewayDep, grant: GrantDep
+) -> Response:
     gateway.check_channel(channel)
     grant.require_subscribe([channel])
     info = await gateway.channel.group_info(channel, group)

@@ -8,13 +8,49 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 
 from app.api.deps import GatewayDep
-from app.api.models import errors
+from app.api.models import CHANNEL_RULE, GROUP_RULE, PATTERN_RULE, ChannelPath, errors
 from app.auth import Grant, GrantDep
+from app.errors import ApiError
 from app.gateway import Gateway
 from app.transports.sse import EventStream
 
 router = APIRouter(tags=["subscribe"])
 
+CHANNEL_ITEM = {"type": "string", **CHANNEL_RULE}
+PATTERN_ITEM = {"type": "string", **PATTERN_RULE}
+
+GAP_NOTICE = {
+    "type": "object",
+    "properties": {
+        "reason": {"enum": ["dropped", "evicted", "unknown_id", "no_history"]},
+        "last_event_id": {"type": "string"},
+        "dropped": {"type": "integer", "minimum": 1},
+    },
+    "required": ["reason"],
+}
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {
+            "type": "string",
+            "description": "The message's type (`message` unless set), `gap`, or `error` (last)",
+        },
+        "id": {"type": "string", "description": "Message id; never set on gap or error events"},
+        "retry": {"type": "integer", "minimum": 0},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "anyOf": [
+                    {"$ref": "#/components/schemas/Envelope"},
+                    GAP_NOTICE,
+                    {"$ref": "#/components/schemas/ErrorReply"},
+                ]
+            },
+        },
+    },
+    "required": ["data"],
+}
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": (
@@ -22,7 +58,8 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
             "`data: <envelope JSON>`; `event: gap` tells what could not be replayed; comment "
             "lines keep the connection alive."
         ),
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # One event of the stream (how OpenAPI 3.2 and schemathesis read a text/event-stream schema)
+        "content": {"text/event-stream": {"schema": SSE_EVENT}},
     }
 }
 
@@ -53,6 +90,8 @@ async def open_stream(
     consumer: str | None = None,
 ) -> EventStream:
     """Open the subscription now, so refusals are JSON errors; the stream owns it afterwards."""
+    if consumer is not None and group is None:
+        raise ApiError(422, "invalid_argument", "`consumer` names a consumer of a `group`: add one")
     gateway.check_subscription(channels, patterns)
     grant.require_subscribe(channels, patterns)
     cleanup = AsyncExitStack()
@@ -84,14 +123,19 @@ async def open_stream(
     responses={**SSE_RESPONSE, **errors(401, 403, 404, 422, 501, 503)},
 )
 async def channel_events(
-    channel: str,
+    channel: ChannelPath,
     gateway: GatewayDep,
     grant: GrantDep,
     last_event_id_header: LastEventIdHeader = None,
     last_event_id: LastEventIdQuery = None,
     history: HistoryQuery = None,
-    group: Annotated[str | None, Query(description="Join this consumer group")] = None,
-    consumer: Annotated[str | None, Query(description="Consumer name within the group")] = None,
+    group: Annotated[
+        str | None, Query(description="Join this consumer group", json_schema_extra=GROUP_RULE)
+    ] = None,
+    consumer: Annotated[
+        str | None,
+        Query(description="Consumer name within the group", json_schema_extra=GROUP_RULE),
+    ] = None,
 ) -> EventStream:
     return await open_stream(
         gateway,
@@ -119,8 +163,14 @@ async def channel_events(
 async def events(
     gateway: GatewayDep,
     grant: GrantDep,
-    channel: Annotated[list[str], Query(description="Channel names")] = [],  # noqa: B006
-    pattern: Annotated[list[str], Query(description="Glob patterns: `*` and `?`")] = [],  # noqa: B006
+    channel: Annotated[
+        list[str],
+        Query(description="Channel names", json_schema_extra={"items": CHANNEL_ITEM}),
+    ] = [],  # noqa: B006
+    pattern: Annotated[
+        list[str],
+        Query(description="Glob patterns: `*` and `?`", json_schema_extra={"items": PATTERN_ITEM}),
+    ] = [],  # noqa: B006
     last_event_id_header: LastEventIdHeader = None,
     last_event_id: LastEventIdQuery = None,
     history: HistoryQuery = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.api.deps import (
@@ -15,10 +15,20 @@ from app.api.deps import (
     read_body,
     read_json_object,
 )
-from app.api.models import BatchReply, BatchRequest, PublishReply, PublishRequest, errors
+from app.api.models import (
+    BatchReply,
+    BatchRequest,
+    ChannelPath,
+    EventTypeQuery,
+    PublishReply,
+    PublishRequest,
+    body_schema,
+    errors,
+)
 from app.auth import GrantDep
 from app.errors import ApiError, status_of
 from layers import ChannelError, make_message
+from layers.names import validate_event_type
 
 router = APIRouter(tags=["publish"])
 
@@ -41,21 +51,23 @@ def json_response(value: Any) -> Response:
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": PublishRequest.model_json_schema()},
+                "application/json": {"schema": body_schema(PublishRequest)},
                 "text/plain": {"schema": {"type": "string"}},
             },
         }
     },
 )
 async def publish(
-    channel: str,
+    channel: ChannelPath,
     request: Request,
     gateway: GatewayDep,
     grant: GrantDep,
-    event: str | None = Query(None, description="Event type, for `text/plain` bodies"),
+    event: EventTypeQuery = None,
 ) -> Response:
     gateway.check_channel(channel)
     grant.require_publish(channel)
+    if event is not None:
+        validate_event_type(event)  # even where a JSON body's own `event` wins over it
     limit = gateway.settings.max_payload_bytes
     if media_type(request) == "text/plain":
         try:
@@ -79,7 +91,7 @@ async def publish(
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": BatchRequest.model_json_schema()}},
+            "content": {"application/json": {"schema": body_schema(BatchRequest)}},
         }
     },
 )
