@@ -397,6 +397,13 @@ function openWebSocket(frameFor, handlers) {
     };
     socket.onclose = (e) => {
       if (closed) return;
+      if (e.code === 1008) {
+        // refused by policy (a missing, bad or expired token; a channel not allowed): the error
+        // frame before the close said why, and reconnecting would only be refused again
+        handlers.status("refused", "bad");
+        handlers.refused();
+        return;
+      }
       handlers.status(`reconnecting… (closed ${e.code}${e.reason ? `: ${e.reason}` : ""})`, "bad");
       timer = setTimeout(connect, delay);
       delay = Math.min(delay * 2, 5000);

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import jwt
 import pytest
 
 from tests.app.conftest import RunningGateway, serve
@@ -20,6 +22,13 @@ from tests.browser.conftest import (
 pytestmark = pytest.mark.anyio
 
 TEST_SECONDS = 60
+SECRET = "browser-test-secret-of-32-bytes-or-more"
+
+
+def token(*, publish: list[str], subscribe: list[str]) -> str:
+    rights = {"publish": publish, "subscribe": subscribe}
+    claims = {"exp": int(time.time()) + 300, "channels": rights}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
 @pytest.fixture
@@ -217,3 +226,32 @@ async def test_screenshot(gateway: RunningGateway, console: ConsolePage) -> None
         await page.screenshot(path=ARTIFACTS / "console.png", full_page=True)
     assert (ARTIFACTS / "console.png").stat().st_size > 10_000
     assert console.errors == []
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_token_pasted_in_the_page_authorizes_it(console: ConsolePage, transport: str) -> None:
+    page = console.page
+    with serve(jwt_secret=SECRET, keepalive_seconds=1) as secured, anyio.fail_after(TEST_SECONDS):
+        await page.goto(secured.url)
+        # no token: readable refusals, no retry loop
+        await page.fill("#sub-channels", "chat")
+        await page.select_option("#sub-transport", transport)
+        await page.click("#sub-start")
+        await page.locator("#notices .notice", has_text="token_required:").wait_for()
+        await page.locator("#sub-status", has_text="refused").wait_for()
+        await page.click("#pub-send")
+        await page.locator("#pub-status", has_text="failed").wait_for()
+
+        await page.click("#auth summary")
+        await page.fill("#token", token(publish=["chat"], subscribe=["chat"]))
+        assert "Authorization: Bearer ey" in await page.inner_text("#pub-snippet")
+        assert "access_token=ey" in await page.inner_text("#sub-snippet")
+        await subscribe_in_page(page, transport, "chat")
+        await page.click("#pub-send")
+        await page.locator("#pub-status", has_text="published").wait_for()
+        published = (await page.inner_text("#pub-status")).removeprefix("published ")
+        await wait_shown(page, published)
+        # the page's own request for a channel the token does not grant
+        await page.fill("#pub-channel", "elsewhere")
+        await page.click("#pub-send")
+        await page.locator("#notices .notice", has_text="elsewhere").wait_for()
