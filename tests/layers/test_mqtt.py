@@ -286,15 +286,18 @@ async def test_refuses_to_run_under_trio(mqtt_layer_factory: LayerFactory) -> No
 
 
 async def test_processes_on_one_host_get_distinct_instances(
-    mqtt_layer_factory: LayerFactory,
+    mqtt_layer_factory: LayerFactory, unique: str
 ) -> None:
-    first, second = mqtt_layer(mqtt_layer_factory), mqtt_layer(mqtt_layer_factory)
+    def layer() -> MQTTLayer:  # slots are counted per client id prefix: this test's alone
+        return mqtt_layer(mqtt_layer_factory, client_id_prefix=f"{unique}-")
+
+    first, second = layer(), layer()
     async with running(first, RecordingSink()), running(second, RecordingSink()):
-        assert first.instance_name != second.instance_name
-        taken = first.instance_name
-    again = mqtt_layer(mqtt_layer_factory)
+        host = socket.gethostname()
+        assert (first.instance_name, second.instance_name) == (f"{host}-0", f"{host}-1")
+    again = layer()
     async with running(again, RecordingSink()):
-        assert again.instance_name == taken  # a restarted process finds its sessions again
+        assert again.instance_name == f"{host}-0"  # a restarted process finds its sessions again
 
 
 # -- consumer groups ------------------------------------------------------------------------------
