@@ -81,6 +81,30 @@ async def test_page_subscriber_sees_what_python_publishes(
     assert console.errors == []
 
 
+async def test_pause_holds_messages_and_clear_empties_the_list(
+    gateway: RunningGateway, console: ConsolePage
+) -> None:
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        await subscribe_in_page(page, "ws", "chat")
+        shown = await publish(gateway, "chat", "before")
+        await wait_shown(page, shown)
+        await page.click("#msg-pause")
+        held = [await publish(gateway, "chat", n) for n in (1, 2)]
+        await page.locator("#msg-held", has_text="2 held while paused").wait_for()
+        assert await shown_ids(page) == [shown]
+        await page.click("#msg-pause")
+        assert await shown_ids(page) == [shown, *held]
+        await page.click("#msg-clear")
+        assert await shown_ids(page) == []
+        assert await page.inner_text("#msg-count") == "0"
+        after = await publish(gateway, "chat", "after")
+        await wait_shown(page, after)
+        assert await shown_ids(page) == [after]
+    assert console.errors == []
+
+
 async def test_page_publish_reaches_a_python_subscriber(
     gateway: RunningGateway, console: ConsolePage
 ) -> None:
@@ -196,7 +220,8 @@ async def test_group_pending_messages_are_acked_by_hand(
 
 
 async def test_screenshot(gateway: RunningGateway, console: ConsolePage) -> None:
-    """A console in use, saved as test-artifacts/console.png (docs/console.png is one of these)."""
+    """A console in use, saved as test-artifacts/console.png (docs/console.png is one of these)
+    and console-phone.png."""
     page = console.page
     with anyio.fail_after(TEST_SECONDS):
         await page.goto(gateway.url)
@@ -224,6 +249,10 @@ async def test_screenshot(gateway: RunningGateway, console: ConsolePage) -> None
         await page.locator("#rates", has_text="published/s").wait_for()
         ARTIFACTS.mkdir(exist_ok=True)
         await page.screenshot(path=ARTIFACTS / "console.png", full_page=True)
+        # a phone: one column, nothing wider than the screen
+        await page.set_viewport_size({"width": 390, "height": 844})
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+        await page.screenshot(path=ARTIFACTS / "console-phone.png")
     assert (ARTIFACTS / "console.png").stat().st_size > 10_000
     assert console.errors == []
 
