@@ -1,0 +1,82 @@
+"""`python -m bench`: run the scenarios, write bench/results/latest.{jsonl,md,png}.
+
+Options: `--scenarios S1,S2`, `--rates 10,50`, `--subscribers N`, `--idle N`, `--step-seconds S`,
+`--out DIR`. Results of a partial run go to the same files, so the README's table is always one
+run's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from bench.report import markdown, plot
+from bench.run import Config, Record, run, stamp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--scenarios", default="S1,S2,S3,S4,S5")
+    parser.add_argument("--rates", default="10,25,50,100,200")
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--storm", type=int, default=1000)
+    parser.add_argument("--step-seconds", type=float, default=5.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    args = parser.parse_args()
+    config = Config(
+        subscribers=args.subscribers,
+        rates=[int(r) for r in args.rates.split(",")],
+        step_seconds=args.step_seconds,
+        idle=args.idle,
+        storm=args.storm,
+        throughput_seconds=args.step_seconds,
+        scenarios=args.scenarios.upper().split(","),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    records: list[Record] = []
+    jsonl = args.out / "latest.jsonl"
+
+    def emit(record: Record) -> None:
+        records.append(record)
+        print(orjson.dumps(record).decode(), flush=True)
+        jsonl.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+
+    emit(
+        stamp(
+            {
+                "scenario": "meta",
+                "cpus": os.cpu_count(),
+                "python": f"{platform.python_implementation()} {platform.python_version()}",
+                "argv": sys.argv[1:],
+            }
+        )
+    )
+    started = time.monotonic()
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(run(config, emit))
+    finally:
+        (args.out / "latest.md").write_text(markdown(records))
+        plot(records, args.out / "latest.png")
+        print(f"\n{markdown(records)}\n({time.monotonic() - started:.0f} s)")
+
+
+def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
+    """uvloop for the load too when it is installed: the client must outrun the servers."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.Loop
+
+
+if __name__ == "__main__":
+    main()

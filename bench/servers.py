@@ -1,0 +1,187 @@
+"""The servers under test, each one process pinned to CPU 0: the gateway, the baseline, nchan.
+
+Server CPU time and RSS are read from /proc/<pid>, so they cover exactly the serving process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+SERVER_CPU = "0"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int) -> None:
+        self.name = name
+        self.command = command
+        self.env = env
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> Server:
+        pin = ["taskset", "-c", SERVER_CPU] if shutil.which("taskset") else []
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
+        self.process = subprocess.Popen(
+            [*pin, *self.command],
+            env={**os.environ, **self.env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start:\n{self.output()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        output = self.output()
+        self.stop()
+        raise RuntimeError(f"{self.name} did not listen on {self.port}:\n{output}")
+
+    def output(self) -> str:
+        if self.log is None:
+            return ""
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-3000:]
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def libraries(self) -> list[str]:
+        """Which of uvloop and httptools the process has loaded (uvicorn picks them if present)."""
+        maps = Path(f"/proc/{self.pid}/maps").read_text()
+        return [name for name in ("uvloop", "httptools") if name in maps]
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def gateway(layer: str = "memory://", **settings: str) -> Server:
+    """`python -m app`, the documented one-command start, on a free port."""
+    port = free_port()
+    env = {
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_LAYER": layer,
+        "GATEWAY_MAX_CONNECTIONS": "20000",
+        "GATEWAY_SHUTDOWN_GRACE_SECONDS": "1",
+        **{f"GATEWAY_{key.upper()}": value for key, value in settings.items()},
+    }
+    return Server(f"gateway {layer}", [sys.executable, "-m", "app"], env, port)
+
+
+def baseline(**settings: str) -> Server:
+    port = free_port()
+    env = {f"GATEWAY_{key.upper()}": value for key, value in settings.items()}
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.baseline:app",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--timeout-graceful-shutdown",
+        "1",
+    ]
+    return Server("baseline", command, env, port)
+
+
+def nchan_available() -> str | None:
+    """None when nchan can run here, else why not."""
+    if shutil.which("nginx") is None:
+        return "nginx is not installed (apt-get install nginx-light libnginx-mod-nchan)"
+    if not NCHAN_MODULE.exists():
+        return f"{NCHAN_MODULE} is missing (apt-get install libnginx-mod-nchan)"
+    return None
+
+
+def nchan(keepalive_seconds: int = 15) -> Server:
+    """nginx + nchan, one process (no master), the same routes as the gateway."""
+    port = free_port()
+    directory = Path(tempfile.mkdtemp(prefix="bench-nchan-"))
+    config = directory / "nginx.conf"
+    config.write_text(
+        f"""
+load_module {NCHAN_MODULE};
+daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 30000;
+pid {directory}/nginx.pid;
+error_log {directory}/error.log warn;
+events {{ worker_connections 25000; }}
+http {{
+  access_log off;
+  client_body_temp_path {directory}/body;
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location ~ ^/channels/([^/]+)/publish$ {{
+      nchan_publisher;
+      nchan_channel_id $1;
+      nchan_message_buffer_length 1000;
+      nchan_message_timeout 1h;
+    }}
+    location ~ ^/channels/([^/]+)/events$ {{
+      nchan_subscriber eventsource;
+      nchan_channel_id $1;
+      nchan_eventsource_ping_interval {keepalive_seconds};
+    }}
+  }}
+}}
+"""
+    )
+    command = ["nginx", "-p", str(directory), "-c", str(config), "-e", str(directory / "err.log")]
+    return Server("nchan", command, {}, port)

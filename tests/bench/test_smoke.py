@@ -1,0 +1,67 @@
+"""The benchmark tools work end to end against a real gateway: a few subscribers, one second.
+
+No timing assertions: speed is measured by `python -m bench`, never by a unit test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+import pytest
+
+from bench.load import Subscribers, publish_at_rate
+from bench.report import markdown
+from bench.run import fanout_step, storm
+from bench.servers import Server
+from tests.app.conftest import RunningGateway
+
+pytestmark = pytest.mark.anyio
+
+
+class InThread(Server):
+    """The `gateway` fixture's server, measured like a bench server (it runs in this process)."""
+
+    def __init__(self, running: RunningGateway) -> None:
+        super().__init__("gateway", [], {}, running.port)
+        self._pid = os.getpid()
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+
+async def test_fanout_step_counts_every_event_without_loss(gateway: RunningGateway) -> None:
+    server = InThread(gateway)
+    subscribers = Subscribers("127.0.0.1", gateway.port, "/channels/smoke/events")
+    with anyio.fail_after(30):
+        try:
+            await subscribers.open(20, sample_every=2, within=10)
+            record = await fanout_step(server, subscribers, "/channels/smoke/publish", 20, 1.0, 0)
+        finally:
+            subscribers.close()
+    assert record["published"] == 20
+    assert record["deliveries"] == 20 * 20
+    assert record["drained"]
+    assert (record["missing"], record["extra"], record["sample_lost"]) == (0, 0, 0)
+    assert record["sample_duplicates"] == 0
+    assert record["p99_ms"] is not None
+    table = markdown([{"scenario": "S2", "target": "gateway", "loadavg": 0.0, **record}])
+    assert "| 20 | gateway | " in table
+
+
+async def test_resume_storm_gets_every_missed_message(gateway: RunningGateway) -> None:
+    with anyio.fail_after(60):
+        record = await storm(InThread(gateway), clients=10, behind=5, live_rate=5)
+    assert record["complete"], record
+    assert record["complete_clients"] == 10
+    assert record["sample_lost"] == record["sample_duplicates"] == 0
+
+
+async def test_open_loop_publisher_reports_the_ids(gateway: RunningGateway) -> None:
+    with anyio.fail_after(30):
+        result = await publish_at_rate(
+            "127.0.0.1", gateway.port, "/channels/smoke/publish", rate=50, duration=0.2, first_seq=0
+        )
+    assert result.ok == result.sent == 10
+    assert len(set(result.ids)) == 10
