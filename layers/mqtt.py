@@ -244,7 +244,7 @@ class MQTTLayer(ChannelLayer):
         self._host = parts.hostname or "127.0.0.1"
         self._username = unquote(parts.username) if parts.username else None
         self._password = unquote(parts.password) if parts.password else None
-        self._tls = parts.scheme == "mqtts"
+        self._tls_context = ssl.create_default_context() if parts.scheme == "mqtts" else None
         self.address = f"{self._host}:{self._port}"
         prefix = topic_prefix if topic_prefix is not None else query.get("topic_prefix", "gw/")
         if (
@@ -314,7 +314,7 @@ class MQTTLayer(ChannelLayer):
             properties=properties,
             timeout=self.timeout,
             keepalive=_KEEPALIVE,
-            tls_context=ssl.create_default_context() if self._tls else None,
+            tls_context=self._tls_context,
         )
         client.pending_calls_threshold = 1 << 30  # many publishes in flight is what a batch is
         # Messages are handled in paho's callback, on the event loop, as each packet is read:

@@ -7,6 +7,7 @@ The behaviour every layer shares is in test_contract.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import signal
 import socket
@@ -276,6 +277,17 @@ async def test_unreachable_broker_is_a_prompt_clear_error(mqtt_layer_factory: La
     ):
         async with Channel(mqtt_layer_factory(f"mqtt://127.0.0.1:{port}")):
             pass
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_mqtts_speaks_tls(mqtt_layer_factory: LayerFactory, mqtt_url: str) -> None:
+    """The shared broker's listener is plain MQTT: a TLS handshake with it fails."""
+    with anyio.fail_after(5), pytest.raises(LayerUnavailable):
+        async with Channel(mqtt_layer_factory(mqtt_url.replace("mqtt://", "mqtts://", 1))):
+            pass
+    # paho 2.2 does not close the socket whose handshake failed (Client._ssl_wrap_socket); the
+    # garbage collector does, with a ResourceWarning: let that happen here, not in a later test.
+    gc.collect()
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
