@@ -138,6 +138,16 @@ def test_url_options_and_their_errors() -> None:
             MQTTLayer("mqtt://h", topic_prefix=prefix)
 
 
+def test_group_client_ids_are_stable_and_bounded() -> None:
+    layer = MQTTLayer("mqtt://h", instance="web-1")
+    layer.instance_name = "web-1"
+    assert layer._group_client_id("orders.eu", "billing") == "gw-web-1|billing|orders.eu"
+    long_one = layer._group_client_id("c" * 200, "g")
+    assert len(long_one) <= 128 and long_one.startswith("gw-web-1|")
+    assert long_one == layer._group_client_id("c" * 200, "g")
+    assert long_one != layer._group_client_id("c" * 199, "g")
+
+
 def test_gateway_history_settings_are_not_passed_to_the_layer() -> None:
     layer = create_layer("mqtt://h", history_size=10, history_ttl=5.0)
     assert isinstance(layer, MQTTLayer)
