@@ -142,6 +142,51 @@ async def test_sigterm_ends_streams_with_a_reconnect_hint_and_exits(
     assert any(r["request_id"] for r in records)  # uvicorn's WebSocket records, inside a request
 
 
+async def test_gunicorn_workers_share_the_layer_and_add_up_their_metrics(
+    redis_url: str, unique: str, tmp_path: Path
+) -> None:
+    """Two workers on Redis: a stream on one sees publishes taken by either, and one scrape of
+    `/metrics` sums both workers' counters (PROMETHEUS_MULTIPROC_DIR)."""
+    log = tmp_path / "server.log"
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {
+        "GATEWAY_LAYER": redis_url,
+        "GATEWAY_WORKERS": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+    with gateway_process(SERVERS["gunicorn"], log, **env) as (process, url):
+        await wait_ready(process, url, log)
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=10) as http,
+            http.stream("GET", f"/channels/{unique}/events") as response,
+        ):
+            stream = SSEStream(response)
+            for number in range(6):
+                # a new connection each time, so the kernel hands them to either worker
+                async with httpx.AsyncClient(base_url=url, timeout=10) as publisher:
+                    reply = await publisher.post(
+                        f"/channels/{unique}/publish", json={"data": number}
+                    )
+                    assert reply.status_code == 200, reply.text
+            with anyio.fail_after(10):
+                received = [(await stream.next()).json["data"] for _ in range(6)]
+            assert received == list(range(6))
+            scrape = (await http.get("/metrics")).text
+            assert metric(scrape, "gateway_messages_published_total", 'layer="redis"') == 6
+            assert metric(scrape, "gateway_messages_delivered_total", 'transport="sse"') == 6
+            assert metric(scrape, "gateway_subscribers_active", 'transport="sse"') == 1
+            assert len(list(metrics_dir.glob("*.db"))) >= 2  # both workers wrote their values
+
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(10):
+                assert [event async for event in _until_closed(stream)] == []
+        with anyio.fail_after(15):
+            while process.poll() is None:  # noqa: ASYNC110 - a child's exit has no event here
+                await anyio.sleep(0.05)
+    assert process.returncode == 0, output(log)
+
+
 async def _until_closed(stream: SSEStream) -> AsyncIterator[SSEEvent]:
     """The stream's remaining events, until the server ends it."""
     try:
