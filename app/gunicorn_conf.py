@@ -62,7 +62,9 @@ accesslog = "-" if settings.access_log else None
 def on_starting(server: Any) -> None:
     """Check the worker count gunicorn will really run, and start metrics from zero."""
     settings_or_exit(workers=server.cfg.workers)
-    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+    metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in metrics_dir.glob("*.db"):
         stale.unlink()
 
 
