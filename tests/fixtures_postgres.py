@@ -36,7 +36,7 @@ def run_sync(make: Callable[[], Awaitable[T]]) -> T:
 
 
 async def _ensure_database(url: str) -> bool:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     try:
         connection = await asyncpg.connect(url, timeout=5)
@@ -74,12 +74,12 @@ async def drop_tables(url: str, prefix: str) -> None:
     connection = await asyncpg.connect(url, timeout=5)
     try:
         await connection.execute(
-            "".join(f"DROP TABLE IF EXISTS {prefix}{table};" for table in TABLES)
-            + f"DROP SEQUENCE IF EXISTS {prefix}message_ids;"
-            + "".join(
+            "".join(
                 f"DROP FUNCTION IF EXISTS {prefix}{function};"
                 for function in ("publish", "group_read", "group_claim", "touch_consumer")
             )
+            + "".join(f"DROP TABLE IF EXISTS {prefix}{table};" for table in TABLES)
+            + f"DROP SEQUENCE IF EXISTS {prefix}message_ids;"
         )
     finally:
         await connection.close()
