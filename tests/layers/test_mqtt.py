@@ -11,8 +11,10 @@ import gc
 import re
 import signal
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -285,7 +287,7 @@ async def test_unreachable_broker_is_a_prompt_clear_error(mqtt_layer_factory: La
         anyio.fail_after(5),
         pytest.raises(LayerUnavailable, match=f"127.0.0.1:{port} is unreachable"),
     ):
-        async with Channel(mqtt_layer_factory(f"mqtt://127.0.0.1:{port}")):
+        async with Channel(mqtt_layer_factory(f"mqtt://127.0.0.1:{port}", instance="nobody")):
             pass
 
 
@@ -308,10 +310,12 @@ async def test_refuses_to_run_under_trio(mqtt_layer_factory: LayerFactory) -> No
 
 
 async def test_processes_on_one_host_get_distinct_instances(
-    mqtt_layer_factory: LayerFactory, unique: str
+    mqtt_layer_factory: LayerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def layer() -> MQTTLayer:  # slots are counted per client id prefix: this test's alone
-        return mqtt_layer(mqtt_layer_factory, client_id_prefix=f"{unique}-")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # slot lock files: this test's own
+
+    def layer() -> MQTTLayer:
+        return mqtt_layer(mqtt_layer_factory)
 
     first, second = layer(), layer()
     async with running(first, RecordingSink()), running(second, RecordingSink()):
