@@ -158,6 +158,7 @@ class RedisLayer(ChannelLayer):
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._sink: Sink | None = None
+        self._listening = False  # the listener connection is up and its subscriptions restored
 
     @property
     def redis(self) -> Redis:
@@ -184,8 +185,11 @@ class RedisLayer(ChannelLayer):
             return await self._scripts[name](keys=keys, args=args, client=self.redis)
 
     async def ping(self) -> None:
+        """Redis answers and the listener is connected (else live messages are not arriving)."""
         with self.unavailable():
             await self.redis.ping()
+        if not self._listening:
+            raise LayerUnavailable(f"Redis at {self.where} answers, the listener is reconnecting")
 
     def _open_pool(self) -> Redis:
         pool = BlockingConnectionPool.from_url(
@@ -216,6 +220,7 @@ class RedisLayer(ChannelLayer):
         def ready() -> None:
             nonlocal started, backoff
             backoff = MIN_BACKOFF
+            self._listening = True
             if started:
                 sink.reconnected()
             else:
@@ -230,6 +235,7 @@ class RedisLayer(ChannelLayer):
                         await connection.connect()  # type: ignore[no-untyped-call]
                         await self._serve(connection, ready)
                 except Exception as exc:
+                    self._listening = False
                     if not started:
                         raise
                     # Whatever went wrong, live subscriptions outlast it: reconnect and go on.
@@ -246,7 +252,7 @@ class RedisLayer(ChannelLayer):
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
-            self._sink = None
+            self._sink, self._listening = None, False
             with anyio.CancelScope(shield=True):
                 await self.redis.aclose(close_connection_pool=True)
             self._client = None

@@ -131,20 +131,29 @@ class RedisPubSubLayer(RedisLayer):
     # -- listening -------------------------------------------------------------------------------
 
     async def _serve(self, connection: AbstractConnection, ready: Callable[[], None]) -> None:
+        # Subscriptions are restored before the layer counts as (re)connected, so a message
+        # published after `ready` is received. Until then subscribe() answers LayerUnavailable.
+        restoring: set[Reply] | None = {(b"subscribe", key) for key in self._channels} | {
+            (b"psubscribe", glob) for glob in self._globs
+        }
         if self._channels:
             await connection.send_command("SUBSCRIBE", *self._channels)
         if self._globs:
             await connection.send_command("PSUBSCRIBE", *self._globs)
-        self._connection = connection
-        ready()
         try:
             while True:
+                if restoring is not None and not restoring:
+                    restoring = None
+                    self._connection = connection
+                    ready()
                 reply = await connection.read_response()
                 kind = reply[0]
                 if kind == b"message":
                     self._receive(reply[2])
                 elif kind == b"pmessage":
                     self._receive(reply[3])
+                elif restoring is not None:
+                    restoring.discard((kind, reply[1]))
                 else:
                     self._confirm((kind, reply[1]))
         finally:
