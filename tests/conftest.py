@@ -15,7 +15,7 @@ import pytest
 
 from layers import ChannelLayer, InMemoryChannelLayer
 
-pytest_plugins = ["tests.fixtures_mqtt", "tests.fixtures_postgres"]
+pytest_plugins = ["tests.fixtures_mqtt", "tests.fixtures_postgres", "tests.fixtures_redis"]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -37,6 +37,8 @@ CONTRACT_LAYERS = [
     pytest.param(("memory_layer_factory", "asyncio"), id="memory-asyncio"),
     pytest.param(("memory_layer_factory", "trio"), id="memory-trio"),
     pytest.param(("mqtt_layer_factory", "asyncio"), id="mqtt-asyncio"),
+    pytest.param(("redis_pubsub_layer_factory", "asyncio"), id="redis-asyncio"),
+    pytest.param(("redis_streams_layer_factory", "asyncio"), id="redis-streams-asyncio"),
     pytest.param(("postgres_layer_factory", "asyncio"), id="postgres-asyncio"),
 ]
 
