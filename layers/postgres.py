@@ -6,19 +6,25 @@ Design decisions:
   until commit, so ids become visible in id order: a reader that has seen id N never later finds a
   committed id below N. A bigserial alone is not enough (two publishers can commit 11 before 10,
   and a reader resuming "after 11" would miss 10 for good). The price: publishes are serialised
-  through their commit across every process; a batch is one transaction, so batching amortises it.
-  The sequence must keep CACHE 1, or sessions would hand out ids out of order.
+  through their commit across every process, so the disk's flush time bounds the publish rate; a
+  batch is one transaction and amortises it. `?synchronous_commit=off` in the URL (passed to the
+  server) lifts that bound about tenfold and keeps the order, but a server crash can then lose the
+  last fraction of a second of accepted publishes. The sequence must keep CACHE 1, or sessions
+  would hand out ids out of order.
 - NOTIFY carries only the newest id of a publish, never the message, so NOTIFY's 8,000-byte
   payload limit does not limit messages. One listener connection per process wakes one reader task
   that reads `id > last_seen` from the table, filtered to what this process subscribes to. After
   the listener reconnects the same read delivers whatever was committed while it was away.
+- Live delivery trails the commit by that read, so `replay` returns only once the reader has
+  passed the newest replayed id: the core drops live events the replay contained only while it
+  holds them aside, and an event arriving later would be a duplicate.
 - A publish (one message or a batch) is one round trip: a plpgsql function takes the lock,
   inserts and notifies. Pooled connections keep no session state, so their reset on release, a
   second round trip, is skipped.
 - History bounds are applied by readers (the newest `history_size` per channel; `expires_at` is
-  set at publish from `history_ttl`), so a background cleanup can delete late without being in the
-  publish path. Each deletion records the channel's highest deleted id, which keeps gap detection
-  exact after rows are gone.
+  set at publish from the publisher's `history_ttl`), so a background cleanup can delete late
+  without being in the publish path. Each deletion records the channel's highest deleted id,
+  which keeps gap detection exact after rows are gone.
 - Consumer groups are rows: a cursor per group, advanced under FOR UPDATE on the group row, and a
   pending row per delivered message, taken over with FOR UPDATE SKIP LOCKED. Consumers in several
   processes share a group and it survives restarts. A pending message whose row the history bound
@@ -35,7 +41,7 @@ import zlib
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import asyncpg  # type: ignore[import-untyped]
@@ -47,12 +53,19 @@ from .event import Event, Message
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # bump when the schema or a function changes; migration re-runs it all
 _LOCK_CLASS = 0x67617465  # first key of every advisory lock this layer takes ("gate")
 _READ_BATCH = 500
 _EXPIRE_BATCH = 5000
 _CLEANUP_AFTER_PUBLISHES = 1000  # run the cleanup early when this process publishes a lot
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,29}")
+_URL_OPTIONS = (
+    "table_prefix",
+    "pool_size",
+    "connect_timeout",
+    "cleanup_interval",
+    "application_name",
+)
 _RELEASED = "released"  # notification "released <channel>": a consumer gave its messages back
 
 # What "the server cannot be reached right now" looks like through asyncpg.
@@ -147,14 +160,19 @@ DECLARE
     after_id bigint;
     ids bigint[];
 BEGIN
-    -- The lock on the group row makes each new message go to exactly one consumer, whichever
-    -- process it is in; ids are visible in order, so "id > cursor" skips nothing.
-    SELECT g.last_id INTO after_id FROM {p}groups g
-        WHERE g.channel = ch AND g.group_name = grp FOR UPDATE;
+    -- Every live message wakes every consumer of its channel: find out whether there is
+    -- anything to read before taking (and so writing) the lock on the group row.
+    SELECT g.last_id INTO after_id FROM {p}groups g WHERE g.channel = ch AND g.group_name = grp;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'no_data_found', MESSAGE = 'unknown consumer group';
     END IF;
-    PERFORM {p}touch_consumer(ch, grp, who);
+    IF NOT EXISTS (SELECT 1 FROM {p}messages m WHERE m.channel = ch AND m.id > after_id) THEN
+        RETURN;
+    END IF;
+    -- The lock makes each new message go to exactly one consumer, whichever process it is in;
+    -- ids are visible in order, so "id > cursor" skips nothing.
+    SELECT g.last_id INTO after_id FROM {p}groups g
+        WHERE g.channel = ch AND g.group_name = grp FOR UPDATE;
     SELECT array_agg(m.id ORDER BY m.id) INTO ids FROM (
         SELECT m.id FROM {p}messages m WHERE m.channel = ch AND m.id > after_id
         ORDER BY m.id LIMIT n
@@ -164,6 +182,7 @@ BEGIN
     END IF;
     UPDATE {p}groups g SET last_id = ids[cardinality(ids)]
         WHERE g.channel = ch AND g.group_name = grp;
+    PERFORM {p}touch_consumer(ch, grp, who);
     INSERT INTO {p}pending (channel, group_name, message_id, consumer)
         SELECT ch, grp, unnest(ids), who;
     RETURN QUERY SELECT m.* FROM {p}messages m WHERE m.id = ANY(ids) ORDER BY m.id;
@@ -221,13 +240,36 @@ class PostgresLayer(ChannelLayer):
         *,
         history_size: int = 1000,
         history_ttl: float | None = None,
-        table_prefix: str = "gateway_",
-        pool_size: int = 10,
-        connect_timeout: float = 5.0,
-        cleanup_interval: float = 5.0,
+        table_prefix: str | None = None,
+        pool_size: int | None = None,
+        connect_timeout: float | None = None,
+        cleanup_interval: float | None = None,
         keepalive_interval: float = 10.0,
-        application_name: str = "channels-gateway",
+        application_name: str | None = None,
     ) -> None:
+        """`url` is `postgresql://[user[:password]@]host[:port]/database[?option=value&...]`.
+
+        Options missing from the arguments are read from the URL query, since the gateway only
+        passes the URL: `table_prefix` (default `gateway_`), `pool_size` (10 connections, plus
+        the listener), `connect_timeout` (5 s), `cleanup_interval` (5 s) and `application_name`.
+        Other query parameters (`sslmode`, ...) go to asyncpg.
+        """
+        url, query = _split_options(url)
+        try:
+            if table_prefix is None:
+                table_prefix = query.get("table_prefix", "gateway_")
+            if pool_size is None:
+                pool_size = int(query.get("pool_size", 10))
+            if connect_timeout is None:
+                connect_timeout = float(query.get("connect_timeout", 5.0))
+            if cleanup_interval is None:
+                cleanup_interval = float(query.get("cleanup_interval", 5.0))
+        except ValueError as exc:
+            raise LayerConfigurationError(f"invalid postgresql:// URL option: {exc}") from None
+        if application_name is None:
+            application_name = query.get("application_name", "channels-gateway")
+        if pool_size < 1:
+            raise LayerConfigurationError("pool_size must be at least 1")
         if not _PREFIX.fullmatch(table_prefix):
             raise LayerConfigurationError(
                 f"invalid table_prefix {table_prefix!r}: use 1-30 lowercase letters, digits and "
@@ -288,6 +330,7 @@ class PostgresLayer(ChannelLayer):
         try:
             await self._migrate()
             self._listener = await self._connect_listener()
+            self._listening = True
             self._last_seen = self._newest = await self._max_id(self._listener)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._deliver, sink)
@@ -306,9 +349,9 @@ class PostgresLayer(ChannelLayer):
         if listener is not None:
             listener.terminate()  # LISTEN state dies with it; nothing to flush
         if pool is not None:
-            with anyio.move_on_after(5):
-                await pool.close()
-            if not pool._closed:
+            with anyio.move_on_after(5) as closing:
+                await pool.close()  # waits for borrowed connections to come back
+            if closing.cancelled_caught:
                 pool.terminate()
 
     async def _migrate(self) -> None:
@@ -372,7 +415,6 @@ class PostgresLayer(ChannelLayer):
             except BaseException:
                 connection.terminate()
                 raise
-        self._listening = True
         return connection
 
     def _on_notify(self, connection: Any, pid: int, channel: str, payload: str) -> None:
@@ -402,26 +444,34 @@ class PostgresLayer(ChannelLayer):
             self._listener = None
             connection.terminate()
             logger.warning("%s: listener connection lost; reconnecting", self._where)
-            backoff = _Backoff()
-            while True:
-                try:
-                    connection = await self._connect_listener()
-                    # LISTEN is active again: whatever was committed before this read is
-                    # covered by it, whatever comes after will be notified.
-                    self._advance(await self._max_id(connection))
-                    break
-                except LayerUnavailable as exc:
-                    if self._listening:
-                        connection.terminate()
-                        self._listening = False
-                    logger.warning("%s", exc.detail)
-                    self._report_error(exc)
-                    await anyio.sleep(backoff.next())
+            connection = await self._reconnect_listener()
             self._listener = connection
+            self._listening = True
             self.listener_reconnects += 1
             logger.info("%s: listener reconnected", self._where)
             if self._sink is not None:
                 self._sink.reconnected()
+
+    async def _reconnect_listener(self) -> Any:
+        backoff = _Backoff()
+        while True:
+            try:
+                connection = await self._connect_listener()
+            except LayerUnavailable as exc:
+                logger.warning("%s", exc.detail)
+                self._report_error(exc)
+                await anyio.sleep(backoff.next())
+                continue
+            try:
+                # LISTEN is active again: whatever was committed before this read is covered by
+                # it, whatever comes after will be notified.
+                self._advance(await self._max_id(connection))
+            except LayerUnavailable as exc:
+                connection.terminate()
+                self._report_error(exc)
+                await anyio.sleep(backoff.next())
+                continue
+            return connection
 
     def _report_error(self, error: BaseException) -> None:
         if self._sink is not None:
@@ -454,8 +504,8 @@ class PostgresLayer(ChannelLayer):
             try:
                 await self._read_up_to(self._newest, sink)
                 backoff.reset()
-            except LayerUnavailable as exc:
-                logger.warning("reading new messages failed: %s", exc.detail)
+            except (LayerUnavailable, asyncpg.PostgresError) as exc:
+                logger.warning("reading new messages failed: %s", exc)
                 self._report_error(exc)
                 await anyio.sleep(backoff.next())
 
@@ -572,8 +622,8 @@ class PostgresLayer(ChannelLayer):
             self._cleanup_due = anyio.Event()
             try:
                 await self.clean_up()
-            except LayerUnavailable as exc:
-                logger.warning("history cleanup failed: %s", exc.detail)
+            except (LayerUnavailable, asyncpg.PostgresError) as exc:
+                logger.warning("history cleanup failed: %s", exc)
                 self._report_error(exc)
 
     async def clean_up(self) -> int:
@@ -821,6 +871,15 @@ async def _keep_session(connection: Any) -> None:
     """Pool reset hook: nothing to undo (no SET, LISTEN or session locks on pooled connections)."""
 
 
+def _split_options(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without this layer's own query options, and those options."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {key: value for key, value in query if key in _URL_OPTIONS}
+    rest = [(key, value) for key, value in query if key not in _URL_OPTIONS]
+    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+
+
 def _event(row: Any) -> Event:
     return Event(
         row["channel"], str(row["id"]), row["data"].encode(), row["event"], row["published_at"]
@@ -828,7 +887,8 @@ def _event(row: Any) -> Event:
 
 
 def _parse_id(id: str) -> int | None:
-    if not (id.isascii() and id.isdigit()) or len(id) > 18:
+    """The position of an id this layer issued: canonical decimal, so "007" is not 7."""
+    if not (id.isascii() and id.isdigit()) or len(id) > 18 or str(int(id)) != id:
         return None
     return int(id)
 

@@ -331,6 +331,18 @@ async def test_unreachable_server_or_missing_database_is_a_clear_error(postgres_
             pass
 
 
+async def test_options_come_from_the_url_and_the_rest_goes_to_the_driver() -> None:
+    layer = PostgresLayer(
+        "postgresql://u@db/gw?table_prefix=gw2_&pool_size=3&sslmode=disable&connect_timeout=1.5"
+    )
+    assert (layer.table_prefix, layer.pool_size, layer.connect_timeout) == ("gw2_", 3, 1.5)
+    assert layer.url == "postgresql://u@db/gw?sslmode=disable"
+    assert PostgresLayer("postgresql://db/gw?pool_size=3", pool_size=7).pool_size == 7
+    for bad in ("pool_size=many", "pool_size=0", "table_prefix=Drop;Table"):
+        with pytest.raises(LayerConfigurationError):
+            PostgresLayer(f"postgresql://db/gw?{bad}")
+
+
 async def test_a_publish_is_one_round_trip_single_or_batch(postgres_url: str, unique: str) -> None:
     async with proxied(postgres_url) as (proxy, url):
         # One pooled connection, so prepared statements are warm after the first publish.
