@@ -30,7 +30,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 from anyio.abc import TaskStatus
@@ -89,9 +89,10 @@ def format_id(id: IdTuple) -> str:
 
 
 def driver_url(url: str) -> str:
-    """`redis+streams://h/0` -> `redis://h/0`: the driver knows only the plain schemes."""
+    """`redis+streams://h/0?key_prefix=p:` -> `redis://h/0`: what the driver understands."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "key_prefix"]
+    return urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0], query=urlencode(query)))
 
 
 def redacted(url: str) -> str:
@@ -149,6 +150,8 @@ class RedisLayer(ChannelLayer):
     lua: ClassVar[dict[str, str]] = {}  # scripts by name, loaded once per server (EVALSHA)
 
     def __init__(self, url: str, *, key_prefix: str = "gw:") -> None:
+        # The URL may carry the prefix (`?key_prefix=`): the gateway configures a layer by URL.
+        key_prefix = dict(parse_qsl(urlsplit(url).query)).get("key_prefix", key_prefix)
         if not key_prefix:
             raise InvalidArgument("key_prefix must not be empty: the layer's keys need a namespace")
         self.url = url

@@ -93,6 +93,9 @@ async def nothing_more(subscription: Any, seconds: float = 0.3) -> None:
 def test_urls_options_and_factory() -> None:
     assert driver_url("redis+streams://h:1/2") == "redis://h:1/2"
     assert driver_url("rediss+streams://u:p@h/0") == "rediss://u:p@h/0"
+    assert driver_url("redis://h/0?key_prefix=x:&protocol=2") == "redis://h/0?protocol=2"
+    assert RedisPubSubLayer("redis://h/0?key_prefix=app:").keys.prefix == "app:"
+    assert RedisPubSubLayer("redis://h/0", key_prefix="lib:").keys.prefix == "lib:"
     assert isinstance(create_layer("redis://127.0.0.1/0"), RedisPubSubLayer)
     streams = create_layer("redis+streams://127.0.0.1/0", history_size=5, history_ttl=60)
     assert isinstance(streams, RedisStreamsLayer)
