@@ -47,13 +47,20 @@ class GatewayProcess:
 
 
 @contextmanager
-def gateway_process(layer: str, log: Path) -> Iterator[GatewayProcess]:
-    port = free_port()
+def gateway_process(
+    layer: str, log: Path, *, port: int | None = None, **env: str
+) -> Iterator[GatewayProcess]:
+    """A gateway process, stopped with SIGTERM (its graceful drain) when the block ends.
+
+    `port` restarts a gateway where a stopped one listened; `env` adds or overrides settings.
+    """
+    port = port or free_port()
     environment = {
         **os.environ,
         "GATEWAY_LAYER": layer,
         "GATEWAY_PORT": str(port),
         "GATEWAY_SHUTDOWN_GRACE_SECONDS": "1",
+        **env,
     }
     with log.open("wb") as output:
         process = subprocess.Popen(
