@@ -9,16 +9,17 @@ Design decisions:
   instead of hanging on retries or risking a duplicate; a stale pooled connection is replaced when
   it is checked out, so the first publish after a dropped connection still succeeds.
 - The listener reconnects by itself with exponential backoff (capped at `MAX_BACKOFF`) and lets
-  the layer restore its subscriptions; only a broker that is unreachable at start-up is fatal, with
-  an error naming the URL (password hidden).
+  the layer restore its subscriptions; meanwhile `ping` fails (readiness goes red) and live
+  subscriptions stay open. Only a broker that is unreachable at start-up is fatal, with an error
+  naming the URL (password hidden).
 - Ids are `<ms>-<seq>` from one clock per key prefix, assigned inside the publishing Lua script:
   `ms` is Redis `TIME` but never less than the last id's, and `seq` goes up while `ms` stands
   still. Ids are therefore strictly increasing across all channels (one id places a resuming
   subscriber in every channel it follows), time-based (history can expire by id), and they keep
   increasing across a Redis restart that lost the clock key, because time moved on.
-- Channel `c` lives at key `<prefix>c`. Names are used as they are: no case folding, no escaping
-  needed, since channel names contain no glob characters. The layer's own keys contain `#`, which
-  channel names cannot, so they never collide with a channel.
+- Channel `c` lives at key `<prefix>c` (prefix `gw:`, or `?key_prefix=` in the URL). Names are
+  used as they are: no case folding, and no escaping, since channel names hold no glob characters.
+  The layer's own keys contain `#`, which channel names cannot, so they never collide with one.
 - RESP2 is used on every connection: replies are plain arrays whatever the driver's default.
 """
 

@@ -151,6 +151,7 @@ class RedisStreamsLayer(StreamGroups):
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         async with self._lock:
             start = await self._clock()
+            reading = len(self._cursors)
             for channel in channels:
                 self._channels.add(channel)
                 self._cursors.setdefault(self.keys.key(channel), start)
@@ -167,7 +168,9 @@ class RedisStreamsLayer(StreamGroups):
                     raise
                 for key in found:
                     self._cursors.setdefault(key, start)
-        await self._interrupt_read()
+            added = len(self._cursors) > reading
+        if added:
+            await self._interrupt_read()
 
     async def unsubscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         async with self._lock:
@@ -201,7 +204,7 @@ class RedisStreamsLayer(StreamGroups):
                     if await self.redis.client_unblock(listener):
                         return
             except LayerUnavailable:
-                return  # the listener reconnects and then reads every stream anyway
+                return  # refused or disconnected: the next read (BLOCK_SECONDS at most) has them
             await anyio.sleep(0.002)
 
     # -- listening -------------------------------------------------------------------------------
