@@ -246,15 +246,20 @@ async def publish_at_rate(
             body = b'{"data":{"seq":%d,"t":%.6f}}' % (first_seq + i, time.time())
             futures.append(pool[i % connections].request(post_request(host, port, path, body)))
         seconds = time.monotonic() - started
-        replies = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
+        await asyncio.wait(futures, timeout=30)  # unanswered by then: counted as failed
     finally:
+        for future in futures:
+            future.cancel()  # no-op for the answered ones
         for connection in pool:
             if connection.transport is not None:
                 connection.transport.close()
     ids = []
     ok = 0
-    for reply in replies:
-        if isinstance(reply, tuple) and 200 <= reply[0] < 300:
+    for future in futures:
+        if future.cancelled() or not future.done() or future.exception() is not None:
+            continue
+        reply = future.result()
+        if 200 <= reply[0] < 300:
             ok += 1
             try:
                 ids.append(str(orjson.loads(reply[1])["id"]))

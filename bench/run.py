@@ -126,19 +126,19 @@ async def _wrk(port: int, path: str, seconds: float) -> tuple[int, int]:
 # -- S2 / S4: fan-out at fixed rates -----------------------------------------------------------
 
 
-async def fanout(server: Server, config: Config, channel: str) -> list[Record]:
+async def fanout(
+    server: Server, config: Config, channel: str, emit: Callable[[Record], None]
+) -> None:
     """`config.subscribers` on one channel; one step per rate, the connections kept throughout."""
     subscribers = Subscribers(HOST, server.port, f"/channels/{channel}/events")
     path = f"/channels/{channel}/publish"
     try:
         await subscribers.open(config.subscribers)
-        records = []
         seq = 0
         for rate in config.rates:
             record = await fanout_step(server, subscribers, path, rate, config.step_seconds, seq)
-            seq += record["published"]
-            records.append(record)
-        return records
+            seq += record["sent"]
+            emit(record)
     finally:
         subscribers.close()
 
@@ -168,6 +168,7 @@ async def fanout_step(
     latencies = [x for c in sampled for x in c.latencies]
     return {
         "rate": rate,
+        "sent": published.sent,
         "published": published.ok,
         "publish_failed": published.sent - published.ok,
         "offered_rate": round((published.sent - 1) / max(publish_seconds, 1e-9), 1),
@@ -321,18 +322,30 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
     def info(server: Server) -> Record:
         return {"libraries": server.libraries()} if server.name != "nchan" else {}
 
+    def emitter(fields: Record) -> Callable[[Record], None]:
+        return lambda record: emit(stamp({**fields, **record}))
+
+    @contextmanager
+    def attempt(scenario: str, target: str) -> Iterator[None]:
+        """A target that fails a scenario is recorded as such; the run goes on."""
+        try:
+            yield
+        except Exception as exc:
+            reason = f"failed: {exc!r}"[:300]
+            emit(stamp({"scenario": scenario, "target": target, "not_run": reason}))
+
     if "S1" in config.scenarios:
         for name, make in targets:
-            with make() as server:
+            with attempt("S1", name), make() as server:
                 await asyncio.sleep(0.5)
                 result = await throughput(server, config.throughput_seconds)
                 emit(stamp({"scenario": "S1", "target": name, **info(server), **result}))
 
     if "S2" in config.scenarios:
         for name, make in targets:
-            with make() as server:
-                for record in await fanout(server, config, "s2"):
-                    emit(stamp({"scenario": "S2", "target": name, **info(server), **record}))
+            with attempt("S2", name), make() as server:
+                fields = {"scenario": "S2", "target": name, **info(server)}
+                await fanout(server, config, "s2", emitter(fields))
 
     if "S3" in config.scenarios:
         keepalive = 2
@@ -341,7 +354,7 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
                 server = servers.nchan(keepalive_seconds=keepalive)
             else:
                 server = make(keepalive_seconds=str(keepalive))
-            with server:
+            with attempt("S3", name), server:
                 result = await idle(server, config.idle, keepalive)
                 emit(stamp({"scenario": "S3", "target": name, **result}))
 
@@ -351,18 +364,14 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
                 emit(stamp({"scenario": "S4", "target": scheme, "not_run": missing}))
                 continue
             url = config.redis_url.replace("redis://", f"{scheme}://", 1)
-            try:
-                with servers.gateway(layer=url) as server:
-                    channel = f"s4-{int(time.time())}"
-                    for record in await fanout(server, config, channel):
-                        emit(stamp({"scenario": "S4", "target": scheme, **record}))
-            except RuntimeError as exc:
-                emit(stamp({"scenario": "S4", "target": scheme, "not_run": str(exc)[:300]}))
+            with attempt("S4", scheme), servers.gateway(layer=url) as server:
+                fields = {"scenario": "S4", "target": scheme}
+                await fanout(server, config, f"s4-{int(time.time())}", emitter(fields))
 
     if "S5" in config.scenarios:
         for name, make in targets:
             if name == "nchan":
                 continue  # nchan ids are its own "time:tag" form; the storm compares Python apps
-            with make() as server:
+            with attempt("S5", name), make() as server:
                 result = await storm(server, config.storm)
                 emit(stamp({"scenario": "S5", "target": name, **result}))
