@@ -10,7 +10,8 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.app.conftest import RunningGateway
+from tests.app.conftest import RunningGateway, serve
+from tests.app.test_auth import SECRET, bearer, token
 
 pytestmark = pytest.mark.anyio
 
@@ -51,3 +52,26 @@ async def until_stats(http: httpx.AsyncClient, check: Callable[[dict[str, Any]],
     with anyio.fail_after(10):
         while not check((await http.get("/stats")).json()):  # noqa: ASYNC110 - server state
             await anyio.sleep(0.02)
+
+
+async def test_groups_are_listed_only_for_channels_the_token_may_subscribe_to() -> None:
+    with serve(jwt_secret=SECRET) as secured:
+        jobs = token(subscribe=["jobs"])
+        async with (
+            secured.client(headers=bearer(jobs)) as http,
+            secured.sse("/channels/jobs/events?group=w&consumer=c", headers=bearer(jobs)),
+            secured.sse(
+                "/channels/secret/events?group=w&consumer=c",
+                headers=bearer(token(subscribe=["secret"])),
+            ),
+        ):
+            await until_stats(http, lambda stats: stats["subscribers"]["sse"] == 2)
+            assert (await http.get("/stats")).json()["groups"] == [
+                {"channel": "jobs", "group": "w", "consumers": 1}
+            ]
+            async with secured.client() as without_token:
+                anonymous = await without_token.get("/stats")
+            assert anonymous.status_code == 401
+            assert anonymous.json()["error"] == "token_required"
+            bad = await http.get("/stats", headers=bearer("not-a-token"))
+            assert bad.status_code == 401

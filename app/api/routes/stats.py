@@ -4,6 +4,9 @@ Everything here is per process, read from the same Prometheus registry `/metrics
 two never disagree. Totals rather than rates: a client polling twice computes any rate it wants,
 and a process keeps no clock-dependent state for it. With several workers each answer comes from
 whichever worker took the request; `/metrics` scraped per pod is the fleet-wide view.
+
+With authorization on, it needs a token like the channel routes (it names channels and groups),
+and lists only the groups on channels that token may subscribe to.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from starlette.responses import Response
 from app.api.deps import GatewayDep
 from app.api.models import StatsReply, errors
 from app.api.routes.publish import json_response
+from app.auth import Grant, GrantDep
+from app.errors import ApiError
 from app.gateway import Gateway
 
 router = APIRouter(tags=["operations"])
@@ -26,13 +31,16 @@ TRANSPORTS = ("sse", "ws")
     summary="Subscribers, message totals and consumer groups of this process",
     description=(
         "Per-process numbers for dashboards such as the web console; poll it and divide the "
-        "change in `published` and `delivered` by the time between polls for rates."
+        "change in `published` and `delivered` by the time between polls for rates. With "
+        "authorization on it needs a token, and `groups` lists only channels that token may "
+        "subscribe to."
     ),
     response_model=StatsReply,
     responses=errors(401, 503),
 )
-async def stats(gateway: GatewayDep) -> Response:
+async def stats(gateway: GatewayDep, grant: GrantDep) -> Response:
     groups = gateway.channel.local_groups()  # 503 while starting
+    visible = {key: consumers for key, consumers in groups.items() if _may_see(grant, key[0])}
     return json_response(
         {
             "layer": gateway.metrics.layer,
@@ -42,10 +50,18 @@ async def stats(gateway: GatewayDep) -> Response:
             "dropped": _per_transport(gateway, "gateway_messages_dropped_total"),
             "groups": [
                 {"channel": channel, "group": group, "consumers": consumers}
-                for (channel, group), consumers in sorted(groups.items())
+                for (channel, group), consumers in sorted(visible.items())
             ],
         }
     )
+
+
+def _may_see(grant: Grant, channel: str) -> bool:
+    try:
+        grant.require_subscribe([channel])
+    except ApiError:
+        return False
+    return True
 
 
 def _per_transport(gateway: Gateway, name: str) -> dict[str, int]:
