@@ -57,6 +57,9 @@ SCHEMA_VERSION = 2  # bump when the schema or a function changes; migration re-r
 _LOCK_CLASS = 0x67617465  # first key of every advisory lock this layer takes ("gate")
 _READ_BATCH = 500
 _EXPIRE_BATCH = 5000
+# Anonymous group consumers get a new name per connection; forget those long gone. A live one
+# claims at least every few seconds, which keeps it fresh.
+_FORGET_CONSUMERS_AFTER = 3600.0
 _CLEANUP_AFTER_PUBLISHES = 1000  # run the cleanup early when this process publishes a lot
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,29}")
 _URL_OPTIONS = (
@@ -631,7 +634,8 @@ class PostgresLayer(ChannelLayer):
 
         A background task runs this every `cleanup_interval` seconds. Readers already leave out
         evicted messages, so running it late only costs disk space. Size is enforced on the
-        channels this process published to; expiry on every channel.
+        channels this process published to; expiry on every channel. Group consumers idle for an
+        hour with nothing pending are forgotten too.
         """
         dirty, self._dirty = self._dirty, set()
         self._published_since_cleanup = 0
@@ -650,6 +654,7 @@ class PostgresLayer(ChannelLayer):
                     deleted += expired
                     if expired < _EXPIRE_BATCH:
                         break
+                await connection.execute(self._sql.forget_consumers, _FORGET_CONSUMERS_AFTER)
         except BaseException:
             self._dirty |= dirty
             raise
@@ -810,6 +815,12 @@ class _Statements:
             VALUES ($1, $2, (SELECT coalesce(max(id), 0) FROM {p}messages))
             ON CONFLICT (channel, group_name) DO NOTHING"""
         self.touch_consumer = f"SELECT {p}touch_consumer($1, $2, $3)"
+        self.forget_consumers = f"""
+            DELETE FROM {p}consumers c
+            WHERE c.seen_at < now() - make_interval(secs => $1)
+              AND NOT EXISTS (
+                  SELECT 1 FROM {p}pending p WHERE p.channel = c.channel
+                      AND p.group_name = c.group_name AND p.consumer = c.consumer)"""
         self.leave = f"""
             UPDATE {p}consumers SET seen_at = now()
             WHERE channel = $1 AND group_name = $2 AND consumer = $3"""

@@ -572,6 +572,27 @@ async def test_release_wakes_consumers_in_another_process(factory: Factory, uniq
             assert await again.ack()
 
 
+async def test_consumers_long_gone_with_nothing_pending_are_forgotten(
+    factory: Factory, postgres_url: str, unique: str
+) -> None:
+    async with Channel(factory(cleanup_interval=3600)) as channel:
+        layer = channel.layer
+        assert isinstance(layer, PostgresLayer)
+        for consumer in ("idle", "holding", "fresh"):
+            await layer.group_join(unique, "g", consumer)
+        await channel.publish(unique, "held")
+        assert len(await layer.group_read(unique, "g", "holding", 1)) == 1
+        await execute(
+            postgres_url,
+            "UPDATE gateway_consumers SET seen_at = now() - interval '2 hours' "
+            "WHERE channel = $1 AND consumer <> 'fresh'",
+            unique,
+        )
+        await layer.clean_up()
+        info = await layer.group_info(unique, "g")
+        assert {c.name: c.pending for c in info.consumers} == {"holding": 1, "fresh": 0}
+
+
 async def test_pending_message_whose_row_was_trimmed_is_dropped_on_claim(
     factory: Factory, unique: str
 ) -> None:
