@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from app.auth import Authenticator
@@ -25,6 +25,7 @@ class Gateway:
         self._channel: Channel | None = None
         self.connections = 0
         self.draining = False
+        self._drain_hooks: set[Callable[[], None]] = set()
         self.keepalives = Keepalives(settings.keepalive_seconds)
 
     @property
@@ -83,6 +84,17 @@ class Gateway:
         logger.info("draining: ending %d streaming connections", self.connections)
         if self._channel is not None:
             self._channel.close_subscriptions(release=True)
+        for hook in list(self._drain_hooks):
+            hook()
+
+    @contextmanager
+    def on_drain(self, hook: Callable[[], None]) -> Iterator[None]:
+        """While the block runs, `drain` also calls `hook` (a connection with no subscription)."""
+        self._drain_hooks.add(hook)
+        try:
+            yield
+        finally:
+            self._drain_hooks.discard(hook)
 
     @contextmanager
     def connection(self) -> Iterator[None]:

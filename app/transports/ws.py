@@ -104,7 +104,7 @@ class WebSocketSession:
         try:
             # only the handshake's checks raise here: `_serve` answers errors with frames
             self.grant = self.gateway.auth.grant_for(self.websocket)
-            with self.gateway.connection():
+            with self.gateway.connection(), self.gateway.on_drain(self._going_away):
                 await self._serve()
         except ApiError as exc:
             await self.websocket.send_text(
@@ -141,6 +141,16 @@ class WebSocketSession:
                     session.cancel()
                     return
                 await self.websocket.send_text(frame)
+
+    def _going_away(self) -> None:
+        """The instance is draining: close with 1001 so the client reconnects elsewhere."""
+        close = _Close(1001, "going_away")
+        try:
+            self.outbox.send_nowait(close)
+        except anyio.WouldBlock:
+            self.tasks.start_soon(self.outbox.send, close)
+        except anyio.ClosedResourceError:
+            pass  # the session is ending anyway
 
     async def _expire(self, deadline: float) -> None:
         await anyio.sleep_until(deadline)

@@ -102,6 +102,7 @@ async def test_sigterm_ends_streams_with_a_reconnect_hint_and_exits(
             httpx.AsyncClient(base_url=url, timeout=10) as http,
             http.stream("GET", "/channels/news/events") as response,
             connect(url.replace("http", "ws") + "/ws") as ws,
+            connect(url.replace("http", "ws") + "/ws") as idle_ws,  # never subscribes
         ):
             assert response.status_code == 200
             stream = SSEStream(response)
@@ -116,7 +117,7 @@ async def test_sigterm_ends_streams_with_a_reconnect_hint_and_exits(
             scrape = (await http.get("/metrics")).text  # summed over workers under gunicorn
             assert metric(scrape, "gateway_messages_published_total", 'layer="memory"') == 2
             assert metric(scrape, "gateway_subscribers_active", 'transport="sse"') == 1
-            assert metric(scrape, "gateway_subscribers_active", 'transport="ws"') == 1
+            assert metric(scrape, "gateway_subscribers_active", 'transport="ws"') == 2
 
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)
@@ -124,9 +125,12 @@ async def test_sigterm_ends_streams_with_a_reconnect_hint_and_exits(
                 rest = [event async for event in _until_closed(stream)]
                 with pytest.raises(ConnectionClosed) as closed:
                     await ws.recv()
+                with pytest.raises(ConnectionClosed) as idle_closed:
+                    await idle_ws.recv()
             assert rest == []
             assert stream.parser.retry is not None and stream.parser.retry <= 1000
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            assert idle_closed.value.rcvd is not None and idle_closed.value.rcvd.code == 1001
 
         with anyio.fail_after(15):
             while process.poll() is None:  # noqa: ASYNC110 - a child's exit has no event here
