@@ -14,7 +14,8 @@ RUN /opt/venv/bin/pip install --prefer-binary ".[all]" \
  && /opt/venv/bin/pip uninstall -y pip
 
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent gateway
+RUN groupadd --system --gid 10001 gateway \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent gateway
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
