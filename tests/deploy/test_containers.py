@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,16 @@ BROKERS = ("redis", "postgres", "mosquitto")
 
 
 def tool(name: str) -> str:
-    """The path of a command-line tool; skip (locally) or fail (in CI) without it."""
-    path = shutil.which(name)
+    """The path of a command-line tool; skip (locally) or fail (in CI) without it.
+
+    The virtualenv's own bin directory comes first: CI runs `.venv/bin/python -m pytest` without
+    activating it, and hadolint comes from a dev dependency."""
+    path = shutil.which(
+        name,
+        path=os.pathsep.join(
+            [str(Path(sys.executable).parent), os.defpath, os.environ.get("PATH", "")]
+        ),
+    )
     if path is None:
         message = f"{name} is not installed (.ci/run installs it)"
         if IN_CI:
