@@ -489,10 +489,11 @@ class PostgresLayer(ChannelLayer):
             with anyio.move_on_after(self.keepalive_interval):
                 await lost.wait()
                 return
-            # A peer that vanished without closing the socket sends no termination; ask.
+            # A peer that vanished without closing the socket sends no termination: ask. Asking
+            # for the newest id also delivers anything whose notification went astray.
             try:
                 with anyio.fail_after(self.connect_timeout):
-                    await connection.fetchval("SELECT 1")
+                    self._advance(await connection.fetchval(self._sql.max_id))
             except (*_UNAVAILABLE, asyncpg.PostgresError):
                 return
 

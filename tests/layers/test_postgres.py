@@ -203,6 +203,25 @@ async def test_listener_killed_while_messages_stream_loses_nothing(
         assert layer.listener_reconnects == 1
 
 
+async def test_a_message_whose_notification_went_astray_arrives_with_the_keepalive(
+    postgres_url: str, unique: str
+) -> None:
+    prefix = f"{unique}_"  # tables of its own: no other publisher's NOTIFY may wake the reader
+    layer = PostgresLayer(postgres_url, table_prefix=prefix, pool_size=1, keepalive_interval=0.2)
+    try:
+        async with Channel(layer) as channel, channel.subscribe(unique) as sub:
+            await execute(
+                postgres_url,
+                f"INSERT INTO {prefix}messages (id, channel, event, data, published_at) "
+                f"VALUES (nextval('{prefix}message_ids'), $1, 'message', '\"quiet\"', 0)",
+                unique,
+            )
+            (event,) = await events(sub, 1)
+        assert event.data == "quiet"
+    finally:
+        await drop_tables(postgres_url, prefix)
+
+
 class TcpProxy:
     """A port in front of PostgreSQL: `stop()` is the server going away, `start()` its return."""
 
