@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,7 @@ from app.settings import settings_or_exit
 settings = settings_or_exit()  # memory:// with GATEWAY_WORKERS > 1 stops here, saying why
 drain_seconds = math.ceil(settings.shutdown_grace_seconds)
 
-# Set before any worker imports prometheus_client, which reads it once at import.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gateway-metrics-"))
+own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 
 
 class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
@@ -62,10 +62,19 @@ accesslog = "-" if settings.access_log else None
 def on_starting(server: Any) -> None:
     """Check the worker count gunicorn will really run, and start metrics from zero."""
     settings_or_exit(workers=server.cfg.workers)
+    # Set before the workers fork and import prometheus_client, which reads it once at import
+    # (the app is not preloaded into this process).
+    if own_metrics_dir:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     metrics_dir = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     metrics_dir.mkdir(parents=True, exist_ok=True)
     for stale in metrics_dir.glob("*.db"):
         stale.unlink()
+
+
+def on_exit(server: Any) -> None:
+    if own_metrics_dir:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:
