@@ -11,9 +11,6 @@ itself and resumes with `Last-Event-ID`; its WebSocket client reconnects and res
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from importlib.util import find_spec
 from pathlib import Path
 
 import anyio
@@ -23,34 +20,14 @@ from layers import Channel, create_layer
 from tests.app.conftest import free_port
 from tests.app.processes import GatewayProcess, gateway_process
 from tests.browser.conftest import ConsolePage, shown_ids, subscribe_in_page, wait_shown
-from tests.conftest import require_service
 
 pytestmark = pytest.mark.anyio
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-# Not the Redis tests' database, so their clean-ups and this gateway's keys never meet.
-STREAMS_URL = "redis+streams://" + REDIS_URL.split("://", 1)[1].rsplit("/", 1)[0] + "/14"
-
 
 @pytest.fixture
-def persistent_layer(unique: str) -> Iterator[str]:
-    """The URL of a layer that keeps messages across a gateway restart, emptied afterwards."""
-    if find_spec("layers.redis_streams") is None:
-        pytest.skip("no persistent layer (layers/redis_streams.py) in this tree")
-    import redis
-
-    try:
-        with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1) as client:
-            reachable = bool(client.ping())
-    except (redis.RedisError, OSError):
-        reachable = False
-    require_service("Redis", reachable, REDIS_URL)
-    yield STREAMS_URL
-    # the gateway uses the layer's default key prefix; this test's channels all start `unique`
-    with redis.Redis.from_url(STREAMS_URL.replace("redis+streams", "redis", 1)) as client:
-        keys = list(client.scan_iter(match=f"gw:{unique}*"))
-        if keys:
-            client.delete(*keys)
+def persistent_layer(redis_url: str, redis_prefix: str) -> str:
+    """Redis Streams under a key prefix of this test's own (removed afterwards)."""
+    return redis_url.replace("redis://", "redis+streams://", 1) + f"?key_prefix={redis_prefix}"
 
 
 async def publish(gateway: GatewayProcess, channel: str, data: object) -> str:
