@@ -1,8 +1,8 @@
 """`python -m bench`: run the scenarios, write bench/results/latest.{jsonl,md,png}.
 
 Options: `--scenarios S1,S2`, `--rates 10,50`, `--subscribers N`, `--idle N`, `--step-seconds S`,
-`--out DIR`. Results of a partial run go to the same files, so the README's table is always one
-run's output.
+`--out DIR`, `--render` (redraw the table and plot from the JSON lines). A partial run writes the
+same files, so the table and plot are always one run's output.
 """
 
 from __future__ import annotations
@@ -30,7 +30,16 @@ def main() -> None:
     parser.add_argument("--storm", type=int, default=1000)
     parser.add_argument("--step-seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw latest.md and latest.png from .jsonl"
+    )
     args = parser.parse_args()
+    if args.render:
+        lines = (args.out / "latest.jsonl").read_bytes().splitlines()
+        saved = [orjson.loads(line) for line in lines]
+        (args.out / "latest.md").write_text(markdown(saved))
+        plot(saved, args.out / "latest.png")
+        return
     config = Config(
         subscribers=args.subscribers,
         rates=[int(r) for r in args.rates.split(",")],

@@ -125,12 +125,96 @@ def markdown(records: list[Record]) -> str:
                 f"{r['server_cpu_s']} | {r['loadavg']} |"
             )
         lines.append("")
+    checks = targets(records)
+    if checks:
+        lines += ["**Targets** (this run)", "", "| target | measured | met |", "|---|---|---|"]
+        lines += [
+            f"| {name} | {measured} | {'yes' if met else 'no'} |" for name, measured, met in checks
+        ]
+        lines.append("")
     skipped = [r for r in records if "not_run" in r]
     if skipped:
         lines += ["Not run:", ""]
         lines += [f"- {r['scenario']} {r['target']}: {r['not_run']}" for r in skipped]
         lines.append("")
     return "\n".join(lines)
+
+
+def targets(records: list[Record]) -> list[tuple[str, str, bool]]:
+    """The issue's targets, checked against this run: (target, what was measured, met)."""
+    from bench.run import sustained
+
+    def one(scenario: str, target: str, **match: Any) -> Record | None:
+        return next(
+            (
+                r
+                for r in _by(records, scenario)
+                if r["target"] == target and all(r.get(k) == v for k, v in match.items())
+            ),
+            None,
+        )
+
+    def best(scenario: str, target: str) -> int:
+        return max(
+            (r["rate"] for r in _by(records, scenario) if r["target"] == target and sustained(r)),
+            default=0,
+        )
+
+    out: list[tuple[str, str, bool]] = []
+    top = max((r["rate"] for r in _by(records, "S2")), default=None)
+    gateway, baseline = one("S2", "gateway", rate=top), one("S2", "baseline", rate=top)
+    if gateway and baseline:
+        ratio = gateway["deliveries_per_s"] / baseline["deliveries_per_s"]
+        out.append(
+            (
+                f"S2 {top} msg/s: >= 0.95x baseline deliveries/s, no loss, p99 <= 1 s",
+                f"{ratio:.2f}x, p99 {_fmt(gateway['p99_ms'])} ms, loss {_lost(gateway)}",
+                ratio >= 0.95 and sustained(gateway),
+            )
+        )
+    gateway, baseline = one("S2", "gateway", rate=50), one("S2", "baseline", rate=50)
+    if gateway and baseline:
+        ratio = gateway["server_cpu_us_per_delivery"] / baseline["server_cpu_us_per_delivery"]
+        out.append(
+            ("S2 50 msg/s: CPU per delivery <= 1.5x baseline", f"{ratio:.2f}x", ratio <= 1.5)
+        )
+    gateway, baseline = one("S1", "gateway"), one("S1", "baseline")
+    if gateway and baseline:
+        ratio = gateway["requests_per_s"] / baseline["requests_per_s"]
+        out.append(("S1: publish throughput >= 0.6x baseline", f"{ratio:.2f}x", ratio >= 0.6))
+    gateway, baseline = one("S3", "gateway"), one("S3", "baseline")
+    if gateway and baseline:
+        ratio = gateway["rss_per_connection_kib"] / baseline["rss_per_connection_kib"]
+        out.append(("S3: RSS per idle connection <= 1.3x baseline", f"{ratio:.2f}x", ratio <= 1.3))
+        held = gateway["keepalive_received"] == gateway["connections"] >= 10_000
+        out.append(
+            (
+                "S3: 10,000 connections held, keepalives flowing",
+                f"{gateway['keepalive_received']:,} of {gateway['connections']:,} got keepalives",
+                held,
+            )
+        )
+    if _by(records, "S4"):
+        streams, memory = best("S4", "redis+streams"), best("S2", "gateway")
+        out.append(
+            (
+                "S4: redis+streams sustains >= 0.8x the memory layer's rate",
+                f"{streams} vs {memory} msg/s sustained",
+                bool(memory) and streams >= 0.8 * memory,
+            )
+        )
+    gateway = one("S5", "gateway")
+    if gateway:
+        out.append(
+            (
+                "S5: resume storm, every client complete, no loss",
+                f"{gateway['complete_clients']:,} of {gateway['clients']:,} complete, "
+                f"missing {gateway['missing']}, extra {gateway['extra']}",
+                bool(gateway["complete"])
+                and gateway["sample_lost"] == gateway["sample_duplicates"] == 0,
+            )
+        )
+    return out
 
 
 def plot(records: list[Record], path: Path) -> bool:
@@ -151,10 +235,18 @@ def plot(records: list[Record], path: Path) -> bool:
     for target in targets:
         mine = sorted((r for r in rows if r["target"] == target), key=lambda r: r["rate"])
         rates = [r["rate"] for r in mine]
-        left.plot(rates, [r["deliveries_per_s"] for r in mine], marker="o", label=target)
-        right.plot(rates, [r["p99_ms"] for r in mine], marker="o", label=f"{target} p99")
+        (line,) = left.plot(rates, [r["deliveries_per_s"] for r in mine], marker="o", label=target)
+        color = line.get_color()
         right.plot(
-            rates, [r["p50_ms"] for r in mine], marker=".", linestyle=":", label=f"{target} p50"
+            rates, [r["p99_ms"] for r in mine], marker="o", color=color, label=f"{target} p99"
+        )
+        right.plot(
+            rates,
+            [r["p50_ms"] for r in mine],
+            marker=".",
+            linestyle=":",
+            color=color,
+            label=f"{target} p50",
         )
     left.set(xlabel="publish rate (msg/s)", ylabel="deliveries/s", title="1,000 subscribers")
     right.set(xlabel="publish rate (msg/s)", ylabel="latency (ms)", yscale="log", title="latency")
