@@ -72,6 +72,12 @@ def on_starting(server: Any) -> None:
         stale.unlink()
 
 
+def post_worker_init(worker: Any) -> None:
+    from app.__main__ import tune_gc
+
+    tune_gc()
+
+
 def on_exit(server: Any) -> None:
     if own_metrics_dir:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
