@@ -19,11 +19,13 @@ Design decisions:
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import Any
@@ -32,6 +34,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 import orjson
+import sniffio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .base import ChannelLayer, ChannelObserver, GroupInfo, Replay
@@ -192,7 +195,7 @@ class Subscription:
             # Let the other woken tasks and the publishers run once before taking the batch:
             # under load, events published meanwhile join it, so a subscriber takes several
             # events per wake-up and write instead of one (what capped fan-out at high rates).
-            await anyio.lowlevel.checkpoint()
+            await self._core._checkpoint()
 
     def _take_queue(self) -> list[Item]:
         items = list(self._queue)
@@ -401,6 +404,7 @@ class Channel:
         self._refs: Counter[tuple[bool, str]] = Counter()  # (is_pattern, name) -> subscribers
         self._listen_lock: anyio.Lock | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__
+        self._checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
         self._subscriptions: set[Subscription] = set()
         self._task_group: TaskGroup | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
@@ -430,6 +434,10 @@ class Channel:
         # anyio.Event() looks the running backend up on every call, and a subscriber makes one
         # per wait: the backend's own Event class is looked up once here instead.
         self._new_event = type(anyio.Event())
+        # anyio.lowlevel.checkpoint() does the same lookup on every call; asyncio's bare yield
+        # is what it amounts to there.
+        if sniffio.current_async_library() == "asyncio":
+            self._checkpoint = functools.partial(asyncio.sleep, 0)
         self._listen_lock = anyio.Lock()
         self._token = anyio.lowlevel.current_token()
         task_group = anyio.create_task_group()
