@@ -1,17 +1,19 @@
-"""Two gateway processes (`python -m app`) on one Redis, through Pub/Sub and through Streams: what
-one accepts, the other streams; on Streams either process resumes a stream and acknowledges a
-group's messages, whichever delivered them."""
+"""Two gateway processes (`python -m app`) on one broker, for every cross-process layer: what one
+accepts, the other streams; where the layer keeps history either process resumes a stream; a
+consumer group spread over both gets each message once."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import pytest
 
 from tests.app.processes import GatewayProcess, gateway_process
+from tests.fixtures_postgres import forget_channels
 from tests.sse import SSEEvent, SSEStream
 
 pytestmark = pytest.mark.anyio
@@ -19,20 +21,42 @@ pytestmark = pytest.mark.anyio
 TIMEOUT = 15
 
 
-@pytest.fixture(params=["redis", "redis+streams"])
-def scheme(request: pytest.FixtureRequest) -> str:
+@dataclass(frozen=True)
+class Layer:
+    url: str
+    history: bool
+    groups: bool
+    acks_anywhere: bool  # group state lives in the broker, so any process takes any ack
+    round_robin: bool  # the broker deals a group's messages to its consumers in turn
+
+
+@pytest.fixture(params=["redis", "redis+streams", "postgresql", "mqtt"])
+async def layer(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Layer]:
     scheme: str = request.param
-    return scheme
+    if scheme.startswith("redis"):
+        url = request.getfixturevalue("redis_url").replace("redis://", f"{scheme}://", 1)
+        prefix = request.getfixturevalue("redis_prefix")
+        streams = scheme == "redis+streams"
+        yield Layer(f"{url}?key_prefix={prefix}", streams, streams, True, False)
+    elif scheme == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        yield Layer(url, True, True, True, False)
+        await forget_channels(url, unique)
+    else:
+        # Two processes on one host: each takes its own instance slot, so its own MQTT sessions.
+        url = request.getfixturevalue("mqtt_url")
+        yield Layer(
+            f"{url}/?topic_prefix=gwtest/{unique}/&session_expiry=60", False, True, False, True
+        )
 
 
 @pytest.fixture
 async def gateways(
-    scheme: str, redis_url: str, redis_prefix: str, tmp_path: Path
+    layer: Layer, tmp_path: Path
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
-    layer = f"{redis_url.replace('redis://', f'{scheme}://', 1)}?key_prefix={redis_prefix}"
     with ExitStack() as stack:
-        first = stack.enter_context(gateway_process(layer, tmp_path / "first.log"))
-        second = stack.enter_context(gateway_process(layer, tmp_path / "second.log"))
+        first = stack.enter_context(gateway_process(layer.url, tmp_path / "first.log"))
+        second = stack.enter_context(gateway_process(layer.url, tmp_path / "second.log"))
         await first.wait_ready()
         await second.wait_ready()
         yield first, second
@@ -57,10 +81,10 @@ async def test_published_on_one_process_streams_from_the_other(
 
 
 async def test_a_stream_resumes_on_the_other_process(
-    gateways: tuple[GatewayProcess, GatewayProcess], scheme: str, unique: str
+    layer: Layer, gateways: tuple[GatewayProcess, GatewayProcess], unique: str
 ) -> None:
-    if scheme == "redis":
-        pytest.skip("redis:// keeps no history")
+    if not layer.history:
+        pytest.skip("this layer keeps no history by design")
     first, second = gateways
     async with first.client() as http:
         with anyio.fail_after(TIMEOUT):
@@ -80,10 +104,11 @@ async def test_a_stream_resumes_on_the_other_process(
 
 
 async def test_a_group_spread_over_both_processes_gets_each_message_once(
-    gateways: tuple[GatewayProcess, GatewayProcess], scheme: str, unique: str
+    layer: Layer, gateways: tuple[GatewayProcess, GatewayProcess], unique: str
 ) -> None:
-    if scheme == "redis":
-        pytest.skip("redis:// has no consumer groups")
+    if not layer.groups:
+        pytest.skip("this layer has no consumer groups by design")
+    count = 10  # within Mosquitto's 20 unacknowledged messages per session
     path = f"/channels/{unique}/events?group=workers&consumer="
     received: dict[int, list[SSEEvent]] = {0: [], 1: []}
     all_in = anyio.Event()
@@ -91,7 +116,7 @@ async def test_a_group_spread_over_both_processes_gets_each_message_once(
     async def collect(index: int, sse: SSEStream) -> None:
         async for event in sse:
             received[index].append(event)
-            if len(received[0]) + len(received[1]) >= 20:
+            if len(received[0]) + len(received[1]) >= count:
                 all_in.set()
 
     first, second = gateways
@@ -99,22 +124,33 @@ async def test_a_group_spread_over_both_processes_gets_each_message_once(
         first.sse(path + "on-first") as on_first,
         second.sse(path + "on-second") as on_second,
         first.client() as http,
-        second.client() as acker,
         anyio.create_task_group() as tasks,
     ):
         tasks.start_soon(collect, 0, on_first)
         tasks.start_soon(collect, 1, on_second)
         with anyio.fail_after(TIMEOUT):
             replies = [
-                await http.post(f"/channels/{unique}/publish", json={"data": n}) for n in range(20)
+                await http.post(f"/channels/{unique}/publish", json={"data": n})
+                for n in range(count)
             ]
             await all_in.wait()
-            # The group lives in Redis: one process acknowledges what both delivered.
-            ids = [event.last_event_id for event in received[0] + received[1]]
-            reply = await acker.post(f"/channels/{unique}/groups/workers/ack", json={"ids": ids})
-            assert reply.json() == {"acked": 20, "unknown": []}
-            info = (await acker.get(f"/channels/{unique}/groups/workers")).json()
+            if layer.acks_anywhere:  # the second process acknowledges what both delivered
+                acks = [(second, received[0] + received[1])]
+            else:  # acks go to the process that delivered the message
+                acks = [(first, received[0]), (second, received[1])]
+            for process, events in acks:
+                ids = [event.last_event_id for event in events]
+                async with process.client() as acker:
+                    reply = await acker.post(
+                        f"/channels/{unique}/groups/workers/ack", json={"ids": ids}
+                    )
+                    assert reply.json() == {"acked": len(ids), "unknown": []}
+                    if layer.acks_anywhere:
+                        info = (await acker.get(f"/channels/{unique}/groups/workers")).json()
+                        assert info["pending"] == 0
         tasks.cancel_scope.cancel()
     published = sorted(reply.json()["id"] for reply in replies)
     assert sorted(e.last_event_id for e in received[0] + received[1]) == published
-    assert info["pending"] == 0
+    if layer.round_robin:
+        assert received[0]
+        assert received[1]
