@@ -9,7 +9,7 @@ whichever layer evaluates it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import lru_cache
 
 from .errors import InvalidArgument
@@ -69,9 +69,6 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
     compiled = re.compile(regex, re.DOTALL)
     return lambda name: compiled.fullmatch(name) is not None
 
-
-def matches_any(name: str, channels: Iterable[str], patterns: Iterable[str]) -> bool:
-    return name in set(channels) or any(compile_pattern(p)(name) for p in patterns)
 
 
 def pattern_within(pattern: str, glob: str) -> bool:
