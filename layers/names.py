@@ -70,7 +70,6 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
     return lambda name: compiled.fullmatch(name) is not None
 
 
-
 def pattern_within(pattern: str, glob: str) -> bool:
     """True if every name `pattern` can match is also matched by `glob`.
 
