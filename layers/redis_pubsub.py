@@ -59,11 +59,8 @@ class RedisPubSubLayer(RedisLayer):
         self,
         url: str,
         *,
-        history_size: int = 1000,
-        history_ttl: float | None = None,
         key_prefix: str = "gw:",
     ) -> None:
-        # history_size and history_ttl are accepted so one configuration fits every layer.
         super().__init__(url, key_prefix=key_prefix)
         self._channels: set[bytes] = set()  # keys wanted on the listener connection
         self._globs: set[bytes] = set()

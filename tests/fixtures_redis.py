@@ -6,6 +6,7 @@ see each other's channels, and its keys are deleted afterwards.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -14,10 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import pytest
 
+from layers import create_layer
 from tests.conftest import LayerFactory, require_service
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -56,24 +57,14 @@ def redis_prefix(redis_url: str, unique: str) -> Iterator[str]:
 
 @pytest.fixture
 def redis_pubsub_layer_factory(redis_url: str, redis_prefix: str) -> LayerFactory:
-    from layers.redis_pubsub import RedisPubSubLayer
-
-    def factory(**options: Any) -> RedisPubSubLayer:
-        return RedisPubSubLayer(redis_url, key_prefix=redis_prefix, **options)
-
-    return factory
+    """Builds layers through `create_layer`, as the gateway does, under the test's key prefix."""
+    return functools.partial(create_layer, redis_url, key_prefix=redis_prefix)
 
 
 @pytest.fixture
 def redis_streams_layer_factory(redis_url: str, redis_prefix: str) -> LayerFactory:
-    from layers.redis_streams import RedisStreamsLayer
-
     url = redis_url.replace("redis://", "redis+streams://", 1)
-
-    def factory(**options: Any) -> RedisStreamsLayer:
-        return RedisStreamsLayer(url, key_prefix=redis_prefix, **options)
-
-    return factory
+    return functools.partial(create_layer, url, key_prefix=redis_prefix)
 
 
 @dataclass
