@@ -25,6 +25,7 @@ from .errors import (
     InvalidPayload,
     LayerConfigurationError,
     LayerUnavailable,
+    PublishQueueFull,
     SubscriberOverflow,
     UnknownGroup,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "LayerConfigurationError",
     "LayerUnavailable",
     "Message",
+    "PublishQueueFull",
     "Replay",
     "Sink",
     "SubscriberOverflow",

@@ -57,6 +57,9 @@ class ChannelObserver:
     def published(self, count: int, seconds: float) -> None:
         """The layer accepted `count` messages in one publish call that took `seconds`."""
 
+    def publish_failed(self, count: int, error: BaseException) -> None:
+        """`count` messages queued by `Channel.publish_nowait` could not be published."""
+
     def redelivered(self, channel: str, group: str, count: int) -> None:
         """`count` timed-out or released group messages were claimed for another delivery."""
 

@@ -43,6 +43,7 @@ from .errors import (
     ChannelError,
     InvalidArgument,
     LayerUnavailable,
+    PublishQueueFull,
     SubscriberOverflow,
 )
 from .event import DEFAULT_EVENT_TYPE, Event, Gap, Message, encode_data
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 Item = Event | Gap
 DEAD_LETTER_SUFFIX = ".dead"
+QUEUED_PUBLISH_BATCH = 100  # messages queued by publish_nowait, at most, in one layer call
+FLUSH_ON_CLOSE_SECONDS = 10.0  # closing waits this long for queued messages to be published
 
 
 class BacklogPolicy(StrEnum):
@@ -391,6 +394,7 @@ class Channel:
         ack_timeout: float = 30.0,
         max_deliveries: int = 5,
         observer: ChannelObserver | None = None,
+        max_queued_publishes: int = 10_000,
     ) -> None:
         if max_backlog < 1:
             raise InvalidArgument("max_backlog must be at least 1")
@@ -408,6 +412,15 @@ class Channel:
         self._subscriptions: set[Subscription] = set()
         self._task_group: TaskGroup | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
+        # publish_nowait: its queue, the flusher task's wake-up, and progress for flush()
+        self.max_queued_publishes = max_queued_publishes
+        self.publish_failures = 0  # queued messages that could not be published
+        self._queued: deque[Message] = deque()
+        self._queued_total = 0
+        self._queued_settled = 0  # published or failed
+        self._flusher_running = False
+        self._flusher_wakeup: anyio.Event | None = None
+        self._flush_progress: anyio.Event | None = None
 
     @property
     def capabilities(self) -> Any:
@@ -452,6 +465,7 @@ class Channel:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
+        await self._flush_on_close()
         self.close_subscriptions()
         task_group, self._task_group = self._task_group, None
         self._token = None
@@ -503,6 +517,87 @@ class Channel:
         return anyio.from_thread.run(
             self.publish_messages, [make_message(channel, data, event)], token=self._token
         )[0]
+
+    def publish_nowait(self, channel: str, data: Any, *, event: str | None = None) -> None:
+        """Queue one JSON value to publish and return at once, without its id.
+
+        A task of this `Channel` publishes queued messages in order, several per layer call;
+        `flush()` waits for them and closing the `Channel` flushes them (for up to
+        `FLUSH_ON_CLOSE_SECONDS`). A message that cannot be published is logged and counted in
+        `publish_failures` and `ChannelObserver.publish_failed`. Bad input raises here, and
+        `PublishQueueFull` when `max_queued_publishes` messages are waiting. Call it on the
+        event loop (from other threads: `publish_threadsafe`).
+        """
+        task_group = self._running()
+        message = make_message(channel, data, event)
+        if len(self._queued) >= self.max_queued_publishes:
+            raise PublishQueueFull(
+                f"{len(self._queued)} messages are waiting to be published: await publish() "
+                "instead, or raise max_queued_publishes"
+            )
+        self._queued.append(message)
+        self._queued_total += 1
+        if not self._flusher_running:
+            self._flusher_running = True
+            task_group.start_soon(self._publish_queued)
+        elif self._flusher_wakeup is not None:
+            self._flusher_wakeup.set()
+
+    async def flush(self) -> None:
+        """Wait until every message queued by `publish_nowait` so far is published (or failed)."""
+        target = self._queued_total
+        while self._queued_settled < target:
+            if self._flush_progress is None:
+                self._flush_progress = self._new_event()
+            await self._flush_progress.wait()
+
+    async def _publish_queued(self) -> None:
+        queued = self._queued
+        try:
+            while True:
+                if not queued:
+                    self._flusher_wakeup = wakeup = self._new_event()
+                    await wakeup.wait()
+                    continue
+                batch = [queued.popleft() for _ in range(min(len(queued), QUEUED_PUBLISH_BATCH))]
+                try:
+                    await self.publish_messages(batch)
+                except Exception as exc:
+                    self._queued_failed(batch, exc)
+                except BaseException:
+                    self._queued_failed(batch, ChannelClosed("the channel closed while publishing"))
+                    raise
+                finally:
+                    self._queued_done(len(batch))
+        finally:
+            self._flusher_running = False
+            self._flusher_wakeup = None
+
+    async def _flush_on_close(self) -> None:
+        if not self._flusher_running:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(FLUSH_ON_CLOSE_SECONDS):
+            await self.flush()
+        if self._queued:
+            left = list(self._queued)
+            self._queued.clear()
+            self._queued_failed(
+                left, ChannelClosed("the channel closed before they were published")
+            )
+            self._queued_done(len(left))
+
+    def _queued_done(self, count: int) -> None:
+        self._queued_settled += count
+        progress, self._flush_progress = self._flush_progress, None
+        if progress is not None:
+            progress.set()
+
+    def _queued_failed(self, messages: Sequence[Message], error: BaseException) -> None:
+        self.publish_failures += len(messages)
+        self.observer.publish_failed(len(messages), error)
+        channels = ", ".join(sorted({message.channel for message in messages}))
+        detail = error.detail if isinstance(error, ChannelError) else repr(error)
+        logger.error("%d queued messages to %s not published: %s", len(messages), channels, detail)
 
     # -- subscribing -----------------------------------------------------------------------------
 

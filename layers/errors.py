@@ -55,6 +55,12 @@ class SubscriberOverflow(ChannelError):
     code = "subscriber_overflow"
 
 
+class PublishQueueFull(ChannelError):
+    """`Channel.publish_nowait` has `max_queued_publishes` messages waiting already."""
+
+    code = "publish_queue_full"
+
+
 class ChannelClosed(ChannelError):
     """The `Channel` was closed; no more events will come."""
 

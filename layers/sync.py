@@ -181,6 +181,12 @@ class SyncChannel:
         message_id: str = self._call(core.publish, channel, data, event=event)
         return message_id
 
+    def publish_nowait(self, channel: str, data: Any, event: str | None = None) -> None:
+        """Queue one JSON value to publish without waiting for the layer (`Channel.publish_nowait`);
+        closing the `SyncChannel` flushes the queue."""
+        _, core = self._open()
+        self._call(core.publish_nowait, channel, data, event=event)
+
     # -- subscribing -----------------------------------------------------------------------------
 
     @overload

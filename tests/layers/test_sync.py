@@ -23,6 +23,7 @@ import pytest
 from layers import (
     CapabilityNotSupported,
     ChannelClosed,
+    ChannelObserver,
     Event,
     Gap,
     InvalidArgument,
@@ -112,6 +113,24 @@ def test_publish_from_many_threads(open_sync: OpenSync, unique: str) -> None:
         mine = [event for event in received if event.data[0] == number]
         assert [event.data[1] for event in mine] == list(range(25))  # in order per publisher
         assert [event.id for event in mine] == ids[number]
+
+
+def test_publish_nowait_is_flushed_in_order_and_on_close(open_sync: OpenSync, unique: str) -> None:
+    with open_sync() as channel, channel.subscribe(unique) as subscription:
+        for n in range(5):
+            channel.publish_nowait(unique, n)
+        assert [event.data for event in events(subscription, 5)] == list(range(5))
+    published: list[int] = []
+
+    class Counting(ChannelObserver):
+        def published(self, count: int, seconds: float) -> None:
+            published.append(count)
+
+    with open_sync(observer=Counting()) as channel:
+        for n in range(5):
+            channel.publish_nowait(unique, n)
+        core = channel.channel
+    assert (sum(published), core.publish_failures) == (5, 0)
 
 
 def test_patterns_and_several_channels(open_sync: OpenSync, unique: str) -> None:
