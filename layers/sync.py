@@ -250,7 +250,11 @@ class SyncChannel:
             )
         )
         blocking = BlockingSubscription(self, portal, context)
-        subscription = blocking if handler is None else HandlerSubscription(self, blocking, handler)
+        subscription = (
+            blocking
+            if handler is None
+            else HandlerSubscription(self, blocking, handler, grouped=group is not None)
+        )
         with self._lock:
             closing = self._portal is None
             if not closing:
@@ -316,6 +320,8 @@ class BlockingSubscription:
         self._reading = threading.Lock()  # one reader waits in the core at a time
         self._closing = threading.Lock()
         self._closed = False
+        self._drain = False  # after close, still hand out what was delivered before it
+        self._finished = False  # the core subscription has nothing more to give
 
     @property
     def subscription(self) -> Subscription:
@@ -334,10 +340,14 @@ class BlockingSubscription:
         """
         with self._reading:
             while not self._items:
-                if self._closed:
+                if self._finished or (self._closed and not self._drain):
                     raise ChannelClosed("the subscription was closed")
-                batch = self._portal.call(self._next_batch, timeout)
-                if self._closed:
+                try:
+                    batch = self._portal.call(self._next_batch, timeout)
+                except ChannelClosed:
+                    self._finished = True
+                    raise
+                if self._closed and not self._drain:
                     raise ChannelClosed("the subscription was closed")
                 self._items.extend(batch)
             return self._items.popleft()
@@ -382,14 +392,22 @@ class HandlerSubscription:
     """A subscription whose events go to a handler, one at a time, in a thread of its own.
 
     `errors` counts the handler's exceptions (each logged); the subscription goes on after one.
-    `close()` (or leaving `with`) ends it and waits for the event in hand to be handled.
+    `close()` (or leaving `with`) ends it and waits for the events delivered before it to be
+    handled; a group consumer stops after the event in hand instead, since the group redelivers
+    what it did not acknowledge.
     """
 
     def __init__(
-        self, owner: SyncChannel, subscription: BlockingSubscription, handler: Handler
+        self,
+        owner: SyncChannel,
+        subscription: BlockingSubscription,
+        handler: Handler,
+        *,
+        grouped: bool,
     ) -> None:
         self._owner = owner
         self._subscription = subscription
+        subscription._drain = not grouped
         self.handler = handler
         self.errors = 0
         self.handled = 0

@@ -269,6 +269,29 @@ def test_handler_gets_every_event_in_order_in_a_worker_thread(
     assert thread_name.startswith("layers-sync-handler-")
 
 
+def test_closing_a_handler_handles_what_was_delivered_first(
+    open_sync: OpenSync, unique: str
+) -> None:
+    gate = threading.Event()
+    handled: list[object] = []
+
+    def slow(event: Event) -> None:
+        gate.wait(TIMEOUT)
+        handled.append(event.data)
+
+    with open_sync() as channel, channel.subscribe(unique) as witness:
+        handler = channel.subscribe(unique, handler=slow)
+        for n in range(10):
+            channel.publish(unique, n)
+        events(witness, 10)  # all ten reached this process, so the handler's backlog too
+        gate.set()
+        handler.close()
+        assert handled == list(range(10))
+        channel.publish(unique, "after close")
+        events(witness, 1)
+    assert handled == list(range(10))
+
+
 def test_failing_handler_is_logged_and_counted_and_nothing_else_stops(
     open_sync: OpenSync, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
