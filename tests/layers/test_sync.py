@@ -29,6 +29,8 @@ from layers import (
     InvalidArgument,
     InvalidPayload,
     Item,
+    LayerConfigurationError,
+    LayerUnavailable,
     SubscriberOverflow,
 )
 from layers.sync import BlockingSubscription, SyncChannel
@@ -215,6 +217,22 @@ def test_closing_the_sync_channel_ends_every_subscription_and_its_threads(
         channel.subscribe(unique)
     channel.close()  # idempotent
     handler.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [("nope://", LayerConfigurationError), ("redis://127.0.0.1:1/0", LayerUnavailable)],
+)
+def test_a_channel_that_cannot_open_says_why_and_leaves_no_thread(
+    url: str, error: type[Exception]
+) -> None:
+    before = set(threading.enumerate())
+    channel = SyncChannel(url)
+    with pytest.raises(error):
+        channel.open()
+    assert set(threading.enumerate()) - before == set()
+    with pytest.raises(ChannelClosed):
+        channel.publish("a", 1)
 
 
 def test_receive_timeout_leaves_the_subscription_usable(open_sync: OpenSync, unique: str) -> None:
