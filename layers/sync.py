@@ -347,6 +347,12 @@ class BlockingSubscription:
                 except ChannelClosed:
                     self._finished = True
                     raise
+                except RuntimeError:
+                    if self._owner._portal is not None:
+                        raise
+                    # a handler closed the SyncChannel itself: its loop is gone
+                    self._finished = True
+                    raise ChannelClosed("the SyncChannel was closed") from None
                 if self._closed and not self._drain:
                     raise ChannelClosed("the subscription was closed")
                 self._items.extend(batch)

@@ -353,6 +353,20 @@ def test_handler_may_publish_and_close_its_own_subscription(
         assert subscription.handled == 1
 
 
+def test_handler_may_close_the_sync_channel(
+    make_layer: LayerFactory, layer_case: tuple[str, str], unique: str
+) -> None:
+    before = set(threading.enumerate())
+    channel = SyncChannel(make_layer(), backend=layer_case[1]).open()
+    handler = channel.subscribe(unique, handler=lambda event: channel.close())
+    channel.publish(unique, "stop")
+    wait_for(lambda: not handler._thread.is_alive())
+    assert handler.errors == 0
+    assert set(threading.enumerate()) - before == set()
+    with pytest.raises(ChannelClosed):
+        channel.publish(unique, "closed")
+
+
 # -- history and groups --
 
 
