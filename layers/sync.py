@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, overload
 
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -40,8 +40,6 @@ from .event import Event, Gap
 from .factory import create_layer
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 CHANNEL_OPTIONS = ("max_backlog", "backlog_policy", "ack_timeout", "max_deliveries", "observer")
 
@@ -88,6 +86,7 @@ class SyncChannel:
         self._channel_context: AbstractContextManager[Channel] | None = None
         self._channel: Channel | None = None
         self._subscriptions: set[BlockingSubscription | HandlerSubscription] = set()
+        self._closing = False
         self._handler_errors = 0
 
     # -- lifetime --------------------------------------------------------------------------------
@@ -120,25 +119,30 @@ class SyncChannel:
     def close(self) -> None:
         """End every subscription, close the `Channel` and join the loop thread; idempotent.
 
-        Handler threads finish the event in hand first. Called from a handler, it does not wait
-        for that handler's own thread.
+        Handler threads handle what was delivered to them first (and may still publish while
+        they do). Called from a handler, it does not wait for that handler's own thread.
         """
         with self._lock:
-            portal_context, self._portal_context = self._portal_context, None
-            channel_context, self._channel_context = self._channel_context, None
-            self._portal = None
-            self._channel = None
+            if self._closing or self._portal is None:
+                return
+            self._closing = True  # no new subscriptions from here on
             subscriptions = list(self._subscriptions)
-        if portal_context is None or channel_context is None:
-            return
         try:
             for subscription in subscriptions:
                 subscription.close()
         finally:
+            with self._lock:
+                portal_context, self._portal_context = self._portal_context, None
+                channel_context, self._channel_context = self._channel_context, None
+                self._portal = None
+                self._channel = None
+                self._closing = False
             try:
-                channel_context.__exit__(None, None, None)
+                if channel_context is not None:
+                    channel_context.__exit__(None, None, None)
             finally:
-                portal_context.__exit__(None, None, None)
+                if portal_context is not None:
+                    portal_context.__exit__(None, None, None)
 
     def __enter__(self) -> SyncChannel:
         return self.open()
@@ -256,7 +260,7 @@ class SyncChannel:
             else HandlerSubscription(self, blocking, handler, grouped=group is not None)
         )
         with self._lock:
-            closing = self._portal is None
+            closing = self._portal is None or self._closing
             if not closing:
                 self._subscriptions.add(subscription)
         if closing:  # the SyncChannel closed meanwhile

@@ -44,17 +44,16 @@ OpenSync = Callable[..., AbstractContextManager[SyncChannel]]
 @pytest.fixture
 def open_sync(make_layer: LayerFactory, layer_case: tuple[str, str]) -> OpenSync:
     """`with open_sync(history_size=5, max_backlog=10) as channel:`; checks that closing the
-    `SyncChannel` left none of its threads behind."""
+    `SyncChannel` left none of its threads (loop and handlers) behind."""
 
     @contextmanager
     def opener(**options: Any) -> Iterator[SyncChannel]:
         layer_options = {
             key: options.pop(key) for key in ("history_size", "history_ttl") if key in options
         }
-        before = set(threading.enumerate())
         with SyncChannel(make_layer(**layer_options), backend=layer_case[1], **options) as channel:
             yield channel
-        assert set(threading.enumerate()) - before == set()
+        assert [t for t in threading.enumerate() if t.name.startswith("layers-sync-")] == []
 
     return opener
 
@@ -308,6 +307,33 @@ def test_closing_a_handler_handles_what_was_delivered_first(
         channel.publish(unique, "after close")
         events(witness, 1)
     assert handled == list(range(10))
+
+
+def test_handlers_finish_their_events_and_may_publish_while_the_channel_closes(
+    open_sync: OpenSync, unique: str
+) -> None:
+    gate = threading.Event()
+    published: list[int] = []
+
+    class Counting(ChannelObserver):
+        def published(self, count: int, seconds: float) -> None:
+            published.append(count)
+
+    with open_sync(observer=Counting()) as channel:
+
+        def echo(event: Event) -> None:
+            gate.wait(TIMEOUT)
+            channel.publish(f"{unique}.echo", event.data)
+
+        handler = channel.subscribe(unique, handler=echo)
+        with channel.subscribe(unique) as witness:
+            for n in range(5):
+                channel.publish(unique, n)
+            events(witness, 5)  # delivered to this process, so to the handler too
+        opener = threading.Timer(0.2, gate.set)  # the handler goes on while the channel closes
+        opener.start()
+    opener.join()
+    assert (handler.handled, handler.errors, sum(published)) == (5, 0, 10)
 
 
 def test_failing_handler_is_logged_and_counted_and_nothing_else_stops(
