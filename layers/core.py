@@ -569,6 +569,7 @@ class Channel:
                     raise
                 finally:
                     self._queued_done(len(batch))
+                await self._checkpoint()  # subscribers take each batch before the next one
         finally:
             self._flusher_running = False
             self._flusher_wakeup = None

@@ -13,6 +13,7 @@ from layers import (
     ChannelClosed,
     ChannelObserver,
     Event,
+    InMemoryChannelLayer,
     InvalidArgument,
     InvalidPayload,
     LayerUnavailable,
@@ -74,6 +75,19 @@ async def test_queued_messages_are_published_in_order_in_batches(
     assert max(observer.publish_calls) > 1  # queued messages share layer calls
     assert max(observer.publish_calls) <= core.QUEUED_PUBLISH_BATCH
     assert channel.publish_failures == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_long_queue_does_not_overflow_subscribers_that_keep_up(unique: str) -> None:
+    """The queue goes out a batch at a time, and subscribers run between batches."""
+    async with (
+        Channel(InMemoryChannelLayer(), max_backlog=1000) as channel,
+        channel.subscribe(unique) as subscription,
+    ):
+        for n in range(3000):
+            channel.publish_nowait(unique, n)
+        received = await events(subscription, 3000)  # a Gap among them would fail here
+    assert [event.data for event in received] == list(range(3000))
 
 
 async def test_flush_waits_for_what_was_queued(open_channel: OpenChannel, unique: str) -> None:
