@@ -53,14 +53,16 @@ logger = logging.getLogger(__name__)
 
 Item = Event | Gap
 DEAD_LETTER_SUFFIX = ".dead"
-QUEUED_PUBLISH_BATCH = 100  # messages queued by publish_nowait, at most, in one layer call
-FLUSH_ON_CLOSE_SECONDS = 10.0  # closing waits this long for queued messages to be published
 
 
 class BacklogPolicy(StrEnum):
     DROP_OLDEST = "drop_oldest"
     DROP_NEWEST = "drop_newest"
     DISCONNECT = "disconnect"
+
+
+QUEUED_PUBLISH_BATCH = 100  # messages queued by publish_nowait, at most, in one layer call
+FLUSH_ON_CLOSE_SECONDS = 10.0  # closing waits this long for queued messages to be published
 
 
 def make_message(channel: str, data: Any, event: str | None = None) -> Message:
@@ -391,10 +393,10 @@ class Channel:
         *,
         max_backlog: int = 1000,
         backlog_policy: BacklogPolicy | str = BacklogPolicy.DROP_OLDEST,
+        max_queued_publishes: int = 10_000,
         ack_timeout: float = 30.0,
         max_deliveries: int = 5,
         observer: ChannelObserver | None = None,
-        max_queued_publishes: int = 10_000,
     ) -> None:
         if max_backlog < 1:
             raise InvalidArgument("max_backlog must be at least 1")
