@@ -15,8 +15,10 @@ Design decisions:
   reach a handler in order and a slow handler delays only its own subscription. A handler's
   exception is logged and counted; its subscription goes on with the next event. Threads are joined
   on close: after `SyncChannel.close()` no thread of it is left.
-- Shutdown order: subscriptions first (their handler threads finish the event in hand and end),
-  then the `Channel` (which flushes what it still has to publish), then the loop and its thread.
+- Shutdown order: subscriptions first (handler threads handle what was delivered to them, and
+  may still publish), then new calls are refused with `ChannelClosed` while calls in flight
+  finish, so a publish either went through or was refused, never cut off by the close; then the
+  `Channel` (which flushes what `publish_nowait` queued), then the loop and its thread.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ logger = logging.getLogger(__name__)
 CHANNEL_OPTIONS = ("max_backlog", "backlog_policy", "ack_timeout", "max_deliveries", "observer")
 
 Handler = Callable[[Event], object]
+
+CLOSE_WAIT_SECONDS = 30.0  # closing waits this long for publishes (and other calls) in flight
 
 
 class SyncChannel:
@@ -87,6 +91,8 @@ class SyncChannel:
         self._channel: Channel | None = None
         self._subscriptions: set[BlockingSubscription | HandlerSubscription] = set()
         self._closing = False
+        self._in_flight = 0  # calls into the loop through `_call` (publishes, acks, ...)
+        self._idle = threading.Condition(self._lock)
         self._handler_errors = 0
 
     # -- lifetime --------------------------------------------------------------------------------
@@ -134,9 +140,11 @@ class SyncChannel:
             with self._lock:
                 portal_context, self._portal_context = self._portal_context, None
                 channel_context, self._channel_context = self._channel_context, None
-                self._portal = None
+                self._portal = None  # calls from here on raise ChannelClosed
                 self._channel = None
                 self._closing = False
+                # Calls in flight finish first, so a publish either went through or was refused.
+                self._idle.wait_for(lambda: not self._in_flight, timeout=CLOSE_WAIT_SECONDS)
             try:
                 if channel_context is not None:
                     channel_context.__exit__(None, None, None)
@@ -174,8 +182,17 @@ class SyncChannel:
         return portal, channel
 
     def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        portal, _ = self._open()
-        return portal.call(functools.partial(function, *args, **kwargs))
+        """Run `function` on the loop; `close` lets calls in flight finish before it closes."""
+        with self._lock:
+            portal, _ = self._open()
+            self._in_flight += 1
+        try:
+            return portal.call(functools.partial(function, *args, **kwargs))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.notify_all()
 
     # -- publishing ------------------------------------------------------------------------------
 

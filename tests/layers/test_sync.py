@@ -231,6 +231,48 @@ def test_a_channel_that_cannot_work_says_why_and_leaves_no_thread() -> None:
     assert set(threading.enumerate()) - before == set()
 
 
+def test_closing_while_threads_publish_and_read(
+    make_layer: LayerFactory, layer_case: tuple[str, str], unique: str
+) -> None:
+    """Publishers racing the close get `ChannelClosed`, readers a clean end, and nothing else."""
+    before = set(threading.enumerate())
+    channel = SyncChannel(make_layer(), backend=layer_case[1]).open()
+    subscriptions = [channel.subscribe(unique) for _ in range(2)]
+    outcomes: list[object] = []
+    started = threading.Barrier(7)
+
+    def publisher() -> None:
+        started.wait(TIMEOUT)
+        try:
+            while True:
+                channel.publish(unique, "x")
+        except ChannelClosed:
+            outcomes.append("publisher closed")
+        except BaseException as exc:  # the test wants to see any other exception
+            outcomes.append(exc)
+
+    def reader(subscription: BlockingSubscription) -> None:
+        started.wait(TIMEOUT)
+        try:
+            for _ in subscription:
+                pass
+            outcomes.append("reader ended")
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=publisher) for _ in range(4)]
+    threads += [threading.Thread(target=reader, args=(s,)) for s in subscriptions]
+    for thread in threads:
+        thread.start()
+    started.wait(TIMEOUT)
+    time.sleep(0.2)  # let them run into each other for a while
+    channel.close()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert sorted(map(str, outcomes)) == ["publisher closed"] * 4 + ["reader ended"] * 2
+    assert set(threading.enumerate()) - before == set()
+
+
 def test_receive_timeout_leaves_the_subscription_usable(open_sync: OpenSync, unique: str) -> None:
     with open_sync() as channel, channel.subscribe(unique) as subscription:
         with pytest.raises(TimeoutError):
