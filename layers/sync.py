@@ -340,8 +340,9 @@ class BlockingSubscription:
         self._items: deque[Item] = deque()
         self._reading = threading.Lock()  # one reader waits in the core at a time
         self._closing = threading.Lock()
-        self._closed = False
-        self._drain = False  # after close, still hand out what was delivered before it
+        self._ending = False  # no new events; readers stop (or drain, see `_drain`)
+        self._closed = False  # the core subscription's context was left
+        self._drain = False  # once ending, still hand out what was delivered before
         self._finished = False  # the core subscription has nothing more to give
 
     @property
@@ -361,7 +362,7 @@ class BlockingSubscription:
         """
         with self._reading:
             while not self._items:
-                if self._finished or (self._closed and not self._drain):
+                if self._finished or (self._ending and not self._drain):
                     raise ChannelClosed("the subscription was closed")
                 try:
                     batch = self._portal.call(self._next_batch, timeout)
@@ -374,7 +375,7 @@ class BlockingSubscription:
                     # a handler closed the SyncChannel itself: its loop is gone
                     self._finished = True
                     raise ChannelClosed("the SyncChannel was closed") from None
-                if self._closed and not self._drain:
+                if self._ending and not self._drain:
                     raise ChannelClosed("the subscription was closed")
                 self._items.extend(batch)
             return self._items.popleft()
@@ -397,11 +398,19 @@ class BlockingSubscription:
         with self._closing:
             if self._closed:
                 return
-            self._closed = True
+            self._closed = self._ending = True
         try:
             self._context.__exit__(None, None, None)
         finally:
             self._owner._forget(self)
+
+    def _end(self) -> None:
+        """Stop the stream but stay subscribed: readers wake and stop, or drain what came."""
+        with self._closing:
+            if self._closed or self._ending:
+                return
+            self._ending = True
+        self._portal.call(self._subscription.close)
 
     def __enter__(self) -> BlockingSubscription:
         return self
@@ -474,10 +483,15 @@ class HandlerSubscription:
             logger.exception("acknowledging %r failed; it will be redelivered", event)
 
     def close(self) -> None:
-        """End the subscription and wait for its thread (unless called from the handler)."""
-        self._subscription.close()
+        """End the subscription and wait for its thread (unless called from the handler).
+
+        The thread ends before the subscription is left, so a group consumer acknowledges the
+        event in hand while it is still a member.
+        """
+        self._subscription._end()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+        self._subscription.close()
         self._owner._forget(self)
 
     def __enter__(self) -> HandlerSubscription:

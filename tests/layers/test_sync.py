@@ -490,6 +490,25 @@ def test_group_handler_acks_on_return_and_redelivers_after_an_exception(
         assert (handler.errors, handler.handled) == (1, 2)
 
 
+def test_closing_a_group_handler_acks_the_event_in_hand(open_sync: OpenSync, unique: str) -> None:
+    gate = threading.Event()
+    started = threading.Event()
+
+    def worker(event: Event) -> None:
+        started.set()
+        gate.wait(TIMEOUT)
+
+    with open_sync() as channel:
+        need(channel, "groups")
+        handler = channel.subscribe(unique, group="g", consumer="c", handler=worker)
+        channel.publish(unique, "job")
+        assert started.wait(TIMEOUT)
+        threading.Timer(0.1, gate.set).start()  # the job ends while the handler is closing
+        handler.close()
+        assert (handler.handled, handler.errors) == (1, 0)
+        assert channel.group_info(unique, "g").pending == 0
+
+
 # -- under a WSGI app, beside a gateway process --
 
 
