@@ -28,8 +28,7 @@ def main() -> None:
     settings = settings_or_exit()
     tune_gc()
     uvicorn.run(
-        "app.main:create_app",
-        factory=True,
+        "app.main:app",
         host=settings.host,
         port=settings.port,
         workers=settings.workers,

@@ -46,7 +46,7 @@ class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
     }
 
 
-wsgi_app = "app.main:create_app()"  # the factory: settings are read in each worker
+wsgi_app = "app.main:app"  # imported in each worker (not preloaded): settings are read there
 bind = [f"{settings.host}:{settings.port}"]
 workers = settings.workers
 worker_class = GatewayWorker

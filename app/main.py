@@ -1,4 +1,9 @@
-"""The application factory: settings → channel layer (for the app's lifetime) → routes."""
+"""The application: settings → channel layer (for the app's lifetime) → routes.
+
+`create_app(settings)` is the factory; `app` is the application built from the environment, for
+`uvicorn app.main:app`, `fastapi run app/main.py` and `gunicorn -c app/gunicorn_conf.py
+app.main:app`. Building it contacts no broker: the layer is created and connected in the lifespan.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from app import errors, openapi
 from app.api.routes import channels, console, events, health, publish, stats, ws
 from app.gateway import Gateway
 from app.logs import RequestIdMiddleware
-from app.settings import Settings
+from app.settings import Settings, settings_or_exit
 from app.shutdown import drain_on_signal
 from layers import Channel, create_layer
 
@@ -79,3 +84,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=console.STATIC), name="static")
     app.add_middleware(RequestIdMiddleware)  # outermost: CORS and error replies carry the id too
     return app
+
+
+app = create_app(settings_or_exit())
