@@ -222,6 +222,8 @@ class WebSocketSession:
         history = _optional(frame, "history", int)
         group = _optional(frame, "group", str)
         consumer = _optional(frame, "consumer", str)
+        if not channels and not patterns:  # as over SSE; adding nothing to a live one is a mistake
+            raise ApiError(422, "invalid_argument", "name at least one channel or pattern")
         gateway = self.gateway
         self.grant.require_subscribe(channels, patterns)
         if group is not None:

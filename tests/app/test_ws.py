@@ -140,3 +140,20 @@ async def test_closing_the_socket_frees_subscriptions(gateway: RunningGateway) -
         await request(ws, op="subscribe", channels=["y"], group="g")
         assert channel.subscriber_count == 2
     await eventually(lambda: not channel.subscriber_count and not gateway.gateway.connections)
+
+
+async def test_a_subscribe_naming_nothing_is_an_error_frame(gateway: RunningGateway) -> None:
+    async with connect(gateway.ws_url) as ws:
+        for frame in ({}, {"channels": [], "patterns": []}, {"group": "g"}):
+            nothing = await request(ws, op="subscribe", ref=1, **frame)
+            assert (nothing["type"], nothing["error"], nothing["status"], nothing["ref"]) == (
+                "error",
+                "invalid_argument",
+                422,
+                1,
+            )
+        assert (await request(ws, op="subscribe", channels=["c"]))["type"] == "ok"
+        again = await request(ws, op="subscribe")  # adding nothing to the live subscription
+        assert again["error"] == "invalid_argument"
+        await request(ws, op="publish", channel="c", data="still here")
+        assert (await receive(ws))["data"] == "still here"
