@@ -20,10 +20,9 @@ from app.api.routes.publish import json_response
 from app.auth import Grant, GrantDep
 from app.errors import ApiError
 from app.gateway import Gateway
+from app.metrics import TRANSPORTS
 
 router = APIRouter(tags=["operations"])
-
-TRANSPORTS = ("sse", "ws")
 
 
 @router.get(
@@ -72,4 +71,4 @@ def _sample(gateway: Gateway, name: str, labels: dict[str, str]) -> int:
     value = gateway.metrics.registry.get_sample_value(
         name, {**labels, "layer": gateway.metrics.layer}
     )
-    return int(value or 0)  # a label set never touched has no sample yet
+    return int(value or 0)
