@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="Worker processes (needs a cross-process layer)")
     max_payload_bytes: int = Field(1_048_576, ge=1, description="Largest request body (413)")
     max_backlog: int = Field(1000, ge=1, description="Events queued per subscriber")
+    max_backlog_bytes: int = Field(
+        1_048_576, ge=1, description="Bytes of events (and WebSocket frames) queued per subscriber"
+    )
     backlog_policy: Literal["drop_oldest", "drop_newest", "disconnect"] = Field(
         "drop_oldest", description="What a full backlog does"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import orjson
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -80,3 +81,22 @@ async def test_websocket_frame_limit_counts_bytes_not_characters() -> None:
             refused = await receive(ws)
             assert (refused["error"], refused["status"]) == ("payload_too_large", 413)
             assert (await request(ws, op="publish", channel="c", data="€"))["type"] == "ok"
+
+
+async def test_a_websocket_that_does_not_read_stops_being_read() -> None:
+    # Each unsubscribe frame of ~100 KB is answered with a reply as large (it echoes the names).
+    # The client never reads: once its replies cannot be queued the server stops reading its
+    # frames, so the client's sends block long before 100 MB went out (what kernel buffers hold
+    # on loopback is tens of MB).
+    names = [f"c{n:05d}" for n in range(12_000)]
+    frame = orjson.dumps({"op": "unsubscribe", "channels": names}).decode()
+    with serve() as gateway:
+        async with connect(gateway.ws_url, max_queue=1, write_limit=2**16) as ws:
+            sent = 0
+            with anyio.move_on_after(5):
+                for _ in range(1000):
+                    await ws.send(frame)
+                    sent += 1
+            assert sent < 1000, "the server read every frame of a client that does not read"
+            async with gateway.client() as http:
+                assert (await http.get("/healthz")).status_code == 200
