@@ -11,6 +11,7 @@ from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
 from app.transports.sse import Keepalives
+from app.transports.watchdog import SendWatchdog
 from layers import Channel
 from layers.names import compile_pattern, pattern_within, validate_channel, validate_pattern
 
@@ -27,6 +28,7 @@ class Gateway:
         self.draining = False
         self._drain_hooks: set[Callable[[], None]] = set()
         self.keepalives = Keepalives(settings.keepalive_seconds)
+        self.watchdog = SendWatchdog(settings.send_timeout_seconds)
 
     @property
     def channel(self) -> Channel:

@@ -20,6 +20,11 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# Set by a stream the gateway ended on purpose before finishing its response (a client that
+# stopped reading): uvicorn then reports "returned without completing response", which is no error.
+STREAM_CUT: ContextVar[bool] = ContextVar("stream_cut", default=False)
+UNFINISHED_RESPONSE = "ASGI callable returned without completing response."
+SERVER_LOGGERS = ("uvicorn.error", "uvicorn.access", "gunicorn.error", "gunicorn.access")
 HEADER = b"x-request-id"
 VALID_ID = re.compile(rb"[A-Za-z0-9._:@-]{1,128}")
 
@@ -34,6 +39,22 @@ class RequestIdFilter(logging.Filter):
         record.request_id = REQUEST_ID.get()
         record.__dict__.pop("color_message", None)  # uvicorn's terminal copy of the message
         return True
+
+
+class ServerRecordFilter(logging.Filter):
+    """On the server's own loggers, whatever configured them: drops the record of a stream the
+    gateway cut on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == UNFINISHED_RESPONSE and STREAM_CUT.get())
+
+
+def install_server_filters() -> None:
+    """Put `ServerRecordFilter` on uvicorn's and gunicorn's loggers (once per process)."""
+    for name in SERVER_LOGGERS:
+        server_logger = logging.getLogger(name)
+        if not any(isinstance(f, ServerRecordFilter) for f in server_logger.filters):
+            server_logger.addFilter(ServerRecordFilter())
 
 
 def log_config(level: str, form: str, *, access_log: bool = False) -> dict[str, Any]:

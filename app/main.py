@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 from app import errors, openapi
 from app.api.routes import channels, console, events, health, publish, stats, ws
 from app.gateway import Gateway
-from app.logs import RequestIdMiddleware
+from app.logs import RequestIdMiddleware, install_server_filters
 from app.settings import Settings, settings_or_exit
 from app.shutdown import drain_on_signal
 from layers import Channel, create_layer
@@ -30,6 +30,7 @@ logger = logging.getLogger("app")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     gateway = Gateway(settings)
+    install_server_filters()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ack_timeout=settings.ack_timeout_seconds,
             max_deliveries=settings.max_deliveries,
             observer=gateway.metrics,
+            max_backlog_bytes=settings.max_backlog_bytes,
         ) as channel:
             gateway.channel = channel
             logger.info("gateway ready on %s", layer.scheme)
@@ -56,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(gateway.keepalives.run)
+                    tasks.start_soon(gateway.watchdog.run)
                     with drain_on_signal(gateway.drain):
                         yield
                     tasks.cancel_scope.cancel()

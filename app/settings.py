@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     backlog_policy: Literal["drop_oldest", "drop_newest", "disconnect"] = Field(
         "drop_oldest", description="What a full backlog does"
     )
+    send_timeout_seconds: float = Field(
+        10.0, gt=0, description="A write to a client stuck this long ends its stream"
+    )
     keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment keepalive interval")
     retry_ms: int = Field(3000, ge=0, description="SSE `retry:` reconnection hint")
     history_size: int = Field(1000, ge=0, description="Messages retained per channel")

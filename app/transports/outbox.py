@@ -36,6 +36,9 @@ class Outbox(Generic[Frame]):
         self._reader: anyio.Event | None = None
         self._closed = False
 
+    def __len__(self) -> int:
+        return len(self._frames) + len(self._waiting)
+
     def _fits(self, size: int) -> bool:
         frames = self._frames
         return not frames or (

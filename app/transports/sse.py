@@ -16,18 +16,25 @@ Design decisions, so nobody "fixes" them:
   stream with an expiring token gets one timer task that wakes it at the expiry.
 - Gap notices carry no `id:` field, so the browser's last event id stays on the last real event.
 - A stream ends with `event: error` (`token_expired`) when its token expires.
+- A write stuck past `GATEWAY_SEND_TIMEOUT_SECONDS` (a client that stopped reading) ends the
+  stream and frees its subscription, whatever the backlog policy (`app.transports.watchdog`);
+  what was queued for it counts as dropped. The response cannot be finished (the final write
+  would wait too), so the server closes the connection.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from contextlib import AsyncExitStack, suppress
 from typing import TYPE_CHECKING
 
 import anyio
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from app.logs import STREAM_CUT
 from layers import ChannelClosed, Event, Gap, SubscriberOverflow, Subscription
 
 if TYPE_CHECKING:
@@ -40,6 +47,8 @@ HEADERS = [
     (b"connection", b"keep-alive"),
 ]
 KEEPALIVE = b": keepalive\n\n"
+
+logger = logging.getLogger("app")
 
 
 def gap_frame(gap: Gap) -> bytes:
@@ -90,6 +99,10 @@ class EventStream(Response):
         self.expires_at = expires_at  # on the anyio clock
         self.expired = False
         self.wrote = False  # since the last keepalive tick
+        self.sending_since: float | None = None  # for the send watchdog
+        self._in_flight = 0  # events in the write in progress
+        self._cut = False
+        self._scope: anyio.CancelScope | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.gateway.metrics
@@ -97,8 +110,11 @@ class EventStream(Response):
         active.inc()
         keepalives = self.gateway.keepalives
         keepalives.streams.add(self)
+        watchdog = self.gateway.watchdog
+        watchdog.writers.add(self)
         try:
             async with anyio.create_task_group() as tasks:
+                self._scope = tasks.cancel_scope
                 tasks.start_soon(self._write, send, tasks.cancel_scope)
                 if self.expires_at < math.inf:
                     tasks.start_soon(self._expire)
@@ -107,9 +123,28 @@ class EventStream(Response):
                 tasks.cancel_scope.cancel()
         finally:
             keepalives.streams.discard(self)
+            watchdog.writers.discard(self)
             active.dec()
+            if self._cut:
+                STREAM_CUT.set(True)  # uvicorn's "returned without completing" is no error here
             with anyio.CancelScope(shield=True):
                 await self.cleanup.aclose()
+
+    def stuck(self) -> None:
+        subscription = self.subscription
+        lost = self._in_flight + subscription.max_backlog - subscription.free_slots
+        self.gateway.metrics.dropped("sse").inc(max(1, lost))
+        logger.info(
+            "ending an SSE stream whose client stopped reading (GATEWAY_SEND_TIMEOUT_SECONDS)"
+        )
+        self._cut = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _send(self, send: Send, message: Message) -> None:
+        self.sending_since = time.monotonic()
+        await send(message)
+        self.sending_since = None
 
     async def _expire(self) -> None:
         await anyio.sleep_until(self.expires_at)
@@ -123,13 +158,14 @@ class EventStream(Response):
 
     async def _stream(self, send: Send) -> None:
         settings = self.gateway.settings
-        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        await send(
+        await self._send(send, {"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await self._send(
+            send,
             {
                 "type": "http.response.body",
                 "body": b": connected\nretry: %d\n\n" % settings.retry_ms,
                 "more_body": True,
-            }
+            },
         )
         delivered = self.gateway.metrics.delivered("sse")
         dropped = self.gateway.metrics.dropped("sse")
@@ -153,7 +189,9 @@ class EventStream(Response):
                 break
             self.wrote = True
             if not batch:  # woken by `Keepalives`
-                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                await self._send(
+                    send, {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
+                )
                 continue
             frames = []
             events = 0
@@ -165,6 +203,10 @@ class EventStream(Response):
                     if item.dropped:
                         dropped.inc(item.dropped)
                     frames.append(gap_frame(item))
-            await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+            self._in_flight = events
+            await self._send(
+                send, {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
+            )
+            self._in_flight = 0
             delivered.inc(events)
-        await send({"type": "http.response.body", "body": ending, "more_body": False})
+        await self._send(send, {"type": "http.response.body", "body": ending, "more_body": False})

@@ -15,6 +15,7 @@ limited per socket by a token bucket (`GATEWAY_WS_PUBLISH_RATE`, a burst of one 
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from app.gateway import Gateway
 
 OUTBOX_SIZE = 256
+
+logger = logging.getLogger("app")
 
 
 @dataclass
@@ -102,6 +105,7 @@ class WebSocketSession:
         # `app.transports.outbox`), so a client that does not read cannot grow the server.
         self.outbox = Outbox[str | _Close](OUTBOX_SIZE, gateway.settings.max_backlog_bytes)
         self.tasks: TaskGroup
+        self.sending_since: float | None = None  # for the send watchdog
 
     async def run(self) -> None:
         await self.websocket.accept()
@@ -119,6 +123,8 @@ class WebSocketSession:
     async def _serve(self) -> None:
         active = self.gateway.metrics.subscribers("ws")
         active.inc()
+        watchdog = self.gateway.watchdog
+        watchdog.writers.add(self)
         try:
             async with anyio.create_task_group() as tasks:
                 self.tasks = tasks
@@ -129,6 +135,7 @@ class WebSocketSession:
                 tasks.cancel_scope.cancel()
         finally:
             self.outbox.close()
+            watchdog.writers.discard(self)
             active.dec()
             with anyio.CancelScope(shield=True):
                 for feed in [self.live, *self.groups.values()]:
@@ -141,6 +148,7 @@ class WebSocketSession:
                 frame = await self.outbox.get()
             except anyio.EndOfStream:
                 return
+            self.sending_since = time.monotonic()
             try:
                 if isinstance(frame, _Close):
                     await self.websocket.close(frame.code, frame.reason)
@@ -150,6 +158,20 @@ class WebSocketSession:
             except WebSocketDisconnect:  # the client went away: not an error
                 session.cancel()
                 return
+            self.sending_since = None
+
+    def stuck(self) -> None:
+        """A write waited past `GATEWAY_SEND_TIMEOUT_SECONDS`: the client stopped reading. End
+        the session (a close frame would wait too); what was queued for it counts as dropped."""
+        feeds = [feed for feed in [self.live, *self.groups.values()] if feed is not None]
+        lost = len(self.outbox) + sum(
+            feed.subscription.max_backlog - feed.subscription.free_slots for feed in feeds
+        )
+        self.gateway.metrics.dropped("ws").inc(max(1, lost))
+        logger.info(
+            "ending a WebSocket whose client stopped reading (GATEWAY_SEND_TIMEOUT_SECONDS)"
+        )
+        self.tasks.cancel_scope.cancel()
 
     def _going_away(self) -> None:
         """The instance is draining: close with 1001 so the client reconnects elsewhere."""
