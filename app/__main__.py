@@ -29,6 +29,7 @@ def main() -> None:
     tune_gc()
     uvicorn.run(
         "app.main:app",
+        http="app.server:GatewayHttpProtocol",  # header timeout and socket ceiling
         host=settings.host,
         port=settings.port,
         workers=settings.workers,

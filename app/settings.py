@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(False, description="Log each request (never bodies) when it ends")
     max_connections: int = Field(10_000, ge=1, description="SSE + WebSocket per process (503)")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="A connection's request headers must be in within this (408)"
+    )
+    max_sockets: int = Field(
+        11_000, ge=1, description="Open client sockets per process, of every kind (503 past it)"
+    )
     max_channels_per_subscription: int = Field(
         100, ge=1, description="Channels plus patterns in one subscription"
     )
