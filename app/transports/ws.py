@@ -245,8 +245,10 @@ class WebSocketSession:
         if not channels and not patterns:  # as over SSE; adding nothing to a live one is a mistake
             raise ApiError(422, "invalid_argument", "name at least one channel or pattern")
         gateway = self.gateway
-        self.grant.require_subscribe(channels, patterns)
         if group is not None:
+            self.grant.require_subscribe([], patterns)
+            for channel in channels:
+                self.grant.require_group(channel, consumer)
             gateway.check_subscription(channels, patterns)
             key = (channels[0] if channels else "", group)
             if key in self.groups:
@@ -263,11 +265,13 @@ class WebSocketSession:
                 *channels, patterns=patterns, group=group, consumer=consumer
             )
         elif self.live is None:
+            self.grant.require_subscribe(channels, patterns)
             gateway.check_subscription(channels, patterns)
             self.live = await self._feed(
                 *channels, patterns=patterns, last_event_id=last_event_id, history=history
             )
         else:
+            self.grant.require_subscribe(channels, patterns)
             current = self.live.subscription
             gateway.check_subscription(
                 sorted(current.channels | set(channels)), sorted(current.patterns | set(patterns))
@@ -343,7 +347,7 @@ class WebSocketSession:
     async def _ack(self, frame: dict[str, Any]) -> dict[str, Any]:
         check_fields(frame, {"channel", "group", "ids"}, {"op", "ref"})
         channel = self.gateway.check_channel(frame["channel"])
-        self.grant.require_subscribe([channel])
+        self.grant.require_group(channel)
         ids = frame["ids"]
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ApiError(422, "invalid_argument", "ids must be a list of strings")

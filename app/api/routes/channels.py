@@ -75,7 +75,7 @@ async def ack(
     channel: ChannelPath, group: GroupPath, request: Request, gateway: GatewayDep, grant: GrantDep
 ) -> Response:
     gateway.check_channel(channel)
-    grant.require_subscribe([channel])
+    grant.require_group(channel)
     body = await read_json_object(request, gateway.settings.max_payload_bytes)
     check_fields(body, {"ids"}, set())
     ids = body["ids"]
@@ -97,7 +97,7 @@ async def group_info(
     channel: ChannelPath, group: GroupPath, gateway: GatewayDep, grant: GrantDep
 ) -> Response:
     gateway.check_channel(channel)
-    grant.require_subscribe([channel])
+    grant.require_group(channel)
     info = await gateway.channel.group_info(channel, group)
     oldest = (
         {"id": info.oldest_unacked_id, "age_seconds": info.oldest_unacked_age_seconds}

@@ -93,7 +93,11 @@ async def open_stream(
     if consumer is not None and group is None:
         raise ApiError(422, "invalid_argument", "`consumer` names a consumer of a `group`: add one")
     gateway.check_subscription(channels, patterns)
-    grant.require_subscribe(channels, patterns)
+    if group is None:
+        grant.require_subscribe(channels, patterns)
+    else:
+        for channel in channels:
+            grant.require_group(channel, consumer)
     cleanup = AsyncExitStack()
     try:
         cleanup.enter_context(gateway.connection())

@@ -6,7 +6,7 @@ and a process keeps no clock-dependent state for it. With several workers each a
 whichever worker took the request; `/metrics` scraped per pod is the fleet-wide view.
 
 With authorization on, it needs a token like the channel routes (it names channels and groups),
-and lists only the groups on channels that token may subscribe to.
+and lists only the groups on channels whose groups that token may consume.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ router = APIRouter(tags=["operations"])
     description=(
         "Per-process numbers for dashboards such as the web console; poll it and divide the "
         "change in `published` and `delivered` by the time between polls for rates. With "
-        "authorization on it needs a token, and `groups` lists only channels that token may "
-        "subscribe to."
+        "authorization on it needs a token, and `groups` lists only channels whose groups that "
+        "token may consume."
     ),
     response_model=StatsReply,
     responses=errors(401, 503),
@@ -57,7 +57,7 @@ async def stats(gateway: GatewayDep, grant: GrantDep) -> Response:
 
 def _may_see(grant: Grant, channel: str) -> bool:
     try:
-        grant.require_subscribe([channel])
+        grant.require_group(channel)
     except ApiError:
         return False
     return True
