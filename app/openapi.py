@@ -24,7 +24,8 @@ WEBSOCKET: dict[str, Any] = {
     "path": "/ws",
     "summary": "Subscribe, publish and acknowledge over one WebSocket",
     "description": (
-        "JSON text frames. Every client frame may carry a `ref`, echoed in its reply. A bad frame "
+        "JSON text frames. Every client frame may carry a `ref` (any JSON value of at most 256 "
+        "bytes), echoed in its reply. A bad frame "
         "gets an `error` frame and the socket stays open. The server closes with 1001 when it "
         "shuts down (reconnect elsewhere), 1008 when the token is refused or expires, 1009 for a "
         "frame over the size limit and 1013 when the subscriber fell too far behind."

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from app.gateway import Gateway
 
 OUTBOX_SIZE = 256
+MAX_REF_BYTES = 256  # a `ref` is echoed in the reply: bounded, and always encodable
 
 logger = logging.getLogger("app")
 
@@ -204,7 +205,7 @@ class WebSocketSession:
         ref = None
         try:
             frame = parse_json_object(text, "frame")
-            ref = frame.get("ref")
+            ref = _ref(frame)
             op = frame.get("op")
             handler = {
                 "subscribe": self._subscribe,
@@ -353,6 +354,21 @@ class WebSocketSession:
             raise ApiError(422, "invalid_argument", "ids must be a list of strings")
         acked, unknown = await self.gateway.channel.ack(channel, frame["group"], ids)
         return {"acked": len(acked), "unknown": unknown}
+
+
+def _ref(frame: dict[str, Any]) -> Any:
+    ref = frame.get("ref")
+    if ref is None:
+        return None
+    try:
+        size = len(orjson.dumps(ref))
+    except orjson.JSONEncodeError:  # nested deeper than a reply can encode
+        size = MAX_REF_BYTES + 1
+    if size > MAX_REF_BYTES:
+        raise ApiError(
+            422, "invalid_argument", f"ref must be a JSON value of at most {MAX_REF_BYTES} bytes"
+        )
+    return ref
 
 
 def _names(frame: dict[str, Any], field: str) -> list[str]:
