@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import anyio
 import anyio.to_thread
@@ -14,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.app.conftest import RunningGateway, serve
+from tests.app.conftest import RunningGateway, serve, server_log
 from tests.app.test_ws import receive, request
 from tests.conftest import eventually
 
@@ -107,30 +105,6 @@ async def test_a_websocket_that_does_not_read_stops_being_read() -> None:
             assert sent < 1000, "the server read every frame of a client that does not read"
             async with gateway.client() as http:
                 assert (await http.get("/healthz")).status_code == 200
-
-
-class Records(logging.Handler):
-    """The records a logger lets through (after its filters), for checking what the server logs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextmanager
-def server_log() -> Iterator[list[logging.LogRecord]]:
-    handler = Records()
-    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "app")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
 
 
 def dropped(gateway: RunningGateway, transport: str) -> float:
