@@ -43,9 +43,8 @@ from starlette.requests import HTTPConnection
 
 from app.errors import ApiError
 from app.settings import Settings
-from layers.core import DEAD_LETTER_SUFFIX
 from layers.errors import InvalidArgument
-from layers.names import compile_pattern, pattern_within, validate_pattern
+from layers.names import DEAD_LETTER_SUFFIX, compile_pattern, pattern_within, validate_pattern
 
 logger = logging.getLogger("app.auth")
 

@@ -46,12 +46,17 @@ from .errors import (
     SubscriberOverflow,
 )
 from .event import DEFAULT_EVENT_TYPE, Event, Gap, Message, encode_data
-from .names import compile_pattern, validate_channel, validate_event_type, validate_pattern
+from .names import (
+    DEAD_LETTER_SUFFIX,
+    compile_pattern,
+    validate_channel,
+    validate_event_type,
+    validate_pattern,
+)
 
 logger = logging.getLogger(__name__)
 
 Item = Event | Gap
-DEAD_LETTER_SUFFIX = ".dead"
 
 
 class BacklogPolicy(StrEnum):
@@ -129,7 +134,9 @@ class Subscription:
             waiter.set()
 
     def _over_bytes(self, size: int) -> bool:
-        return self.max_bytes is not None and self._bytes > 0 and self._bytes + size > self.max_bytes
+        return (
+            self.max_bytes is not None and self._bytes > 0 and self._bytes + size > self.max_bytes
+        )
 
     def _drop_newest(self) -> None:
         self.dropped += 1
