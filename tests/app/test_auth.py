@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from app.main import create_app
 from app.settings import Settings
 from tests.app.conftest import RunningGateway, serve
 from tests.app.test_ws import receive, request
+from tests.test_readme import README
 
 pytestmark = pytest.mark.anyio
 
@@ -490,3 +492,17 @@ async def test_group_state_needs_the_group_right(secured: RunningGateway) -> Non
         assert (await http.get("/channels/jobs/groups/g", headers=reader)).status_code == 403
         consumer = bearer(token(groups=["jobs"]))
         assert (await http.get("/channels/jobs/groups/g", headers=consumer)).status_code == 404
+
+
+async def test_the_routes_the_readme_says_need_no_token_answer_without_one(
+    secured: RunningGateway,
+) -> None:
+    text = " ".join(README.read_text().split())
+    listed = re.search(r"((?:`/[a-z.]*`(?:,| and)? )+)need no token", text)
+    assert listed is not None
+    paths = re.findall(r"`(/[a-z.]*)`", listed.group(1))
+    assert "/healthz" in paths
+    async with secured.client() as http:
+        for path in paths:
+            assert (await http.get(path)).status_code == 200, path
+        assert (await http.get("/stats")).status_code == 401  # the README says it needs one
