@@ -8,6 +8,7 @@ import math
 import uvicorn
 
 from app.logs import log_config
+from app.server import ws_max_size
 from app.settings import settings_or_exit
 
 
@@ -30,6 +31,7 @@ def main() -> None:
     uvicorn.run(
         "app.main:app",
         http="app.server:GatewayHttpProtocol",  # header timeout and socket ceiling
+        ws_max_size=ws_max_size(settings),
         host=settings.host,
         port=settings.port,
         workers=settings.workers,

@@ -30,6 +30,7 @@ from typing import Any
 from uvicorn_worker import UvicornWorker
 
 from app.logs import log_config
+from app.server import ws_max_size
 from app.settings import settings_or_exit
 
 settings = settings_or_exit()  # memory:// with GATEWAY_WORKERS > 1 stops here, saying why
@@ -42,6 +43,7 @@ class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
     CONFIG_KWARGS: dict[str, Any] = {
         "loop": "uvloop",
         "http": "app.server:GatewayHttpProtocol",  # httptools, with a header timeout and a ceiling
+        "ws_max_size": ws_max_size(settings),
         "timeout_graceful_shutdown": drain_seconds,
         "access_log": settings.access_log,
     }

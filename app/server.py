@@ -13,7 +13,7 @@ uvicorn as `http=` by `python -m app` and the gunicorn configuration:
   open in this process (requests, streams, WebSockets and unfinished requests alike).
 
 Once the headers are in, the request is the gateway's: streams are long-lived by design, bodies
-are bounded by `GATEWAY_MAX_PAYLOAD_BYTES`.
+are bounded by `GATEWAY_MAX_PAYLOAD_BYTES`, and WebSocket messages by `ws_max_size`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,16 @@ UNAVAILABLE = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\n"
     b"connection: close\r\n\r\n"
 )
+
+
+def ws_max_size(settings: Settings) -> int:
+    """The largest WebSocket message uvicorn assembles before refusing it (close 1009).
+
+    Twice `GATEWAY_MAX_PAYLOAD_BYTES`: a frame somewhat over the limit still reaches the gateway,
+    which answers it with a 413 error frame and keeps the socket open; a larger one is cut off
+    while it is read, so no connection buffers more than this (uvicorn's default is 16 MiB).
+    """
+    return 2 * settings.max_payload_bytes
 
 
 @cache

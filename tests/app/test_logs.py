@@ -18,7 +18,7 @@ from app.logs import REQUEST_ID, RequestIdFilter
 from tests.app.conftest import RunningGateway, free_port
 from tests.app.test_auth import SECRET, token
 from tests.app.test_entrypoints import running
-from tests.app.test_slowloris import output, wait_serving
+from tests.app.test_server_limits import output, wait_serving
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.anyio

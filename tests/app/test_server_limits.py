@@ -1,4 +1,5 @@
-"""Unfinished requests are bounded: a header timeout and a socket ceiling, under both servers."""
+"""What the servers bound before the app sees a request, under `python -m app` and gunicorn: the
+time to send headers, the open sockets, the size of a WebSocket message."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import anyio
 import httpx
+import orjson
 import pytest
 from anyio.abc import SocketStream
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from tests.app.conftest import free_port
 from tests.app.test_entrypoints import running
@@ -122,3 +126,26 @@ async def test_slow_headers_are_cut_and_sockets_have_a_ceiling(server: str, tmp_
                 except httpx.TransportError:
                     pass
                 await anyio.sleep(0.1)  # the server notices closed sockets with no event to await
+
+
+@pytest.mark.parametrize("server", list(SERVERS))
+async def test_websocket_messages_are_bounded_while_read(server: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_LAYER": "memory://",
+        "GATEWAY_MAX_PAYLOAD_BYTES": "1000",
+    }
+    log = tmp_path / "server.log"
+    with running([sys.executable, *SERVERS[server]], log, env) as process:
+        await wait_serving(f"http://127.0.0.1:{port}", process, log)
+        async with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.send('{"op": "publish", "channel": "c", "data": "' + "x" * 1500 + '"}')
+            with anyio.fail_after(10):
+                refused = orjson.loads(await ws.recv())
+            assert (refused["error"], refused["status"]) == ("payload_too_large", 413)
+            await ws.send('{"op": "publish", "channel": "c", "data": "' + "x" * 5000 + '"}')
+            with anyio.fail_after(10), pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1009
