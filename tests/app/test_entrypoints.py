@@ -5,19 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import anyio
 import httpx
 import pytest
 
 from tests.app.conftest import free_port
+from tests.app.processes import ROOT, running, wait_serving
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parents[2]
 
 COMMANDS = {
     "uvicorn": ["-m", "uvicorn", "app.main:app", "--port", "{port}"],
@@ -32,32 +28,11 @@ async def test_each_usual_command_serves_the_app(command: str, tmp_path: Path) -
     log = tmp_path / "server.log"
     env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_LAYER": "memory://"}
     argv = [sys.executable, *(part.format(port=port) for part in COMMANDS[command])]
-    with running(argv, log, env) as process, anyio.fail_after(30):
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=2) as http:
-            while True:
-                assert process.poll() is None, log.read_text()
-                try:
-                    response = await http.get("/healthz")
-                    break
-                except httpx.TransportError:
-                    await anyio.sleep(0.1)  # the port opens with no event to await
-            assert response.status_code == 200
+    url = f"http://127.0.0.1:{port}"
+    with running(argv, log, env) as process:
+        await wait_serving(url, process, log)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
             assert (await http.get("/readyz")).json()["layer"] == "memory"
-
-
-@contextmanager
-def running(argv: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as output:
-        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=output, stderr=output)
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def test_importing_the_app_contacts_no_broker() -> None:

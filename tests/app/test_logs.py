@@ -16,9 +16,8 @@ from websockets.exceptions import ConnectionClosed
 
 from app.logs import REQUEST_ID, RequestIdFilter
 from tests.app.conftest import RunningGateway, free_port
+from tests.app.processes import output, running, wait_serving
 from tests.app.test_auth import SECRET, token
-from tests.app.test_entrypoints import running
-from tests.app.test_server_limits import output, wait_serving
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.anyio

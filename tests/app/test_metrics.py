@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.app.conftest import RunningGateway, free_port, serve
-from tests.app.test_entrypoints import running
+from tests.app.processes import running, wait_serving
 
 pytestmark = pytest.mark.anyio
 
@@ -103,13 +103,9 @@ async def test_every_series_exists_at_zero_from_start_up(argv: list[str], tmp_pa
     port = free_port()
     env = {**os.environ, "GATEWAY_PORT": str(port), "GATEWAY_LAYER": "memory://"}
     log = tmp_path / "server.log"
-    with running([sys.executable, *argv], log, env) as process, anyio.fail_after(30):
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=2) as http:
-            while True:
-                assert process.poll() is None, log.read_text()
-                try:
-                    response = await http.get("/metrics")
-                    break
-                except httpx.TransportError:
-                    await anyio.sleep(0.1)  # the port opens with no event to await
+    url = f"http://127.0.0.1:{port}"
+    with running([sys.executable, *argv], log, env) as process:
+        await wait_serving(url, process, log)
+        async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+            response = await http.get("/metrics")
     assert_every_series_at_zero(response.text)

@@ -4,7 +4,6 @@ time to send headers, the open sockets, the size of a WebSocket message."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.app.conftest import free_port
-from tests.app.test_entrypoints import running
+from tests.app.processes import running, wait_serving
 
 pytestmark = pytest.mark.anyio
 
@@ -33,21 +32,6 @@ MAX_SOCKETS = 40
 async def healthz(url: str) -> int:
     async with httpx.AsyncClient(base_url=url, timeout=5) as http:
         return (await http.get("/healthz")).status_code
-
-
-def output(log: Path) -> str:
-    return log.read_text()
-
-
-async def wait_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    with anyio.fail_after(30):
-        while True:
-            assert process.poll() is None, output(log)
-            try:
-                await healthz(url)
-                return
-            except httpx.TransportError:
-                await anyio.sleep(0.1)  # the port opens with no event to await
 
 
 async def until_closed(stream: SocketStream) -> bytes:
