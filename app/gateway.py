@@ -10,8 +10,7 @@ from app.auth import Authenticator
 from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
-from app.transports.sse import Keepalives
-from app.transports.watchdog import SendWatchdog
+from app.timers import Keepalives, SendWatchdog
 from layers import Channel
 from layers.names import (
     DEAD_LETTER_SUFFIX,

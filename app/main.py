@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
-from app import errors, openapi
+from app import errors
+from app.api import document
 from app.api.routes import channels, console, events, health, publish, stats, ws
 from app.gateway import Gateway
 from app.logs import RequestIdMiddleware, install_server_filters
@@ -73,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.gateway = gateway
     errors.install(app)
-    openapi.install(app)
+    document.install(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -12,12 +12,12 @@ Design decisions, so nobody "fixes" them:
   waking it resumes a short chain of coroutines, not the whole middleware stack the request task
   runs under, and it is woken once per message per subscriber.
 - No timeout around the wait for events: a cancel scope per wait cost more than the rest of a
-  delivery. One `Keepalives` timer for all streams wakes those that wrote nothing lately, and a
-  stream with an expiring token gets one timer task that wakes it at the expiry.
+  delivery. One `Keepalives` timer for all streams (`app.timers`) wakes those that wrote nothing
+  lately, and a stream with an expiring token gets one timer task that wakes it at the expiry.
 - Gap notices carry no `id:` field, so the browser's last event id stays on the last real event.
 - A stream ends with `event: error` (`token_expired`) when its token expires.
 - A write stuck past `GATEWAY_SEND_TIMEOUT_SECONDS` (a client that stopped reading) ends the
-  stream and frees its subscription, whatever the backlog policy (`app.transports.watchdog`);
+  stream and frees its subscription, whatever the backlog policy (`app.timers.SendWatchdog`);
   what was queued for it counts as dropped. The response cannot be finished (the final write
   would wait too), so the server closes the connection.
 """
@@ -28,17 +28,15 @@ import logging
 import math
 import time
 from contextlib import AsyncExitStack, suppress
-from typing import TYPE_CHECKING
 
 import anyio
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from app.errors import error_body
+from app.gateway import Gateway
 from app.logs import STREAM_CUT
 from layers import ChannelClosed, Event, Gap, SubscriberOverflow, Subscription
-
-if TYPE_CHECKING:
-    from app.gateway import Gateway
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -56,30 +54,7 @@ def gap_frame(gap: Gap) -> bytes:
 
 
 def error_frame(code: str, detail: str) -> bytes:
-    from app.errors import error_body
-
     return b"event: error\ndata: " + error_body(code, detail) + b"\n\n"
-
-
-class Keepalives:
-    """One timer for the keepalive comments of every open stream.
-
-    Every half interval it wakes the streams that wrote nothing since the previous tick, so a
-    silent stream gets a comment between half an interval and one interval after its last write.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.streams: set[EventStream] = set()
-
-    async def run(self) -> None:
-        while True:
-            await anyio.sleep(self.interval / 2)
-            for stream in self.streams:
-                if stream.wrote:
-                    stream.wrote = False
-                else:
-                    stream.subscription.wake()
 
 
 class EventStream(Response):
@@ -98,7 +73,7 @@ class EventStream(Response):
         self.cleanup = cleanup
         self.expires_at = expires_at  # on the anyio clock
         self.expired = False
-        self.wrote = False  # since the last keepalive tick
+        self.wrote = False  # since the last keepalive tick (`app.timers.Keepalives`)
         self.sending_since: float | None = None  # for the send watchdog
         self._in_flight = 0  # events in the write in progress
         self._cut = False
@@ -129,6 +104,9 @@ class EventStream(Response):
                 STREAM_CUT.set(True)  # uvicorn's "returned without completing" is no error here
             with anyio.CancelScope(shield=True):
                 await self.cleanup.aclose()
+
+    def wake(self) -> None:
+        self.subscription.wake()
 
     def stuck(self) -> None:
         subscription = self.subscription

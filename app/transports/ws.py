@@ -19,16 +19,17 @@ import logging
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import orjson
 from anyio.abc import TaskGroup, TaskStatus
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from app.api.deps import check_fields, parse_json_object
 from app.auth import Grant
 from app.errors import ApiError, close_code_of, status_of
+from app.gateway import Gateway
+from app.payloads import check_fields, parse_json_object
 from app.transports.outbox import Outbox
 from layers import (
     ChannelClosed,
@@ -38,9 +39,6 @@ from layers import (
     Subscription,
     make_message,
 )
-
-if TYPE_CHECKING:
-    from app.gateway import Gateway
 
 OUTBOX_SIZE = 256
 MAX_REF_BYTES = 256  # a `ref` is echoed in the reply: bounded, and always encodable

@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from app.api.deps import GatewayDep, check_fields, read_json_object
+from app.api.deps import GatewayDep
 from app.api.models import (
     MAX_ACK_IDS,
     AckReply,
@@ -20,9 +20,9 @@ from app.api.models import (
     body_schema,
     errors,
 )
-from app.api.routes.publish import json_response
 from app.auth import GrantDep
 from app.errors import ApiError
+from app.payloads import check_fields, json_response, read_json_object
 
 router = APIRouter(tags=["channels"])
 

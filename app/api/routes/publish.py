@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.api.deps import (
-    GatewayDep,
-    check_fields,
-    media_type,
-    read_body,
-    read_json_object,
-)
+from app.api.deps import GatewayDep
 from app.api.models import (
     BatchReply,
     BatchRequest,
@@ -27,14 +20,11 @@ from app.api.models import (
 )
 from app.auth import GrantDep
 from app.errors import ApiError, status_of
+from app.payloads import check_fields, json_response, media_type, read_body, read_json_object
 from layers import ChannelError, make_message
 from layers.names import validate_event_type
 
 router = APIRouter(tags=["publish"])
-
-
-def json_response(value: Any) -> Response:
-    return Response(orjson.dumps(value), media_type="application/json")
 
 
 @router.post(

@@ -16,11 +16,11 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.api.models import StatsReply, errors
-from app.api.routes.publish import json_response
 from app.auth import Grant, GrantDep
 from app.errors import ApiError
 from app.gateway import Gateway
 from app.metrics import TRANSPORTS
+from app.payloads import json_response
 
 router = APIRouter(tags=["operations"])
 
