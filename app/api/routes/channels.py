@@ -10,7 +10,6 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.api.models import (
-    MAX_ACK_IDS,
     AckReply,
     AckRequest,
     ChannelPath,
@@ -21,8 +20,7 @@ from app.api.models import (
     errors,
 )
 from app.auth import GrantDep
-from app.errors import ApiError
-from app.payloads import check_fields, json_response, read_json_object
+from app.payloads import json_response, read_json_object
 
 router = APIRouter(tags=["channels"])
 
@@ -76,14 +74,8 @@ async def ack(
 ) -> Response:
     gateway.check_channel(channel)
     grant.require_group(channel)
-    body = await read_json_object(request, gateway.settings.max_payload_bytes)
-    check_fields(body, {"ids"}, set())
-    ids = body["ids"]
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise ApiError(422, "invalid_argument", "ids must be a list of strings")
-    if len(ids) > MAX_ACK_IDS:
-        raise ApiError(422, "invalid_argument", f"ack at most {MAX_ACK_IDS} ids at once")
-    acked, unknown = await gateway.channel.ack(channel, group, ids)
+    body = AckRequest.read(await read_json_object(request, gateway.settings.max_payload_bytes))
+    acked, unknown = await gateway.channel.ack(channel, group, body.ids)
     return json_response({"acked": len(acked), "unknown": unknown})
 
 
