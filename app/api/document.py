@@ -11,6 +11,8 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from layers.event import GapReason
+
 DESCRIPTION = """\
 Publish over HTTP; subscribe with Server-Sent Events (`GET /channels/{channel}/events`,
 `GET /events`) or a WebSocket (`/ws`, described in `x-websocket` since OpenAPI has no WebSocket).
@@ -53,7 +55,7 @@ WEBSOCKET: dict[str, Any] = {
             "published_at": "2026-01-01T00:00:00.000Z",
             "deliveries": "group subscriptions only",
         },
-        "gap": {"type": "gap", "reason": "dropped | evicted | unknown_id | no_history"},
+        "gap": {"type": "gap", "reason": " | ".join(GapReason)},
         "ok": {"type": "ok", "ref": 1, "op": "subscribe", "id": "publish replies only"},
         "error": {"type": "error", "ref": 1, "error": "<code>", "detail": "...", "status": 422},
     },

@@ -13,6 +13,7 @@ from app.auth import Grant, GrantDep
 from app.errors import ApiError
 from app.gateway import Gateway
 from app.transports.sse import EventStream
+from layers.event import GapReason
 
 router = APIRouter(tags=["subscribe"])
 
@@ -22,7 +23,7 @@ PATTERN_ITEM = {"type": "string", **PATTERN_RULE}
 GAP_NOTICE = {
     "type": "object",
     "properties": {
-        "reason": {"enum": ["dropped", "evicted", "unknown_id", "no_history"]},
+        "reason": {"enum": [reason.value for reason in GapReason]},
         "last_event_id": {"type": "string"},
         "dropped": {"type": "integer", "minimum": 1},
     },
