@@ -3,6 +3,10 @@
 `create_app(settings)` is the factory; `app` is the application built from the environment, for
 `uvicorn app.main:app`, `fastapi run app/main.py` and `gunicorn -c app/gunicorn_conf.py
 app.main:app`. Building it contacts no broker: the layer is created and connected in the lifespan.
+
+`app/` reads top-down from here: `api/routes/*` (one router per concern) → `transports/` (SSE,
+WebSocket) → `layers`; what they share sits beside them (`gateway`: the per-process state,
+`auth`, `payloads`, `errors`, `metrics`, `timers`), and nothing imports back up.
 """
 
 from __future__ import annotations
