@@ -8,6 +8,7 @@ import math
 import uvicorn
 
 from app.logs import log_config
+from app.server import ws_max_size
 from app.settings import settings_or_exit
 
 
@@ -28,8 +29,9 @@ def main() -> None:
     settings = settings_or_exit()
     tune_gc()
     uvicorn.run(
-        "app.main:create_app",
-        factory=True,
+        "app.main:app",
+        http="app.server:GatewayHttpProtocol",  # header timeout and socket ceiling
+        ws_max_size=ws_max_size(settings),
         host=settings.host,
         port=settings.port,
         workers=settings.workers,

@@ -13,6 +13,12 @@ Design decisions, so nobody "fixes" them:
   token read from a cookie is honoured only when the request's `Origin` is absent, the gateway's own
   host, or one of `GATEWAY_CORS_ORIGINS`: cross-site forms cannot publish and cross-site WebSocket
   handshakes (which CORS does not cover) cannot ride a user's cookie.
+- Consumer groups are a right of their own (`channels.groups`): joining a channel's groups,
+  acking, reading group state, and reading its dead letters (`<channel>.dead`). A consumer name is
+  the token's `sub` or starts with `<sub>:`, so one user cannot join as another's consumer and take
+  its pending messages; `channels.any_consumer: true` (a backend's worker pool) lifts that. A
+  consumer left unnamed gets a generated name, which is never another's. Acks are per group, not
+  per consumer: whoever may consume a group may ack its messages.
 - A subscription pattern is allowed only if one granted glob covers every channel it can match
   (`pattern_within`). That is sound but conservative: a pattern covered only by the union of several
   globs (`a*` by `a` and `a?*`) is refused; grant a wider glob or subscribe to narrower patterns.
@@ -38,7 +44,7 @@ from starlette.requests import HTTPConnection
 from app.errors import ApiError
 from app.settings import Settings
 from layers.errors import InvalidArgument
-from layers.names import compile_pattern, pattern_within, validate_pattern
+from layers.names import DEAD_LETTER_SUFFIX, compile_pattern, pattern_within, validate_pattern
 
 logger = logging.getLogger("app.auth")
 
@@ -55,6 +61,9 @@ class Grant:
 
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    groups: tuple[str, ...] = ()  # channels whose consumer groups it may consume
+    subject: str | None = None  # `sub`: consumer names start with it
+    any_consumer: bool = False  # may use any consumer name
     expires_at: float | None = None  # epoch seconds (`exp`)
     anonymous: bool = False  # no token was sent: refusals are 401, not 403
 
@@ -70,7 +79,7 @@ class Grant:
 
     def require_subscribe(self, channels: Sequence[str], patterns: Sequence[str] = ()) -> None:
         for name in channels:
-            if not _covered(name, self.subscribe):
+            if not _covered(name, self.subscribe) and not self._dead_letters_of_own_group(name):
                 raise self._refusal(f"subscribing to {name!r}")
         for pattern in patterns:
             if "*" not in self.subscribe and not any(
@@ -81,13 +90,35 @@ class Grant:
                     "channel it can match"
                 )
 
+    def require_group(self, channel: str, consumer: str | None = None) -> None:
+        """May consume `channel`'s groups, as `consumer` (None: a generated name)."""
+        if not _covered(channel, self.groups):
+            raise self._refusal(f"consuming the groups of {channel!r} (claim `channels.groups`)")
+        if consumer is None or self.any_consumer:
+            return
+        if self.subject is None:
+            raise self._refusal(
+                f"the consumer name {consumer!r}: a token without `sub` may only use generated "
+                "names (leave `consumer` out) unless it has `channels.any_consumer`"
+            )
+        if consumer != self.subject and not consumer.startswith(self.subject + ":"):
+            raise self._refusal(
+                f"the consumer name {consumer!r}: use {self.subject!r} or "
+                f"'{self.subject}:<name>' (the token's `sub`)"
+            )
+
+    def _dead_letters_of_own_group(self, channel: str) -> bool:
+        """`<c>.dead` is readable by whoever may consume `c`'s groups."""
+        base = channel.removesuffix(DEAD_LETTER_SUFFIX)
+        return base != channel and _covered(base, self.groups)
+
     def _refusal(self, what: str) -> ApiError:
         if self.anonymous:
             return ApiError(401, "token_required", f"{what} needs a token: {HOW_TO_SEND}")
         return ApiError(403, "forbidden", f"the token does not allow {what}")
 
 
-EVERYTHING = Grant(publish=("*",), subscribe=("*",))
+EVERYTHING = Grant(publish=("*",), subscribe=("*",), groups=("*",), any_consumer=True)
 
 
 def _covered(channel: str, globs: tuple[str, ...]) -> bool:
@@ -166,7 +197,7 @@ def _grant_of(claims: dict[str, Any]) -> Grant:
     if not isinstance(channels, dict):
         raise ApiError(401, "invalid_token", "the `channels` claim must be an object")
     rights = []
-    for right in ("publish", "subscribe"):
+    for right in ("publish", "subscribe", "groups"):
         globs = channels.get(right, [])
         if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
             raise ApiError(401, "invalid_token", f"`channels.{right}` must be a list of globs")
@@ -174,8 +205,20 @@ def _grant_of(claims: dict[str, Any]) -> Grant:
             rights.append(tuple(validate_pattern(g) for g in globs))
         except InvalidArgument as exc:
             raise ApiError(401, "invalid_token", f"`channels.{right}`: {exc.detail}") from None
-    exp = claims["exp"]
-    return Grant(publish=rights[0], subscribe=rights[1], expires_at=float(exp))
+    subject = claims.get("sub")
+    if subject is not None and not isinstance(subject, str):
+        raise ApiError(401, "invalid_token", "the `sub` claim must be a string")
+    any_consumer = channels.get("any_consumer", False)
+    if not isinstance(any_consumer, bool):
+        raise ApiError(401, "invalid_token", "`channels.any_consumer` must be true or false")
+    return Grant(
+        publish=rights[0],
+        subscribe=rights[1],
+        groups=rights[2],
+        subject=subject,
+        any_consumer=any_consumer,
+        expires_at=float(claims["exp"]),
+    )
 
 
 def load_public_key(pem: str) -> tuple[Any, list[str]]:

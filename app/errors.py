@@ -11,6 +11,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from layers.errors import (
@@ -105,7 +106,13 @@ def install(app: FastAPI) -> None:
             response.headers[name] = value
         return response
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # The client went away mid-request (a body cut short): not an error, nothing to log,
+        # and no one to answer; the server drops this reply.
+        return Response(status_code=400)
+
     app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(ChannelError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)

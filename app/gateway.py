@@ -10,9 +10,15 @@ from app.auth import Authenticator
 from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
-from app.transports.sse import Keepalives
+from app.timers import Keepalives, SendWatchdog
 from layers import Channel
-from layers.names import compile_pattern, pattern_within, validate_channel, validate_pattern
+from layers.names import (
+    DEAD_LETTER_SUFFIX,
+    compile_pattern,
+    pattern_within,
+    validate_channel,
+    validate_pattern,
+)
 
 logger = logging.getLogger("app")
 
@@ -27,6 +33,7 @@ class Gateway:
         self.draining = False
         self._drain_hooks: set[Callable[[], None]] = set()
         self.keepalives = Keepalives(settings.keepalive_seconds)
+        self.watchdog = SendWatchdog(settings.send_timeout_seconds)
 
     @property
     def channel(self) -> Channel:
@@ -39,10 +46,14 @@ class Gateway:
         self._channel = channel
 
     def check_channel(self, name: str) -> str:
-        """A valid channel name that the `GATEWAY_CHANNELS` allow-list admits."""
+        """A valid channel name that the `GATEWAY_CHANNELS` allow-list admits, as it admits the
+        dead letters (`<channel>.dead`) of every channel it admits."""
         validate_channel(name)
         allowed = self.settings.channels
-        if allowed and not any(compile_pattern(glob)(name) for glob in allowed):
+        base = name.removesuffix(DEAD_LETTER_SUFFIX)
+        if allowed and not any(
+            compile_pattern(glob)(name) or compile_pattern(glob)(base) for glob in allowed
+        ):
             raise ApiError(
                 403, "channel_not_allowed", f"channel {name!r} is not in GATEWAY_CHANNELS"
             )

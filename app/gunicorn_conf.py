@@ -4,7 +4,8 @@ Every value comes from the gateway settings (`GATEWAY_*` environment variables),
 the Helm chart and `python -m app` read one set of variables. gunicorn's own command-line flags
 still win over this file; `on_starting` re-checks the worker count they give.
 
-- Workers are `uvicorn-worker` workers on uvloop and httptools, each running the whole app with
+- Workers are `uvicorn-worker` workers on uvloop and httptools (`app.server`'s protocol: a header
+  timeout and a socket ceiling per worker), each running the whole app with
   its own channel listener: `GATEWAY_WORKERS` > 1 needs a cross-process layer, and start-up stops
   with a message naming them when the layer is `memory://`.
 - Streams are long-lived: a worker is never recycled by request count, and the heartbeat
@@ -29,6 +30,7 @@ from typing import Any
 from uvicorn_worker import UvicornWorker
 
 from app.logs import log_config
+from app.server import ws_max_size
 from app.settings import settings_or_exit
 
 settings = settings_or_exit()  # memory:// with GATEWAY_WORKERS > 1 stops here, saying why
@@ -40,13 +42,14 @@ own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 class GatewayWorker(UvicornWorker):  # type: ignore[misc]  # untyped base
     CONFIG_KWARGS: dict[str, Any] = {
         "loop": "uvloop",
-        "http": "httptools",
+        "http": "app.server:GatewayHttpProtocol",  # httptools, with a header timeout and a ceiling
+        "ws_max_size": ws_max_size(settings),
         "timeout_graceful_shutdown": drain_seconds,
         "access_log": settings.access_log,
     }
 
 
-wsgi_app = "app.main:create_app()"  # the factory: settings are read in each worker
+wsgi_app = "app.main:app"  # imported in each worker (not preloaded): settings are read there
 bind = [f"{settings.host}:{settings.port}"]
 workers = settings.workers
 worker_class = GatewayWorker

@@ -1,4 +1,13 @@
-"""The application factory: settings → channel layer (for the app's lifetime) → routes."""
+"""The application: settings → channel layer (for the app's lifetime) → routes.
+
+`create_app(settings)` is the factory; `app` is the application built from the environment, for
+`uvicorn app.main:app`, `fastapi run app/main.py` and `gunicorn -c app/gunicorn_conf.py
+app.main:app`. Building it contacts no broker: the layer is created and connected in the lifespan.
+
+`app/` reads top-down from here: `api/routes/*` (one router per concern) → `transports/` (SSE,
+WebSocket) → `layers`; what they share sits beside them (`gateway`: the per-process state,
+`auth`, `payloads`, `errors`, `metrics`, `timers`), and nothing imports back up.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +20,12 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
-from app import errors, openapi
+from app import errors
+from app.api import document
 from app.api.routes import channels, console, events, health, publish, stats, ws
 from app.gateway import Gateway
-from app.logs import RequestIdMiddleware
-from app.settings import Settings
+from app.logs import RequestIdMiddleware, install_server_filters
+from app.settings import Settings, settings_or_exit
 from app.shutdown import drain_on_signal
 from layers import Channel, create_layer
 
@@ -25,6 +35,7 @@ logger = logging.getLogger("app")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     gateway = Gateway(settings)
+    install_server_filters()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -40,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ack_timeout=settings.ack_timeout_seconds,
             max_deliveries=settings.max_deliveries,
             observer=gateway.metrics,
+            max_backlog_bytes=settings.max_backlog_bytes,
         ) as channel:
             gateway.channel = channel
             logger.info("gateway ready on %s", layer.scheme)
@@ -51,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 async with anyio.create_task_group() as tasks:
                     tasks.start_soon(gateway.keepalives.run)
+                    tasks.start_soon(gateway.watchdog.run)
                     with drain_on_signal(gateway.drain):
                         yield
                     tasks.cancel_scope.cancel()
@@ -65,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.gateway = gateway
     errors.install(app)
-    openapi.install(app)
+    document.install(app)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -79,3 +92,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=console.STATIC), name="static")
     app.add_middleware(RequestIdMiddleware)  # outermost: CORS and error replies carry the id too
     return app
+
+
+app = create_app(settings_or_exit())

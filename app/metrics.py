@@ -27,6 +27,7 @@ from layers import ChannelObserver
 
 # Publish latency buckets, seconds: a memory publish takes microseconds, a broker round trip
 # milliseconds, a struggling broker seconds.
+TRANSPORTS = ("sse", "ws")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -95,6 +96,10 @@ class Metrics(ChannelObserver):
             ["layer"],
             registry=registry,
         ).labels(layer)
+        for transport in TRANSPORTS:  # every series exists from start-up, at zero
+            self.delivered(transport)
+            self.dropped(transport)
+            self.subscribers(transport)
 
     def delivered(self, transport: str) -> Counter:
         return self._delivered.labels(transport, self.layer)

@@ -23,8 +23,14 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="Worker processes (needs a cross-process layer)")
     max_payload_bytes: int = Field(1_048_576, ge=1, description="Largest request body (413)")
     max_backlog: int = Field(1000, ge=1, description="Events queued per subscriber")
+    max_backlog_bytes: int = Field(
+        1_048_576, ge=1, description="Bytes of events (and WebSocket frames) queued per subscriber"
+    )
     backlog_policy: Literal["drop_oldest", "drop_newest", "disconnect"] = Field(
         "drop_oldest", description="What a full backlog does"
+    )
+    send_timeout_seconds: float = Field(
+        10.0, gt=0, description="A write to a client stuck this long ends its stream"
     )
     keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment keepalive interval")
     retry_ms: int = Field(3000, ge=0, description="SSE `retry:` reconnection hint")
@@ -46,6 +52,12 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(False, description="Log each request (never bodies) when it ends")
     max_connections: int = Field(10_000, ge=1, description="SSE + WebSocket per process (503)")
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="A connection's request headers must be in within this (408)"
+    )
+    max_sockets: int = Field(
+        11_000, ge=1, description="Open client sockets per process, of every kind (503 past it)"
+    )
     max_channels_per_subscription: int = Field(
         100, ge=1, description="Channels plus patterns in one subscription"
     )

@@ -47,12 +47,17 @@ from .errors import (
     SubscriberOverflow,
 )
 from .event import DEFAULT_EVENT_TYPE, Event, Gap, Message, encode_data
-from .names import compile_pattern, validate_channel, validate_event_type, validate_pattern
+from .names import (
+    DEAD_LETTER_SUFFIX,
+    compile_pattern,
+    validate_channel,
+    validate_event_type,
+    validate_pattern,
+)
 
 logger = logging.getLogger(__name__)
 
 Item = Event | Gap
-DEAD_LETTER_SUFFIX = ".dead"
 
 
 class BacklogPolicy(StrEnum):
@@ -81,11 +86,15 @@ class Subscription:
     Iterate it for one `Event` or `Gap` at a time, or call `next_batch` for everything queued.
     """
 
-    def __init__(self, core: Channel, max_backlog: int, policy: BacklogPolicy) -> None:
+    def __init__(
+        self, core: Channel, max_backlog: int, policy: BacklogPolicy, max_bytes: int | None = None
+    ) -> None:
         self._core = core
         self.channels: set[str] = set()
         self.patterns: set[str] = set()
         self.max_backlog = max_backlog
+        self.max_bytes = max_bytes  # of event data queued; one larger event still fits alone
+        self._bytes = 0
         self.policy = policy
         self.dropped = 0
         self._queue: deque[Item] = deque()
@@ -107,7 +116,8 @@ class Subscription:
             self._held.append(item)
             return
         queue = self._queue
-        if len(queue) >= self.max_backlog:
+        size = len(item.raw) if isinstance(item, Event) else 0
+        if len(queue) >= self.max_backlog or self._over_bytes(size):
             if self.policy is BacklogPolicy.DISCONNECT:
                 self.dropped += 1
                 self._overflowed = True
@@ -116,13 +126,22 @@ class Subscription:
                 return
             else:
                 self._drop_oldest()
+                while self._over_bytes(size):
+                    self._drop_oldest()
                 queue.append(item)
+                self._bytes += size
         else:
             queue.append(item)
+            self._bytes += size
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             waiter.set()
+
+    def _over_bytes(self, size: int) -> bool:
+        return (
+            self.max_bytes is not None and self._bytes > 0 and self._bytes + size > self.max_bytes
+        )
 
     def _drop_newest(self) -> None:
         self.dropped += 1
@@ -139,8 +158,10 @@ class Subscription:
         if isinstance(head, Gap):
             queue.popleft()
             lost += head.dropped
-        if queue and isinstance(queue[0], Event):
+        oldest = queue[0] if queue else None
+        if isinstance(oldest, Event):
             queue.popleft()
+            self._bytes -= len(oldest.raw)
             self.dropped += 1
             lost += 1
         queue.appendleft(Gap("dropped", dropped=lost))
@@ -187,7 +208,9 @@ class Subscription:
                 return self._take_queue()
             if self._overflowed:
                 raise SubscriberOverflow(
-                    f"subscriber fell more than {self.max_backlog} events behind; "
+                    f"subscriber fell more than {self.max_backlog} events"
+                    + (f" or {self.max_bytes} bytes" if self.max_bytes is not None else "")
+                    + " behind; "
                     "reconnect with the last event id to resume"
                 )
             if self._closed:
@@ -205,6 +228,7 @@ class Subscription:
     def _take_queue(self) -> list[Item]:
         items = list(self._queue)
         self._queue.clear()
+        self._bytes = 0
         if self._on_space is not None:
             self._on_space()
         return items
@@ -397,11 +421,13 @@ class Channel:
         ack_timeout: float = 30.0,
         max_deliveries: int = 5,
         observer: ChannelObserver | None = None,
+        max_backlog_bytes: int | None = None,
     ) -> None:
         if max_backlog < 1:
             raise InvalidArgument("max_backlog must be at least 1")
         self.layer = layer
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
         self.backlog_policy = BacklogPolicy(backlog_policy)
         self.ack_timeout = ack_timeout
         self.max_deliveries = max_deliveries
@@ -627,6 +653,7 @@ class Channel:
             self,
             max_backlog or self.max_backlog,
             BacklogPolicy(backlog_policy or self.backlog_policy),
+            self.max_backlog_bytes,
         )
         patterns = list(patterns)
         self._subscriptions.add(subscription)

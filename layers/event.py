@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -146,11 +147,20 @@ class Event:
         return f"Event(channel={self.channel!r}, id={self.id!r}, event={self.event!r})"
 
 
+class GapReason(StrEnum):
+    """Why a subscriber will not get some events (the `reason` of a `Gap`)."""
+
+    DROPPED = "dropped"  # its backlog policy dropped them
+    EVICTED = "evicted"  # older than what the layer retains
+    UNKNOWN_ID = "unknown_id"  # the id to resume after is not one the layer knows
+    NO_HISTORY = "no_history"  # the layer keeps no history to replay
+
+
 @dataclass(frozen=True, slots=True)
 class Gap:
     """Events this subscriber will not get: evicted from history, or dropped by backpressure."""
 
-    reason: str  # "evicted" | "unknown_id" | "no_history" | "dropped"
+    reason: str  # a `GapReason`
     last_event_id: str | None = None
     dropped: int = 0
 

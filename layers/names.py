@@ -1,9 +1,10 @@
 """Channel names, glob patterns and event types.
 
 A name is 1-200 characters from letters, digits and ``_ - : @ .``; ``.`` separates segments and no
-segment is empty. Patterns may also hold ``*`` (any run of characters, dots included) and ``?``
-(exactly one character): the semantics of Redis PSUBSCRIBE, so a pattern means the same thing
-whichever layer evaluates it.
+segment is empty. A ``.dead`` suffix (a channel's dead letters) is not counted in the length.
+Patterns may also hold ``*`` (any run of characters, dots included) and ``?`` (exactly one
+character): the semantics of Redis PSUBSCRIBE, so a pattern means the same thing whichever layer
+evaluates it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from functools import lru_cache
 from .errors import InvalidArgument
 
 MAX_NAME_LENGTH = 200
+DEAD_LETTER_SUFFIX = ".dead"  # `<channel>.dead` holds a group's dead letters, whatever its length
 _NAME = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
 _PATTERN = re.compile(r"[A-Za-z0-9_\-:@*?]+(?:\.[A-Za-z0-9_\-:@*?]+)*")
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_\-:.@]{1,64}")
@@ -29,7 +31,11 @@ _NAME_RULE = (
 
 def validate_channel(name: str) -> str:
     """Return `name` if it is a valid channel name, else raise `InvalidArgument`."""
-    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH or not _NAME.fullmatch(name):
+    if (
+        not isinstance(name, str)
+        or len(name.removesuffix(DEAD_LETTER_SUFFIX)) > MAX_NAME_LENGTH
+        or not _NAME.fullmatch(name)
+    ):
         raise InvalidArgument(f"invalid channel name {name!r}: use {_NAME_RULE}")
     return name
 

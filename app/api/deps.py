@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
-import orjson
 from fastapi import Depends, Request
 
-from app.errors import ApiError
 from app.gateway import Gateway
 
 
@@ -18,60 +16,3 @@ async def get_gateway(request: Request) -> Gateway:
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing it (413) as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> ApiError:
-    return ApiError(
-        413,
-        "payload_too_large",
-        f"the body is larger than {limit} bytes (GATEWAY_MAX_PAYLOAD_BYTES)",
-    )
-
-
-def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-
-
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    """A JSON object body: 415 for another content type, 400 for malformed JSON."""
-    kind = media_type(request)
-    if kind not in ("", "application/json") and not kind.endswith("+json"):
-        raise ApiError(
-            415, "unsupported_media_type", f"send application/json, not {kind or 'nothing'}"
-        )
-    return parse_json_object(await read_body(request, limit))
-
-
-def parse_json_object(body: bytes | str, what: str = "body") -> dict[str, Any]:
-    """A JSON object: 400 for malformed JSON, 422 for another JSON value."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"the {what} is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ApiError(422, "invalid_argument", f"the {what} must be a JSON object")
-    return value
-
-
-def check_fields(body: dict[str, Any], required: set[str], optional: set[str]) -> None:
-    missing = required - body.keys()
-    unknown = body.keys() - required - optional
-    if missing:
-        raise ApiError(422, "invalid_argument", f"missing field(s): {', '.join(sorted(missing))}")
-    if unknown:
-        raise ApiError(422, "invalid_argument", f"unknown field(s): {', '.join(sorted(unknown))}")

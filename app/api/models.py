@@ -1,13 +1,30 @@
-"""Request and reply shapes, as documented in the OpenAPI document."""
+"""Request and reply shapes, as documented in the OpenAPI document.
+
+The request models are what the routes validate bodies with (`RequestBody.read`), so the document
+and the checks cannot disagree. Their errors are worded for the API, not by pydantic: "missing
+field(s): ...", "messages[2]: ...", and a channel name or event type of the wrong type gets the
+message of the layer's own validator.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Self
 
 from fastapi import Path, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
-from layers.names import CHANNEL_REGEX, EVENT_TYPE_REGEX, MAX_NAME_LENGTH, PATTERN_REGEX
+from app.errors import ApiError
+from layers.errors import InvalidArgument
+from layers.names import (
+    CHANNEL_REGEX,
+    EVENT_TYPE_REGEX,
+    MAX_NAME_LENGTH,
+    PATTERN_REGEX,
+    validate_channel,
+    validate_event_type,
+)
 
 # The naming rules, stated in the OpenAPI document so clients and fuzzers know them; the
 # validators of `layers` (`validate_channel`, `validate_group_name`, ...) stay the one check.
@@ -30,8 +47,66 @@ class ErrorReply(BaseModel):
     detail: str = Field(description="What went wrong and what to do")
 
 
-class PublishRequest(BaseModel):
+class RequestBody(BaseModel):
+    """A JSON object body; `read` validates one already parsed."""
+
     model_config = ConfigDict(extra="forbid")
+    # what a wrong value of a field must be, by `field` or `field:pydantic error type`
+    problems: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def read(cls, body: dict[str, Any]) -> Self:
+        """`body` as this model, or a 422 `invalid_argument` saying what to fix."""
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_argument", _describe(cls, exc.errors())) from None
+
+
+NAME_CHECKS: dict[str, Callable[[Any], str]] = {
+    "channel": validate_channel,
+    "event": validate_event_type,
+}
+
+
+def _describe(model: type[RequestBody], errors: list[ErrorDetails]) -> str:
+    """The first problem, as the API words it: an object's missing or unknown fields before its
+    wrong values; a list item's problems prefixed with its place (`messages[2]: `)."""
+    top = _fields_problem([e for e in errors if len(e["loc"]) == 1])
+    if top is not None:
+        return top
+    loc = errors[0]["loc"]
+    if len(loc) == 3 and isinstance(loc[1], int):  # a field of an object in a list
+        prefix = f"{loc[0]}[{loc[1]}]: "
+        item = [e for e in errors if e["loc"][:2] == loc[:2]]
+        return prefix + (_fields_problem(item) or _value_problem(model, item[0]))
+    return _value_problem(model, errors[0])
+
+
+def _fields_problem(errors: list[ErrorDetails]) -> str | None:
+    for kind, words in (("missing", "missing"), ("extra_forbidden", "unknown")):
+        names = sorted(str(e["loc"][-1]) for e in errors if e["type"] == kind)
+        if names:
+            return f"{words} field(s): {', '.join(names)}"
+    return None
+
+
+def _value_problem(model: type[RequestBody], error: ErrorDetails) -> str:
+    loc, kind = error["loc"], error["type"]
+    name = loc[-1]
+    if isinstance(name, str) and name in NAME_CHECKS:
+        try:
+            NAME_CHECKS[name](error["input"])
+        except InvalidArgument as exc:
+            return exc.detail
+    if kind in ("model_type", "model_attributes_type") and len(loc) == 2:
+        return f"{loc[0]}[{loc[1]}] must be an object"
+    field = str(loc[0])
+    problem = model.problems.get(f"{field}:{kind}") or model.problems.get(field)
+    return problem or f"{field}: {error['msg']}"
+
+
+class PublishRequest(RequestBody):
     data: Any = Field(description="Any JSON value")
     event: str | None = Field(
         None, description="Event type; `message` when absent", json_schema_extra=EVENT_TYPE_RULE
@@ -47,8 +122,8 @@ class BatchMessage(PublishRequest):
     channel: str = Field(json_schema_extra=CHANNEL_RULE)
 
 
-class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class BatchRequest(RequestBody):
+    problems: ClassVar[dict[str, str]] = {"messages": "messages must be a non-empty list"}
     messages: list[BatchMessage] = Field(min_length=1)
 
 
@@ -70,8 +145,11 @@ class HistoryReply(BaseModel):
     gap: bool = Field(description="Messages after `after` are no longer retained")
 
 
-class AckRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AckRequest(RequestBody):
+    problems: ClassVar[dict[str, str]] = {
+        "ids": "ids must be a list of strings",
+        "ids:too_long": f"ack at most {MAX_ACK_IDS} ids at once",
+    }
     ids: list[str] = Field(max_length=MAX_ACK_IDS)
 
 

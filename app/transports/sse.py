@@ -12,26 +12,31 @@ Design decisions, so nobody "fixes" them:
   waking it resumes a short chain of coroutines, not the whole middleware stack the request task
   runs under, and it is woken once per message per subscriber.
 - No timeout around the wait for events: a cancel scope per wait cost more than the rest of a
-  delivery. One `Keepalives` timer for all streams wakes those that wrote nothing lately, and a
-  stream with an expiring token gets one timer task that wakes it at the expiry.
+  delivery. One `Keepalives` timer for all streams (`app.timers`) wakes those that wrote nothing
+  lately, and a stream with an expiring token gets one timer task that wakes it at the expiry.
 - Gap notices carry no `id:` field, so the browser's last event id stays on the last real event.
 - A stream ends with `event: error` (`token_expired`) when its token expires.
+- A write stuck past `GATEWAY_SEND_TIMEOUT_SECONDS` (a client that stopped reading) ends the
+  stream and frees its subscription, whatever the backlog policy (`app.timers.SendWatchdog`);
+  what was queued for it counts as dropped. The response cannot be finished (the final write
+  would wait too), so the server closes the connection.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from contextlib import AsyncExitStack, suppress
-from typing import TYPE_CHECKING
 
 import anyio
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from app.errors import error_body
+from app.gateway import Gateway
+from app.logs import STREAM_CUT
 from layers import ChannelClosed, Event, Gap, SubscriberOverflow, Subscription
-
-if TYPE_CHECKING:
-    from app.gateway import Gateway
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -41,36 +46,15 @@ HEADERS = [
 ]
 KEEPALIVE = b": keepalive\n\n"
 
+logger = logging.getLogger("app")
+
 
 def gap_frame(gap: Gap) -> bytes:
     return b"event: gap\ndata: " + gap.to_json() + b"\n\n"
 
 
 def error_frame(code: str, detail: str) -> bytes:
-    from app.errors import error_body
-
     return b"event: error\ndata: " + error_body(code, detail) + b"\n\n"
-
-
-class Keepalives:
-    """One timer for the keepalive comments of every open stream.
-
-    Every half interval it wakes the streams that wrote nothing since the previous tick, so a
-    silent stream gets a comment between half an interval and one interval after its last write.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.streams: set[EventStream] = set()
-
-    async def run(self) -> None:
-        while True:
-            await anyio.sleep(self.interval / 2)
-            for stream in self.streams:
-                if stream.wrote:
-                    stream.wrote = False
-                else:
-                    stream.subscription.wake()
 
 
 class EventStream(Response):
@@ -89,7 +73,11 @@ class EventStream(Response):
         self.cleanup = cleanup
         self.expires_at = expires_at  # on the anyio clock
         self.expired = False
-        self.wrote = False  # since the last keepalive tick
+        self.wrote = False  # since the last keepalive tick (`app.timers.Keepalives`)
+        self.sending_since: float | None = None  # for the send watchdog
+        self._in_flight = 0  # events in the write in progress
+        self._cut = False
+        self._scope: anyio.CancelScope | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.gateway.metrics
@@ -97,8 +85,11 @@ class EventStream(Response):
         active.inc()
         keepalives = self.gateway.keepalives
         keepalives.streams.add(self)
+        watchdog = self.gateway.watchdog
+        watchdog.writers.add(self)
         try:
             async with anyio.create_task_group() as tasks:
+                self._scope = tasks.cancel_scope
                 tasks.start_soon(self._write, send, tasks.cancel_scope)
                 if self.expires_at < math.inf:
                     tasks.start_soon(self._expire)
@@ -107,9 +98,31 @@ class EventStream(Response):
                 tasks.cancel_scope.cancel()
         finally:
             keepalives.streams.discard(self)
+            watchdog.writers.discard(self)
             active.dec()
+            if self._cut:
+                STREAM_CUT.set(True)  # uvicorn's "returned without completing" is no error here
             with anyio.CancelScope(shield=True):
                 await self.cleanup.aclose()
+
+    def wake(self) -> None:
+        self.subscription.wake()
+
+    def stuck(self) -> None:
+        subscription = self.subscription
+        lost = self._in_flight + subscription.max_backlog - subscription.free_slots
+        self.gateway.metrics.dropped("sse").inc(max(1, lost))
+        logger.info(
+            "ending an SSE stream whose client stopped reading (GATEWAY_SEND_TIMEOUT_SECONDS)"
+        )
+        self._cut = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _send(self, send: Send, message: Message) -> None:
+        self.sending_since = time.monotonic()
+        await send(message)
+        self.sending_since = None
 
     async def _expire(self) -> None:
         await anyio.sleep_until(self.expires_at)
@@ -123,13 +136,14 @@ class EventStream(Response):
 
     async def _stream(self, send: Send) -> None:
         settings = self.gateway.settings
-        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-        await send(
+        await self._send(send, {"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await self._send(
+            send,
             {
                 "type": "http.response.body",
                 "body": b": connected\nretry: %d\n\n" % settings.retry_ms,
                 "more_body": True,
-            }
+            },
         )
         delivered = self.gateway.metrics.delivered("sse")
         dropped = self.gateway.metrics.dropped("sse")
@@ -153,7 +167,9 @@ class EventStream(Response):
                 break
             self.wrote = True
             if not batch:  # woken by `Keepalives`
-                await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                await self._send(
+                    send, {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
+                )
                 continue
             frames = []
             events = 0
@@ -165,6 +181,10 @@ class EventStream(Response):
                     if item.dropped:
                         dropped.inc(item.dropped)
                     frames.append(gap_frame(item))
-            await send({"type": "http.response.body", "body": b"".join(frames), "more_body": True})
+            self._in_flight = events
+            await self._send(
+                send, {"type": "http.response.body", "body": b"".join(frames), "more_body": True}
+            )
+            self._in_flight = 0
             delivered.inc(events)
-        await send({"type": "http.response.body", "body": ending, "more_body": False})
+        await self._send(send, {"type": "http.response.body", "body": ending, "more_body": False})

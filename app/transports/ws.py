@@ -1,8 +1,10 @@
 """The WebSocket protocol: JSON text frames `subscribe`, `unsubscribe`, `publish`, `ack`.
 
 One writer task owns the socket's send side; subscription forwarders and replies queue frames for
-it, so frames never interleave and a slow socket pushes back on the subscription backlog, where
-the backlog policy applies. A bad frame is answered with an error frame and the socket stays open.
+it in a bounded outbox, so frames never interleave and a slow socket pushes back: on the
+subscription backlog, where the backlog policy applies, and on the frame reader, which stops
+reading while its reply cannot be queued. A bad frame is answered with an error frame and the
+socket stays open.
 
 The token is checked at the handshake (header, query parameter or cookie, as for HTTP); a refused
 handshake is accepted and then closed with an error frame and code 1008, because a browser sees
@@ -13,20 +15,22 @@ limited per socket by a token bucket (`GATEWAY_WS_PUBLISH_RATE`, a burst of one 
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import orjson
 from anyio.abc import TaskGroup, TaskStatus
-from anyio.streams.memory import MemoryObjectSendStream
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from app.api.deps import check_fields, parse_json_object
 from app.auth import Grant
 from app.errors import ApiError, close_code_of, status_of
+from app.gateway import Gateway
+from app.payloads import check_fields, parse_json_object
+from app.transports.outbox import Outbox
 from layers import (
     ChannelClosed,
     ChannelError,
@@ -36,10 +40,10 @@ from layers import (
     make_message,
 )
 
-if TYPE_CHECKING:
-    from app.gateway import Gateway
-
 OUTBOX_SIZE = 256
+MAX_REF_BYTES = 256  # a `ref` is echoed in the reply: bounded, and always encodable
+
+logger = logging.getLogger("app")
 
 
 @dataclass
@@ -96,8 +100,11 @@ class WebSocketSession:
         self.publishes = TokenBucket(rate, max(1.0, rate))
         self.live: _Feed | None = None
         self.groups: dict[tuple[str, str], _Feed] = {}
-        self.outbox: MemoryObjectSendStream[str | _Close]
+        # Replies and events wait here for the writer; a full outbox stops the reader (see
+        # `app.transports.outbox`), so a client that does not read cannot grow the server.
+        self.outbox = Outbox[str | _Close](OUTBOX_SIZE, gateway.settings.max_backlog_bytes)
         self.tasks: TaskGroup
+        self.sending_since: float | None = None  # for the send watchdog
 
     async def run(self) -> None:
         await self.websocket.accept()
@@ -113,50 +120,67 @@ class WebSocketSession:
             await self.websocket.close(close_code_of(exc), exc.code)
 
     async def _serve(self) -> None:
-        outbox, inbox = anyio.create_memory_object_stream[str | _Close](OUTBOX_SIZE)
-        self.outbox = outbox
         active = self.gateway.metrics.subscribers("ws")
         active.inc()
+        watchdog = self.gateway.watchdog
+        watchdog.writers.add(self)
         try:
             async with anyio.create_task_group() as tasks:
                 self.tasks = tasks
-                tasks.start_soon(self._write, inbox, tasks.cancel_scope)
+                tasks.start_soon(self._write, tasks.cancel_scope)
                 if self.grant.expires_at is not None:
                     tasks.start_soon(self._expire, self.grant.deadline())
                 await self._read()
                 tasks.cancel_scope.cancel()
         finally:
-            outbox.close()
+            self.outbox.close()
+            watchdog.writers.discard(self)
             active.dec()
             with anyio.CancelScope(shield=True):
                 for feed in [self.live, *self.groups.values()]:
                     if feed is not None:
                         await feed.cleanup.aclose()
 
-    async def _write(self, inbox: Any, session: anyio.CancelScope) -> None:
-        async with inbox:
-            async for frame in inbox:
+    async def _write(self, session: anyio.CancelScope) -> None:
+        while True:
+            try:
+                frame = await self.outbox.get()
+            except anyio.EndOfStream:
+                return
+            self.sending_since = time.monotonic()
+            try:
                 if isinstance(frame, _Close):
                     await self.websocket.close(frame.code, frame.reason)
                     session.cancel()
                     return
                 await self.websocket.send_text(frame)
+            except WebSocketDisconnect:  # the client went away: not an error
+                session.cancel()
+                return
+            self.sending_since = None
+
+    def stuck(self) -> None:
+        """A write waited past `GATEWAY_SEND_TIMEOUT_SECONDS`: the client stopped reading. End
+        the session (a close frame would wait too); what was queued for it counts as dropped."""
+        feeds = [feed for feed in [self.live, *self.groups.values()] if feed is not None]
+        lost = len(self.outbox) + sum(
+            feed.subscription.max_backlog - feed.subscription.free_slots for feed in feeds
+        )
+        self.gateway.metrics.dropped("ws").inc(max(1, lost))
+        logger.info(
+            "ending a WebSocket whose client stopped reading (GATEWAY_SEND_TIMEOUT_SECONDS)"
+        )
+        self.tasks.cancel_scope.cancel()
 
     def _going_away(self) -> None:
         """The instance is draining: close with 1001 so the client reconnects elsewhere."""
-        close = _Close(1001, "going_away")
-        try:
-            self.outbox.send_nowait(close)
-        except anyio.WouldBlock:
-            self.tasks.start_soon(self.outbox.send, close)
-        except anyio.ClosedResourceError:
-            pass  # the session is ending anyway
+        self.outbox.put_first(_Close(1001, "going_away"))
 
     async def _expire(self, deadline: float) -> None:
         await anyio.sleep_until(deadline)
         expired = ApiError(401, "token_expired", "the token has expired; reconnect with a new one")
         await self._error(None, expired)
-        await self.outbox.send(_Close(close_code_of(expired), expired.code))
+        await self.outbox.put(_Close(close_code_of(expired), expired.code))
 
     async def _read(self) -> None:
         limit = self.gateway.settings.max_payload_bytes
@@ -179,7 +203,7 @@ class WebSocketSession:
         ref = None
         try:
             frame = parse_json_object(text, "frame")
-            ref = frame.get("ref")
+            ref = _ref(frame)
             op = frame.get("op")
             handler = {
                 "subscribe": self._subscribe,
@@ -192,26 +216,21 @@ class WebSocketSession:
                     422, "unknown_op", f"op {op!r} is not subscribe, unsubscribe, publish or ack"
                 )
             fields = await handler(frame)
-            # The reply goes out before any event of a new subscription: queue it without a
-            # checkpoint, then start the forwarders the op created.
-            self._queue(reply("ok", ref, op=op, **fields))
+            # The reply goes out before any event of a new subscription: queue it, then start
+            # the forwarders the op created.
+            await self._send(reply("ok", ref, op=op, **fields))
             for feed in [self.live, *self.groups.values()]:
                 if feed is not None and feed.forwarder is None:
                     feed.forwarder = await self.tasks.start(self._forward, feed.subscription)
         except (ApiError, ChannelError) as exc:
             await self._error(ref, exc)
 
-    def _queue(self, frame: str) -> None:
-        try:
-            self.outbox.send_nowait(frame)
-        except anyio.WouldBlock:
-            self.tasks.start_soon(self.outbox.send, frame)
+    async def _send(self, frame: str) -> None:
+        await self.outbox.put(frame, len(frame))
 
     async def _error(self, ref: Any, exc: ApiError | ChannelError) -> None:
         status = exc.status if isinstance(exc, ApiError) else status_of(exc)
-        await self.outbox.send(
-            reply("error", ref, error=exc.code, detail=exc.detail, status=status)
-        )
+        await self._send(reply("error", ref, error=exc.code, detail=exc.detail, status=status))
 
     # -- ops -------------------------------------------------------------------------------------
 
@@ -222,9 +241,13 @@ class WebSocketSession:
         history = _optional(frame, "history", int)
         group = _optional(frame, "group", str)
         consumer = _optional(frame, "consumer", str)
+        if not channels and not patterns:  # as over SSE; adding nothing to a live one is a mistake
+            raise ApiError(422, "invalid_argument", "name at least one channel or pattern")
         gateway = self.gateway
-        self.grant.require_subscribe(channels, patterns)
         if group is not None:
+            self.grant.require_subscribe([], patterns)
+            for channel in channels:
+                self.grant.require_group(channel, consumer)
             gateway.check_subscription(channels, patterns)
             key = (channels[0] if channels else "", group)
             if key in self.groups:
@@ -241,11 +264,13 @@ class WebSocketSession:
                 *channels, patterns=patterns, group=group, consumer=consumer
             )
         elif self.live is None:
+            self.grant.require_subscribe(channels, patterns)
             gateway.check_subscription(channels, patterns)
             self.live = await self._feed(
                 *channels, patterns=patterns, last_event_id=last_event_id, history=history
             )
         else:
+            self.grant.require_subscribe(channels, patterns)
             current = self.live.subscription
             gateway.check_subscription(
                 sorted(current.channels | set(channels)), sorted(current.patterns | set(patterns))
@@ -275,16 +300,16 @@ class WebSocketSession:
                 while True:
                     for item in await subscription.next_batch():
                         if isinstance(item, Event):
-                            await self.outbox.send(message_frame(item))
+                            await self._send(message_frame(item))
                             delivered.inc()
                         else:
                             dropped.inc(item.dropped)
-                            await self.outbox.send('{"type":"gap",' + item.to_json()[1:].decode())
+                            await self._send('{"type":"gap",' + item.to_json()[1:].decode())
             except (SubscriberOverflow, ChannelClosed) as exc:
                 if isinstance(exc, SubscriberOverflow):
                     dropped.inc()
                     await self._error(None, exc)
-                await self.outbox.send(_Close(close_code_of(exc), exc.code))
+                await self.outbox.put(_Close(close_code_of(exc), exc.code))
 
     async def _unsubscribe(self, frame: dict[str, Any]) -> dict[str, Any]:
         channels = _names(frame, "channels")
@@ -321,12 +346,27 @@ class WebSocketSession:
     async def _ack(self, frame: dict[str, Any]) -> dict[str, Any]:
         check_fields(frame, {"channel", "group", "ids"}, {"op", "ref"})
         channel = self.gateway.check_channel(frame["channel"])
-        self.grant.require_subscribe([channel])
+        self.grant.require_group(channel)
         ids = frame["ids"]
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ApiError(422, "invalid_argument", "ids must be a list of strings")
         acked, unknown = await self.gateway.channel.ack(channel, frame["group"], ids)
         return {"acked": len(acked), "unknown": unknown}
+
+
+def _ref(frame: dict[str, Any]) -> Any:
+    ref = frame.get("ref")
+    if ref is None:
+        return None
+    try:
+        size = len(orjson.dumps(ref))
+    except orjson.JSONEncodeError:  # nested deeper than a reply can encode
+        size = MAX_REF_BYTES + 1
+    if size > MAX_REF_BYTES:
+        raise ApiError(
+            422, "invalid_argument", f"ref must be a JSON value of at most {MAX_REF_BYTES} bytes"
+        )
+    return ref
 
 
 def _names(frame: dict[str, Any], field: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -86,3 +87,27 @@ Serve = Callable[..., AbstractContextManager[RunningGateway]]
 def gateway() -> Iterator[RunningGateway]:
     with serve(keepalive_seconds=0.5) as running:
         yield running
+
+
+class Records(logging.Handler):
+    """The records a logger lets through (after its filters), for checking what the server logs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def server_log() -> Iterator[list[logging.LogRecord]]:
+    handler = Records()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "app")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)

@@ -1,4 +1,5 @@
-"""Gateway processes (`python -m app` in a subprocess) for the cross-process tests."""
+"""Gateway processes: any server command in a subprocess, and `python -m app` on a layer for the
+cross-process tests."""
 
 from __future__ import annotations
 
@@ -25,16 +26,7 @@ class GatewayProcess:
         self.log = log
 
     async def wait_ready(self) -> None:
-        with anyio.fail_after(30):
-            async with httpx.AsyncClient(base_url=self.url, timeout=2) as http:
-                while True:
-                    assert self.process.poll() is None, self.log.read_text()
-                    try:
-                        if (await http.get("/readyz")).status_code == 200:
-                            return
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.1)  # the port opens with no event to await
+        await wait_serving(self.url, self.process, self.log, "/readyz")
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, timeout=10)
@@ -62,16 +54,17 @@ def gateway_process(
         "GATEWAY_SHUTDOWN_GRACE_SECONDS": "1",
         **env,
     }
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app"],
-            cwd=ROOT,
-            env=environment,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    with running([sys.executable, "-m", "app"], log, environment) as process:
         yield GatewayProcess(process, f"http://127.0.0.1:{port}", log)
+
+
+@contextmanager
+def running(argv: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A server command in a subprocess writing to `log`, terminated when the block ends."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=output, stderr=output)
+    try:
+        yield process
     finally:
         process.terminate()
         try:
@@ -79,3 +72,23 @@ def gateway_process(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+def output(log: Path) -> str:
+    return log.read_text()
+
+
+async def wait_serving(
+    url: str, process: subprocess.Popen[bytes], log: Path, path: str = "/healthz"
+) -> None:
+    """Until `path` answers 200 (the process must not exit meanwhile)."""
+    with anyio.fail_after(30):
+        async with httpx.AsyncClient(base_url=url, timeout=2) as http:
+            while True:
+                assert process.poll() is None, output(log)
+                try:
+                    if (await http.get(path)).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.1)  # the port opens with no event to await

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from app.main import create_app
 from app.settings import Settings
 from tests.app.conftest import RunningGateway, serve
 from tests.app.test_ws import receive, request
+from tests.test_readme import README
 
 pytestmark = pytest.mark.anyio
 
@@ -36,14 +38,17 @@ def token(
     *,
     publish: list[str] | None = None,
     subscribe: list[str] | None = None,
+    groups: list[str] | None = None,
+    any_consumer: bool | None = None,
     ttl: float = 60,
     **claims: Any,
 ) -> str:
-    payload = {
-        "exp": int(time.time() + ttl),
-        "channels": {"publish": publish or [], "subscribe": subscribe or []},
-        **claims,
-    }
+    channels: dict[str, Any] = {"publish": publish or [], "subscribe": subscribe or []}
+    if groups is not None:
+        channels["groups"] = groups
+    if any_consumer is not None:
+        channels["any_consumer"] = any_consumer
+    payload = {"exp": int(time.time() + ttl), "channels": channels, **claims}
     return jwt.encode(payload, key, algorithm=algorithm)
 
 
@@ -165,9 +170,9 @@ async def test_subscribe_rights_and_pattern_escalation(secured: RunningGateway) 
     assert received == ["chat.room.1", "chat.b"]
 
 
-async def test_group_acks_and_reads_need_subscribe_rights(secured: RunningGateway) -> None:
-    allowed = bearer(token(subscribe=["jobs"]))
-    other = bearer(token(subscribe=["mail"], publish=["*"]))
+async def test_group_acks_and_reads_need_group_rights(secured: RunningGateway) -> None:
+    allowed = bearer(token(groups=["jobs"]))
+    other = bearer(token(subscribe=["jobs"], groups=["mail"], publish=["*"]))
     async with secured.client() as http:
         ack = {"ids": ["x"]}
         assert (
@@ -412,6 +417,8 @@ async def test_websocket_ops_follow_the_grant(secured: RunningGateway) -> None:
         assert (denied["error"], denied["status"]) == ("forbidden", 403)
         no_ack = await request(ws, op="ack", channel="jobs", group="g", ids=["x"], ref=4)
         assert no_ack["status"] == 403
+        no_join = await request(ws, op="subscribe", channels=["chat.x"], group="g", ref=6)
+        assert (no_join["error"], no_join["status"]) == ("forbidden", 403)
         published = await request(ws, op="publish", channel="chat.mine", data="hi", ref=5)
         assert published["type"] == "ok"
         message = await receive(ws)
@@ -439,3 +446,63 @@ async def test_websocket_cookie_from_another_site_is_ignored(secured: RunningGat
         assert refused["error"] == "token_required"
     async with connect(secured.ws_url, additional_headers={**cookie, "Origin": secured.url}) as ws:
         assert (await request(ws, op="subscribe", channels=["c"]))["type"] == "ok"
+
+
+async def test_joining_a_group_needs_the_group_right_and_a_consumer_name_of_ones_own(
+    secured: RunningGateway,
+) -> None:
+    alice = bearer(token(groups=["jobs"], sub="alice"))
+    async with secured.client() as http:
+        refusals = {
+            "subscribe right only": (token(subscribe=["jobs"], sub="alice"), "alice"),
+            "another's name": (token(groups=["jobs"], sub="alice"), "bob"),
+            "a name that only starts like sub": (token(groups=["jobs"], sub="alice"), "alicex"),
+            "no sub, a name": (token(groups=["jobs"]), "w1"),
+            "another channel's groups": (token(groups=["mail"], sub="alice"), "alice"),
+        }
+        for why, (value, consumer) in refusals.items():
+            refused = await http.get(
+                f"/channels/jobs/events?group=g&consumer={consumer}", headers=bearer(value)
+            )
+            assert (refused.status_code, refused.json()["error"]) == (403, "forbidden"), why
+        anonymous = await http.get("/channels/jobs/events?group=g")
+        assert anonymous.status_code == 401
+    allowed = [
+        ("alice", alice),
+        ("alice:tab-2", alice),
+        ("bob", bearer(token(groups=["jobs"], any_consumer=True))),
+        ("", bearer(token(groups=["jobs"]))),  # a generated name needs no sub
+    ]
+    for consumer, headers in allowed:
+        query = f"&consumer={consumer}" if consumer else ""
+        async with secured.sse(f"/channels/jobs/events?group=g{query}", headers=headers):
+            pass
+    async with connect(secured.ws_url, additional_headers=alice) as ws:
+        bob = await request(ws, op="subscribe", channels=["jobs"], group="g", consumer="bob")
+        assert (bob["error"], bob["status"]) == ("forbidden", 403)
+        mine = await request(ws, op="subscribe", channels=["jobs"], group="g", consumer="alice")
+        assert mine["type"] == "ok"
+        acked = await request(ws, op="ack", channel="jobs", group="g", ids=["0-1"])
+        assert acked["type"] == "ok"
+
+
+async def test_group_state_needs_the_group_right(secured: RunningGateway) -> None:
+    async with secured.client() as http:
+        reader = bearer(token(subscribe=["jobs"]))
+        assert (await http.get("/channels/jobs/groups/g", headers=reader)).status_code == 403
+        consumer = bearer(token(groups=["jobs"]))
+        assert (await http.get("/channels/jobs/groups/g", headers=consumer)).status_code == 404
+
+
+async def test_the_routes_the_readme_says_need_no_token_answer_without_one(
+    secured: RunningGateway,
+) -> None:
+    text = " ".join(README.read_text().split())
+    listed = re.search(r"((?:`/[a-z.]*`(?:,| and)? )+)need no token", text)
+    assert listed is not None
+    paths = re.findall(r"`(/[a-z.]*)`", listed.group(1))
+    assert "/healthz" in paths
+    async with secured.client() as http:
+        for path in paths:
+            assert (await http.get(path)).status_code == 200, path
+        assert (await http.get("/stats")).status_code == 401  # the README says it needs one

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+
 import anyio
 import pytest
 
-from tests.app.conftest import RunningGateway, serve
+from tests.app.conftest import RunningGateway, serve, server_log
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -231,3 +235,18 @@ async def test_too_many_channels_in_one_subscription() -> None:
             reply = await http.get("/events", params={"channel": ["a", "b", "c"]})
     assert reply.status_code == 422
     assert reply.json()["error"] == "too_many_channels"
+
+
+async def test_a_body_cut_short_is_not_logged_as_an_error(gateway: RunningGateway) -> None:
+    with server_log() as log:
+        with socket.create_connection(("127.0.0.1", gateway.port)) as sock:
+            sock.sendall(
+                b"POST /channels/c/publish HTTP/1.1\r\nHost: gateway\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"data":'
+            )
+        # nothing to await: an error would be logged within moments of the disconnect
+        with anyio.move_on_after(1):
+            await eventually(lambda: any(r.levelno >= logging.ERROR for r in log), within=1)
+        async with gateway.client() as http:
+            assert (await http.post("/channels/c/publish", json={"data": 1})).status_code == 200
+    assert not [r.getMessage() for r in log if r.levelno >= logging.ERROR]

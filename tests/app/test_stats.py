@@ -54,15 +54,15 @@ async def until_stats(http: httpx.AsyncClient, check: Callable[[dict[str, Any]],
             await anyio.sleep(0.02)
 
 
-async def test_groups_are_listed_only_for_channels_the_token_may_subscribe_to() -> None:
+async def test_groups_are_listed_only_for_channels_whose_groups_the_token_may_consume() -> None:
     with serve(jwt_secret=SECRET) as secured:
-        jobs = token(subscribe=["jobs"])
+        jobs = token(groups=["jobs"], sub="c")
         async with (
             secured.client(headers=bearer(jobs)) as http,
             secured.sse("/channels/jobs/events?group=w&consumer=c", headers=bearer(jobs)),
             secured.sse(
                 "/channels/secret/events?group=w&consumer=c",
-                headers=bearer(token(subscribe=["secret"])),
+                headers=bearer(token(groups=["secret"], sub="c")),
             ),
         ):
             await until_stats(http, lambda stats: stats["subscribers"]["sse"] == 2)

@@ -140,3 +140,38 @@ async def test_closing_the_socket_frees_subscriptions(gateway: RunningGateway) -
         await request(ws, op="subscribe", channels=["y"], group="g")
         assert channel.subscriber_count == 2
     await eventually(lambda: not channel.subscriber_count and not gateway.gateway.connections)
+
+
+async def test_a_subscribe_naming_nothing_is_an_error_frame(gateway: RunningGateway) -> None:
+    async with connect(gateway.ws_url) as ws:
+        for frame in ({}, {"channels": [], "patterns": []}, {"group": "g"}):
+            nothing = await request(ws, op="subscribe", ref=1, **frame)
+            assert (nothing["type"], nothing["error"], nothing["status"], nothing["ref"]) == (
+                "error",
+                "invalid_argument",
+                422,
+                1,
+            )
+        assert (await request(ws, op="subscribe", channels=["c"]))["type"] == "ok"
+        again = await request(ws, op="subscribe")  # adding nothing to the live subscription
+        assert again["error"] == "invalid_argument"
+        await request(ws, op="publish", channel="c", data="still here")
+        assert (await receive(ws))["data"] == "still here"
+
+
+async def test_a_deeply_nested_or_large_ref_is_refused_and_the_socket_stays_open(
+    gateway: RunningGateway,
+) -> None:
+    async with connect(gateway.ws_url) as ws:
+        deep = '{"op": "publish", "channel": "c", "data": 1, "ref": ' + "[" * 300 + "]" * 300 + "}"
+        for frame in (deep, orjson.dumps({"op": "unsubscribe", "ref": "r" * 1000}).decode()):
+            await ws.send(frame)
+            refused = await receive(ws)
+            assert (refused["type"], refused["error"], refused["status"]) == (
+                "error",
+                "invalid_argument",
+                422,
+            )
+            assert "ref" not in refused
+        nested = {"a": [[[1]]]}
+        assert (await request(ws, op="subscribe", channels=["c"], ref=nested))["ref"] == nested

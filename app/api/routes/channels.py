@@ -8,9 +8,8 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from app.api.deps import GatewayDep, check_fields, read_json_object
+from app.api.deps import GatewayDep
 from app.api.models import (
-    MAX_ACK_IDS,
     AckReply,
     AckRequest,
     ChannelPath,
@@ -20,9 +19,8 @@ from app.api.models import (
     body_schema,
     errors,
 )
-from app.api.routes.publish import json_response
 from app.auth import GrantDep
-from app.errors import ApiError
+from app.payloads import json_response, read_json_object
 
 router = APIRouter(tags=["channels"])
 
@@ -75,15 +73,9 @@ async def ack(
     channel: ChannelPath, group: GroupPath, request: Request, gateway: GatewayDep, grant: GrantDep
 ) -> Response:
     gateway.check_channel(channel)
-    grant.require_subscribe([channel])
-    body = await read_json_object(request, gateway.settings.max_payload_bytes)
-    check_fields(body, {"ids"}, set())
-    ids = body["ids"]
-    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-        raise ApiError(422, "invalid_argument", "ids must be a list of strings")
-    if len(ids) > MAX_ACK_IDS:
-        raise ApiError(422, "invalid_argument", f"ack at most {MAX_ACK_IDS} ids at once")
-    acked, unknown = await gateway.channel.ack(channel, group, ids)
+    grant.require_group(channel)
+    body = AckRequest.read(await read_json_object(request, gateway.settings.max_payload_bytes))
+    acked, unknown = await gateway.channel.ack(channel, group, body.ids)
     return json_response({"acked": len(acked), "unknown": unknown})
 
 
@@ -97,7 +89,7 @@ async def group_info(
     channel: ChannelPath, group: GroupPath, gateway: GatewayDep, grant: GrantDep
 ) -> Response:
     gateway.check_channel(channel)
-    grant.require_subscribe([channel])
+    grant.require_group(channel)
     info = await gateway.channel.group_info(channel, group)
     oldest = (
         {"id": info.oldest_unacked_id, "age_seconds": info.oldest_unacked_age_seconds}

@@ -13,6 +13,7 @@ from app.auth import Grant, GrantDep
 from app.errors import ApiError
 from app.gateway import Gateway
 from app.transports.sse import EventStream
+from layers.event import GapReason
 
 router = APIRouter(tags=["subscribe"])
 
@@ -22,7 +23,7 @@ PATTERN_ITEM = {"type": "string", **PATTERN_RULE}
 GAP_NOTICE = {
     "type": "object",
     "properties": {
-        "reason": {"enum": ["dropped", "evicted", "unknown_id", "no_history"]},
+        "reason": {"enum": [reason.value for reason in GapReason]},
         "last_event_id": {"type": "string"},
         "dropped": {"type": "integer", "minimum": 1},
     },
@@ -93,7 +94,11 @@ async def open_stream(
     if consumer is not None and group is None:
         raise ApiError(422, "invalid_argument", "`consumer` names a consumer of a `group`: add one")
     gateway.check_subscription(channels, patterns)
-    grant.require_subscribe(channels, patterns)
+    if group is None:
+        grant.require_subscribe(channels, patterns)
+    else:
+        for channel in channels:
+            grant.require_group(channel, consumer)
     cleanup = AsyncExitStack()
     try:
         cleanup.enter_context(gateway.connection())

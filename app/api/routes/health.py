@@ -9,8 +9,8 @@ from starlette.responses import PlainTextResponse, Response
 
 from app.api.deps import GatewayDep
 from app.api.models import HealthReply, ReadyReply, errors
-from app.api.routes.publish import json_response
 from app.errors import error_response
+from app.payloads import json_response
 from layers import ChannelError
 
 router = APIRouter(tags=["operations"])

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.api.deps import (
-    GatewayDep,
-    check_fields,
-    media_type,
-    read_body,
-    read_json_object,
-)
+from app.api.deps import GatewayDep
 from app.api.models import (
     BatchReply,
     BatchRequest,
@@ -27,14 +20,11 @@ from app.api.models import (
 )
 from app.auth import GrantDep
 from app.errors import ApiError, status_of
+from app.payloads import json_response, media_type, read_body, read_json_object
 from layers import ChannelError, make_message
 from layers.names import validate_event_type
 
 router = APIRouter(tags=["publish"])
-
-
-def json_response(value: Any) -> Response:
-    return Response(orjson.dumps(value), media_type="application/json")
 
 
 @router.post(
@@ -75,9 +65,10 @@ async def publish(
         except UnicodeDecodeError:
             raise ApiError(400, "invalid_text", "a text/plain body must be UTF-8") from None
     else:
-        body = await read_json_object(request, limit)
-        check_fields(body, {"data"}, {"event"})
-        data, event = body["data"], body.get("event", event)
+        body = PublishRequest.read(await read_json_object(request, limit))
+        data = body.data
+        if "event" in body.model_fields_set:  # the body's own `event`, even null, wins
+            event = body.event
     (message_id,) = await gateway.channel.publish_messages([make_message(channel, data, event)])
     return json_response({"channel": channel, "id": message_id})
 
@@ -96,20 +87,13 @@ async def publish(
     },
 )
 async def publish_batch(request: Request, gateway: GatewayDep, grant: GrantDep) -> Response:
-    body = await read_json_object(request, gateway.settings.max_payload_bytes)
-    check_fields(body, {"messages"}, set())
-    items = body["messages"]
-    if not isinstance(items, list) or not items:
-        raise ApiError(422, "invalid_argument", "messages must be a non-empty list")
+    body = BatchRequest.read(await read_json_object(request, gateway.settings.max_payload_bytes))
     messages = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise ApiError(422, "invalid_argument", f"messages[{index}] must be an object")
+    for index, item in enumerate(body.messages):
         try:
-            check_fields(item, {"channel", "data"}, {"event"})
-            gateway.check_channel(item["channel"])
-            grant.require_publish(item["channel"])
-            messages.append(make_message(item["channel"], item["data"], item.get("event")))
+            gateway.check_channel(item.channel)
+            grant.require_publish(item.channel)
+            messages.append(make_message(item.channel, item.data, item.event))
         except (ApiError, ChannelError) as exc:
             status = exc.status if isinstance(exc, ApiError) else status_of(exc)
             raise ApiError(status, exc.code, f"messages[{index}]: {exc.detail}") from None

@@ -6,7 +6,7 @@ and a process keeps no clock-dependent state for it. With several workers each a
 whichever worker took the request; `/metrics` scraped per pod is the fleet-wide view.
 
 With authorization on, it needs a token like the channel routes (it names channels and groups),
-and lists only the groups on channels that token may subscribe to.
+and lists only the groups on channels whose groups that token may consume.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.api.models import StatsReply, errors
-from app.api.routes.publish import json_response
 from app.auth import Grant, GrantDep
 from app.errors import ApiError
 from app.gateway import Gateway
+from app.metrics import TRANSPORTS
+from app.payloads import json_response
 
 router = APIRouter(tags=["operations"])
-
-TRANSPORTS = ("sse", "ws")
 
 
 @router.get(
@@ -32,8 +31,8 @@ TRANSPORTS = ("sse", "ws")
     description=(
         "Per-process numbers for dashboards such as the web console; poll it and divide the "
         "change in `published` and `delivered` by the time between polls for rates. With "
-        "authorization on it needs a token, and `groups` lists only channels that token may "
-        "subscribe to."
+        "authorization on it needs a token, and `groups` lists only channels whose groups that "
+        "token may consume."
     ),
     response_model=StatsReply,
     responses=errors(401, 503),
@@ -58,7 +57,7 @@ async def stats(gateway: GatewayDep, grant: GrantDep) -> Response:
 
 def _may_see(grant: Grant, channel: str) -> bool:
     try:
-        grant.require_subscribe([channel])
+        grant.require_group(channel)
     except ApiError:
         return False
     return True
@@ -72,4 +71,4 @@ def _sample(gateway: Gateway, name: str, labels: dict[str, str]) -> int:
     value = gateway.metrics.registry.get_sample_value(
         name, {**labels, "layer": gateway.metrics.layer}
     )
-    return int(value or 0)  # a label set never touched has no sample yet
+    return int(value or 0)
