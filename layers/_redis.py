@@ -110,6 +110,7 @@ class KeySpace:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.seq = f"{prefix}#seq"  # the id clock
+        self.control = f"{prefix}#events"  # new streams and releases (Redis Streams)
 
     def key(self, channel: str) -> str:
         return self.prefix + channel

@@ -116,7 +116,7 @@ class RedisStreamsLayer(StreamGroups):
             raise InvalidArgument("history_size must be at least 1: live delivery reads history")
         self.history_size = history_size
         self.history_ttl = history_ttl
-        self.control = f"{key_prefix}#events"
+        self.control = self.keys.control
         self._trim = "=" if history_size < EXACT_TRIM_BELOW else "~"
         self._channels: set[str] = set()  # subscribed by name
         self._patterns: dict[str, Callable[[str], bool]] = {}
