@@ -11,7 +11,7 @@ Design decisions:
 - The listener reconnects by itself with exponential backoff (capped at `MAX_BACKOFF`) and lets
   the layer restore its subscriptions; meanwhile `ping` fails (readiness goes red) and live
   subscriptions stay open. Only a broker that is unreachable at start-up is fatal, with an error
-  naming the URL (password hidden).
+  naming the URL (secrets masked, `layers.urls.redact`).
 - Ids are `<ms>-<seq>` from one clock per key prefix, assigned inside the publishing Lua script:
   `ms` is Redis `TIME` but never less than the last id's, and `seq` goes up while `ms` stands
   still. Ids are therefore strictly increasing across all channels (one id places a resuming
@@ -47,6 +47,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .base import ChannelLayer, Sink
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Event
+from .urls import redact
 
 logger = logging.getLogger("layers.redis")
 
@@ -94,14 +95,6 @@ def driver_url(url: str) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "key_prefix"]
     return urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0], query=urlencode(query)))
-
-
-def redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class KeySpace:
@@ -159,7 +152,7 @@ class RedisLayer(ChannelLayer):
         self.url = url
         self.keys = KeySpace(key_prefix)
         self.client_name = f"channels-gateway:{uuid.uuid4().hex[:12]}"
-        self.where = redacted(url)
+        self.where = redact(url)
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._sink: Sink | None = None

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from .base import ChannelLayer
 from .errors import LayerConfigurationError
+from .urls import redact
 
 HISTORY_OPTIONS = ("history_size", "history_ttl")
 
@@ -36,7 +37,7 @@ def create_layer(url: str = "memory://", **options: Any) -> ChannelLayer:
     except KeyError:
         known = ", ".join(f"{s}://" for s in LAYERS)
         raise LayerConfigurationError(
-            f"unknown layer URL scheme {scheme!r} in {url!r}; use one of {known}"
+            f"unknown layer URL scheme {scheme!r} in {redact(url)!r}; use one of {known}"
         ) from None
     try:
         module = importlib.import_module(module_name)

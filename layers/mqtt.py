@@ -86,6 +86,7 @@ from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Sink
 from .errors import InvalidArgument, LayerConfigurationError, LayerUnavailable, UnknownGroup
 from .event import Event, Message
 from .names import compile_pattern, is_pattern
+from .urls import redact
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class MQTTLayer(ChannelLayer):
         """
         parts = urlsplit(url)
         if parts.scheme not in DEFAULT_PORTS:
-            raise LayerConfigurationError(f"not an MQTT URL: {url!r}; use mqtt://host:1883")
+            raise LayerConfigurationError(f"not an MQTT URL: {redact(url)!r}; use mqtt://host:1883")
         query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
         unknown = set(query) - set(URL_OPTIONS)
         if unknown:
@@ -240,7 +241,7 @@ class MQTTLayer(ChannelLayer):
             if session_expiry is None:
                 session_expiry = int(query.get("session_expiry", 86400))
         except ValueError as exc:
-            raise LayerConfigurationError(f"invalid MQTT URL {url!r}: {exc}") from None
+            raise LayerConfigurationError(f"invalid MQTT URL {redact(url)!r}: {exc}") from None
         self._host = parts.hostname or "127.0.0.1"
         self._username = unquote(parts.username) if parts.username else None
         self._password = unquote(parts.password) if parts.password else None
