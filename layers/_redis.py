@@ -77,13 +77,30 @@ end
 IdTuple = tuple[int, int]
 
 
+MAX_ID_PART = (1 << 64) - 1  # Redis stream ids are two unsigned 64-bit numbers
+
+
 def parse_id(id: str | bytes) -> IdTuple | None:
-    """`<ms>-<seq>` as a comparable tuple, or None if `id` is not one of ours."""
-    text = id.decode() if isinstance(id, bytes) else id
+    """`<ms>-<seq>` as a comparable tuple, or None if `id` is not one Redis could have issued.
+
+    Only canonical decimals within Redis's range count: anything else would make Redis refuse the
+    command it is put in, where it is bad input (or an unknown id), not an unavailable broker.
+    """
+    text = id.decode(errors="replace") if isinstance(id, bytes) else id
     ms, dash, seq = text.partition("-")
-    if not dash or not ms.isdigit() or not seq.isdigit():
+    if not dash or not _canonical(ms) or not _canonical(seq):
         return None
-    return int(ms), int(seq)
+    parsed = int(ms), int(seq)
+    return parsed if max(parsed) <= MAX_ID_PART else None
+
+
+def _canonical(number: str) -> bool:
+    return (
+        0 < len(number) <= 20
+        and number.isascii()
+        and number.isdigit()
+        and (number == "0" or number[0] != "0")
+    )
 
 
 def format_id(id: IdTuple) -> str:

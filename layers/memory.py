@@ -47,6 +47,7 @@ class InMemoryChannelLayer(ChannelLayer):
         self.history_ttl = history_ttl
         self._epoch = _base36(time.time_ns() // 1000)
         self._sequence = itertools.count(1)
+        self._issued = 0  # the last sequence number handed out
         self._logs: dict[str, deque[tuple[int, Event]]] = {}
         self._evicted: dict[str, int] = {}  # channel -> highest evicted sequence
         self._groups: dict[tuple[str, str], _Group] = {}
@@ -67,7 +68,7 @@ class InMemoryChannelLayer(ChannelLayer):
         sink = self._sink
         ids = []
         for message in messages:
-            sequence = next(self._sequence)
+            sequence = self._issued = next(self._sequence)
             event = Event.from_message(message, f"{self._epoch}-{sequence}")
             log = self._logs.get(message.channel)
             if log is None:
@@ -102,9 +103,12 @@ class InMemoryChannelLayer(ChannelLayer):
     # -- history ---------------------------------------------------------------------------------
 
     def _parse(self, id: str) -> int | None:
+        """The sequence of an id this instance issued; None for any other (an unknown id)."""
         epoch, _, sequence = id.partition("-")
-        if epoch != self._epoch or not sequence.isdigit():
+        if epoch != self._epoch or not (sequence.isascii() and sequence.isdigit()):
             return None
+        if len(sequence) > len(str(self._issued)) or int(sequence) > self._issued:
+            return None  # from the future: not issued here
         return int(sequence)
 
     def _matching(self, channels: Collection[str], patterns: Collection[str]) -> list[str]:

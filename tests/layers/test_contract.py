@@ -6,6 +6,7 @@ checked to refuse the capability with `CapabilityNotSupported` instead.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import anyio
@@ -384,6 +385,55 @@ async def test_resume_from_unknown_id_signals_gap(open_channel: OpenChannel, uni
         async with channel.subscribe(unique, last_event_id="not-an-id") as sub:
             items = await sub.next_batch()
     assert isinstance(items[0], Gap) and items[0].reason == "unknown_id"
+
+
+def _future(id: str) -> str:
+    """An id of the same form as `id`, far past it: one no layer has issued yet."""
+    head, digits = re.fullmatch(r"(.*?)(\d+)", id).groups()  # type: ignore[union-attr]
+    return f"{head}{int(digits) + 10**6}"
+
+
+OUT_OF_RANGE_IDS = [
+    "0-99999999999999999999999",
+    "99999999999999999999999-0",
+    "9" * 5000,
+    "1-" + "9" * 5000,
+    "²-1",
+    "1-²",
+    "007",
+    "-",
+    "",
+]
+
+
+async def test_ids_out_of_range_or_from_the_future_are_unknown_ids(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    """Every history layer answers the same: a gap `unknown_id`, then what it retains; never an
+    error from the broker (which the gateway would show as 503)."""
+    async with open_channel() as channel:
+        need(channel, "history")
+        kept = await channel.publish(unique, "kept")
+        for after in [*OUT_OF_RANGE_IDS, _future(kept)]:
+            replay = await channel.history(unique, after=after)
+            assert (replay.gap, replay.reason) == (True, "unknown_id"), after
+            assert [event.id for event in replay.events] == [kept], after
+            async with channel.subscribe(unique, last_event_id=after) as sub:
+                gap, event = await take(sub, 2)
+                assert isinstance(gap, Gap) and gap.reason == "unknown_id", after
+                assert isinstance(event, Event) and event.id == kept
+
+
+async def test_acks_of_ids_out_of_range_are_unknown(open_channel: OpenChannel, unique: str) -> None:
+    async with open_channel() as channel:
+        need(channel, "groups")
+        async with channel.subscribe(unique, group="g", consumer="c") as sub:
+            await channel.publish(unique, 1)
+            (event,) = await events(sub, 1)
+            strange = [*OUT_OF_RANGE_IDS, _future(event.id)]
+            acked, unknown = await channel.ack(unique, "g", [*strange, event.id])
+    assert acked == [event.id]
+    assert unknown == list(dict.fromkeys(strange))
 
 
 async def test_history_n_on_fresh_connect(open_channel: OpenChannel, unique: str) -> None:
