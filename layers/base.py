@@ -137,8 +137,15 @@ class ChannelLayer(ABC):
         """Create the group (starting at new messages) if needed and register the consumer."""
         raise self._lacks("consumer groups")
 
-    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
-        """The consumer went away; its pending messages stay pending until they time out."""
+    async def group_leave(
+        self, channel: str, group: str, consumer: str, *, forget: bool = False
+    ) -> None:
+        """The consumer went away; its pending messages stay pending until they time out.
+
+        `forget=True`: the core named the consumer for this one subscription (none was given), so
+        it never comes back: remove it from the group's consumers. Its pending messages stay
+        pending for the group and are claimed by others after `ack_timeout`, as ever.
+        """
         raise self._lacks("consumer groups")
 
     async def group_release(  # noqa: B027 - optional on purpose: the default is documented

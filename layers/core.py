@@ -666,6 +666,7 @@ class Channel:
             )
         channel = validate_channel(channels[0])
         validate_group_name(group)
+        generated = consumer is None  # named for this subscription alone: forgotten on leaving
         consumer = validate_group_name(consumer or uuid.uuid4().hex, what="consumer")
         await self.layer.group_join(channel, group, consumer)
         await self._listen([channel], [])  # live messages on the channel wake the pump
@@ -690,7 +691,7 @@ class Channel:
                 try:
                     if subscription._release:
                         await self.layer.group_release(channel, group, consumer)
-                    await self.layer.group_leave(channel, group, consumer)
+                    await self.layer.group_leave(channel, group, consumer, forget=generated)
                 except ChannelError as exc:
                     logger.warning("leaving group %s failed: %s", group, exc.detail)
 

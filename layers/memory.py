@@ -162,10 +162,15 @@ class InMemoryChannelLayer(ChannelLayer):
             state = self._groups[channel, group] = _Group(last, {}, {})
         state.consumers[consumer] = time.monotonic()
 
-    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
+    async def group_leave(
+        self, channel: str, group: str, consumer: str, *, forget: bool = False
+    ) -> None:
         state = self._groups.get((channel, group))
         if state is not None:
-            state.consumers[consumer] = time.monotonic()
+            if forget:
+                state.consumers.pop(consumer, None)
+            else:
+                state.consumers[consumer] = time.monotonic()
 
     async def group_release(self, channel: str, group: str, consumer: str) -> None:
         state = self._groups.get((channel, group))
@@ -214,9 +219,10 @@ class InMemoryChannelLayer(ChannelLayer):
     async def group_info(self, channel: str, group: str) -> GroupInfo:
         state = self._group(channel, group)
         now = time.monotonic()
-        per_consumer = {name: 0 for name in state.consumers}
+        per_consumer = dict.fromkeys(state.consumers, 0)
         for entry in state.pending.values():
-            per_consumer[entry.consumer] = per_consumer.get(entry.consumer, 0) + 1
+            if entry.consumer in per_consumer:  # else it left for good: counted in the total
+                per_consumer[entry.consumer] += 1
         oldest = next(iter(state.pending.values()), None)
         return GroupInfo(
             channel=channel,

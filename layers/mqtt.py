@@ -583,10 +583,15 @@ class MQTTLayer(ChannelLayer):
                 self._groups[channel, group] = session
         session.consumers[consumer] = time.monotonic()
 
-    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
+    async def group_leave(
+        self, channel: str, group: str, consumer: str, *, forget: bool = False
+    ) -> None:
         session = self._groups.get((channel, group))
         if session is not None:
-            session.consumers[consumer] = time.monotonic()
+            if forget:
+                session.consumers.pop(consumer, None)
+            else:
+                session.consumers[consumer] = time.monotonic()
 
     async def group_release(self, channel: str, group: str, consumer: str) -> None:
         """Let this process's other consumers claim the consumer's unacked messages now.
@@ -740,8 +745,8 @@ class _GroupSession:
         now = time.monotonic()
         per_consumer = dict.fromkeys(self.consumers, 0)
         for entry in self.pending.values():
-            if entry.consumer is not None:
-                per_consumer[entry.consumer] = per_consumer.get(entry.consumer, 0) + 1
+            if entry.consumer in per_consumer:  # else it left for good: counted in the total
+                per_consumer[entry.consumer] += 1
         oldest = next(iter(self.pending.values()), None)
         return GroupInfo(
             channel=self.channel,

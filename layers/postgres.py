@@ -675,9 +675,13 @@ class PostgresLayer(ChannelLayer):
             await connection.execute(self._sql.create_group, channel, group)
             await connection.execute(self._sql.touch_consumer, channel, group, consumer)
 
-    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
+    async def group_leave(
+        self, channel: str, group: str, consumer: str, *, forget: bool = False
+    ) -> None:
         async with self._connection() as connection:
-            await connection.execute(self._sql.leave, channel, group, consumer)
+            await connection.execute(
+                self._sql.forget if forget else self._sql.leave, channel, group, consumer
+            )
 
     async def group_release(self, channel: str, group: str, consumer: str) -> None:
         """Make the consumer's unacked messages claimable now, and wake every process's pumps."""
@@ -825,6 +829,9 @@ class _Statements:
         self.leave = f"""
             UPDATE {p}consumers SET seen_at = now()
             WHERE channel = $1 AND group_name = $2 AND consumer = $3"""
+        # Its pending rows stay: the group's other consumers claim them after the ack timeout.
+        self.forget = f"""
+            DELETE FROM {p}consumers WHERE channel = $1 AND group_name = $2 AND consumer = $3"""
         self.release = f"""
             WITH released AS (
                 UPDATE {p}pending SET delivered_at = '-infinity'

@@ -52,7 +52,7 @@ from ._redis import (
     format_id,
     parse_id,
 )
-from ._redis_groups import CLAIM_LUA, RELEASE_LUA, StreamGroups
+from ._redis_groups import CLAIM_LUA, FORGET_LUA, RELEASE_LUA, StreamGroups
 from .base import Capabilities, Replay
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Event, Message
@@ -101,7 +101,7 @@ class RedisStreamsLayer(StreamGroups):
     capabilities = Capabilities(cross_process=True, history=True, groups=True)
     command_connections = 8  # publishes, replays and group pumps run side by side
     listener_timeout = BLOCK_SECONDS + COMMAND_TIMEOUT
-    lua = {"publish": PUBLISH_LUA, "claim": CLAIM_LUA, "release": RELEASE_LUA}
+    lua = {"publish": PUBLISH_LUA, "claim": CLAIM_LUA, "release": RELEASE_LUA, "forget": FORGET_LUA}
 
     def __init__(
         self,

@@ -550,6 +550,33 @@ async def test_redelivery_goes_to_another_live_consumer(
             assert await again.ack()
 
 
+async def test_consumers_named_by_the_core_are_forgotten_when_they_leave(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    """A group connect without a consumer name gets one for that connection; it must not stay
+    listed forever (300 connects listed 300 consumers). What it left unacked is not lost."""
+    async with open_channel(ack_timeout=0.3) as channel:
+        need(channel, "groups")
+        async with channel.subscribe(unique, group="g", consumer="named"):
+            pass
+        for _ in range(5):
+            async with channel.subscribe(unique, group="g"):
+                pass
+        async with channel.subscribe(unique, group="g") as leaving:
+            message_id = await channel.publish(unique, "left unacked")
+            (first,) = await events(leaving, 1)
+            assert first.id == message_id
+        info = await channel.group_info(unique, "g")
+        assert [c.name for c in info.consumers] == ["named"]
+        assert info.pending == 1
+        async with channel.subscribe(unique, group="g", consumer="named") as staying:
+            (again,) = await events(staying, 1)
+            assert (again.id, again.deliveries) == (message_id, 2)
+            assert await again.ack()
+        info = await channel.group_info(unique, "g")
+        assert ([c.name for c in info.consumers], info.pending) == (["named"], 0)
+
+
 async def test_closing_with_release_hands_unacked_messages_over_at_once(
     open_channel: OpenChannel, unique: str
 ) -> None:
