@@ -41,7 +41,12 @@ class Sink(Protocol):
         """
 
     def reconnected(self) -> None:
-        """The layer lost its broker connection and has it back (counted in the metrics)."""
+        """The layer lost its broker connection and has it back (counted in the metrics).
+
+        Call it once live delivery is restored (subscriptions in place). A layer that keeps
+        history delivers what was published meanwhile; for one that does not, the core tells
+        each live subscriber it may have missed messages (`Gap("reconnected")`).
+        """
 
     def layer_error(self, error: BaseException) -> None:
         """The listener hit a broker error it is recovering from (counted in the metrics)."""

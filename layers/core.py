@@ -11,6 +11,9 @@ Design decisions:
 - Resume registers the subscriber first and holds live events aside while the layer replays, then
   releases the held events whose ids the replay did not contain. Nothing is lost in the switch and
   nothing is delivered twice, and ids never need to be compared, only matched.
+- A layer without history cannot deliver what was published while its broker connection was
+  down: when it reports `reconnected`, every live subscriber gets a `Gap("reconnected")`. Layers
+  with history catch up by themselves and report no loss.
 - Consumer groups are pulled: one pump task per group consumer reads new and timed-out messages
   from the layer, only as many as the consumer's backlog has room for, woken by live messages on
   the channel or by a timer. Redelivery timing and dead-lettering therefore work the same on every
@@ -122,7 +125,7 @@ class Subscription:
     def _drop_newest(self) -> None:
         self.dropped += 1
         last = self._queue[-1]
-        if isinstance(last, Gap):
+        if isinstance(last, Gap) and last.reason == "dropped":
             self._queue[-1] = Gap("dropped", dropped=last.dropped + 1)
         else:
             self._queue.append(Gap("dropped", dropped=1))
@@ -236,9 +239,10 @@ class Subscription:
 class _Router:
     """The `Sink` of the layer: routes each live event to local subscribers and group pumps."""
 
-    def __init__(self, scheme: str, observer: ChannelObserver) -> None:
+    def __init__(self, scheme: str, observer: ChannelObserver, *, catches_up: bool) -> None:
         self.scheme = scheme
         self.observer = observer
+        self.catches_up = catches_up  # after a reconnect the layer delivers what it missed
         self.exact: dict[str, set[Subscription]] = {}
         self.patterns: dict[str, set[Subscription]] = {}
         self.pumps: dict[str, set[_GroupPump]] = {}
@@ -264,6 +268,16 @@ class _Router:
 
     def reconnected(self) -> None:
         self.observer.reconnected(self.scheme)
+        if self.catches_up:
+            return
+        # Whatever was published while the connection was down never reaches this process:
+        # every live subscriber is told, where it happened in its stream.
+        subscribers: set[Subscription] = set()
+        for table in (self.exact, self.patterns):
+            for members in table.values():
+                subscribers |= members
+        for subscriber in subscribers:
+            subscriber.push(Gap("reconnected"))
 
     def layer_error(self, error: BaseException) -> None:
         self.observer.layer_error(self.scheme, error)
@@ -400,7 +414,7 @@ class Channel:
         self.ack_timeout = ack_timeout
         self.max_deliveries = max_deliveries
         self.observer = observer or ChannelObserver()
-        self._router = _Router(layer.scheme, self.observer)
+        self._router = _Router(layer.scheme, self.observer, catches_up=layer.capabilities.history)
         self._refs: Counter[tuple[bool, str]] = Counter()  # (is_pattern, name) -> subscribers
         self._listen_lock: anyio.Lock | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__

@@ -150,7 +150,7 @@ class Event:
 class Gap:
     """Events this subscriber will not get: evicted from history, or dropped by backpressure."""
 
-    reason: str  # "evicted" | "unknown_id" | "no_history" | "dropped"
+    reason: str  # "evicted" | "unknown_id" | "no_history" | "dropped" | "reconnected"
     last_event_id: str | None = None
     dropped: int = 0
 

@@ -7,7 +7,15 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from layers import Channel, Event, InMemoryChannelLayer, LayerUnavailable, Message
+from layers import (
+    Capabilities,
+    Channel,
+    Event,
+    Gap,
+    InMemoryChannelLayer,
+    LayerUnavailable,
+    Message,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -101,3 +109,31 @@ async def test_wake_with_events_queued_returns_them_and_no_extra_empty_batch() -
             assert [event.data for event in await sub.next_batch()] == [1]  # type: ignore[union-attr]
             await channel.publish("c", 2)
             assert [event.data for event in await sub.next_batch()] == [2]  # type: ignore[union-attr]
+
+
+class ForgetfulLayer(InMemoryChannelLayer):
+    """A layer without history whose broker connection the test drops and restores."""
+
+    capabilities = Capabilities(cross_process=True, history=False, groups=False)
+
+
+@pytest.mark.parametrize("layer_class", [ForgetfulLayer, InMemoryChannelLayer])
+async def test_a_reconnect_without_history_tells_live_subscribers_of_a_gap(
+    layer_class: type[InMemoryChannelLayer],
+) -> None:
+    layer = layer_class()
+    async with (
+        Channel(layer) as channel,
+        channel.subscribe("a") as exact,
+        channel.subscribe(patterns=["a*"]) as pattern,
+    ):
+        await channel.publish("a", 1)
+        assert layer._sink is not None
+        layer._sink.reconnected()
+        await channel.publish("a", 2)
+        with anyio.fail_after(TIMEOUT):
+            batches = [await exact.next_batch(), await pattern.next_batch()]
+    for batch in batches:
+        gaps = [item.reason for item in batch if isinstance(item, Gap)]
+        assert [item.data for item in batch if isinstance(item, Event)] == [1, 2]
+        assert gaps == ([] if layer.capabilities.history else ["reconnected"])
