@@ -8,10 +8,10 @@ Design decisions:
   client library: a publish that fails raises `LayerUnavailable` at once (the gateway answers 503)
   instead of hanging on retries or risking a duplicate; a stale pooled connection is replaced when
   it is checked out, so the first publish after a dropped connection still succeeds.
-- The listener reconnects by itself with exponential backoff (capped at `MAX_BACKOFF`) and lets
-  the layer restore its subscriptions; meanwhile `ping` fails (readiness goes red) and live
-  subscriptions stay open. Only a broker that is unreachable at start-up is fatal, with an error
-  naming the URL (secrets masked, `layers.urls.redact`).
+- The listener reconnects by itself (`layers._supervisor`) and lets the layer restore its
+  subscriptions; meanwhile `ping` fails (readiness goes red) and live subscriptions stay open. A
+  broker unreachable at start-up is the same: the layer starts, and calls raise
+  `LayerUnavailable` naming the URL (secrets masked, `layers.urls.redact`) until it connects.
 - Ids are `<ms>-<seq>` from one clock per key prefix, assigned inside the publishing Lua script:
   `ms` is Redis `TIME` but never less than the last id's, and `seq` goes up while `ms` stands
   still. Ids are therefore strictly increasing across all channels (one id places a resuming
@@ -44,6 +44,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._supervisor import Supervisor
 from .base import ChannelLayer, Sink
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Event
@@ -51,8 +52,6 @@ from .urls import redact
 
 logger = logging.getLogger("layers.redis")
 
-MIN_BACKOFF = 0.05
-MAX_BACKOFF = 2.0
 COMMAND_TIMEOUT = 5.0  # seconds a command (or a wait for a pooled connection) may take
 
 # Defines `clock(seq_key)` -> now_ms, ms, seq; the caller assigns ids `ms-(seq+1)`, ... and stores
@@ -229,48 +228,31 @@ class RedisLayer(ChannelLayer):
         self._client = self._open_pool()
         self._scripts = {name: self._client.register_script(lua) for name, lua in self.lua.items()}
         self._sink = sink
-        started = False
-        backoff = MIN_BACKOFF
-
-        def ready() -> None:
-            nonlocal started, backoff
-            backoff = MIN_BACKOFF
-            self._listening = True
-            if started:
-                sink.reconnected()
-            else:
-                started = True
-                task_status.started()
-
+        supervisor = Supervisor(f"Redis listener at {self.where}", sink, logger)
         try:
-            while True:
-                connection = self._listener_connection()
-                try:
-                    with self.unavailable():
-                        await connection.connect()  # type: ignore[no-untyped-call]
-                        await self._serve(connection, ready)
-                except Exception as exc:
-                    self._listening = False
-                    if not started:
-                        raise
-                    # Whatever went wrong, live subscriptions outlast it: reconnect and go on.
-                    sink.layer_error(exc)
-                    logger.warning(
-                        "listener lost, reconnecting in %.2fs: %s",
-                        backoff,
-                        exc.detail if isinstance(exc, LayerUnavailable) else repr(exc),
-                        exc_info=not isinstance(exc, LayerUnavailable),
-                    )
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await connection.disconnect(nowait=True)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+            await supervisor.run(self._listen, task_status=task_status)
         finally:
             self._sink, self._listening = None, False
             with anyio.CancelScope(shield=True):
                 await self.redis.aclose(close_connection_pool=True)
             self._client = None
+
+    async def _listen(self, ready: Callable[[], None]) -> None:
+        """One listener connection's life (see `layers._supervisor`)."""
+
+        def serving() -> None:
+            self._listening = True
+            ready()
+
+        connection = self._listener_connection()
+        try:
+            with self.unavailable():
+                await connection.connect()  # type: ignore[no-untyped-call]
+                await self._serve(connection, serving)
+        finally:
+            self._listening = False
+            with anyio.CancelScope(shield=True):
+                await connection.disconnect(nowait=True)
 
     @abstractmethod
     async def _serve(self, connection: AbstractConnection, ready: Callable[[], None]) -> None:

@@ -16,8 +16,9 @@ Design decisions:
   an overlapping pattern filter); the listener drops an id it has just delivered.
 - Publishing waits for the broker's PUBACK, bounded by `timeout`. The listener connection (clean
   session) also publishes; while it is down, publishing fails at once with `LayerUnavailable`.
-  It reconnects with backoff up to `max_reconnect_delay` and resubscribes everything; messages
-  published while it was away are not seen by this process, since nothing keeps history.
+  It reconnects (`layers._supervisor`, backoff up to `max_reconnect_delay`), also when the broker
+  is down at start-up, and resubscribes everything; messages published while it was away are not
+  seen by this process, since nothing keeps history (the core signals a gap).
 - Consumer groups. Each (channel, group) a process joins gets its own connection: a persistent
   session (clean start off, `session_expiry` seconds) subscribed at QoS 1 to
   `$share/<group>/<topic>`, so several gateway processes share one group's messages. It stays
@@ -82,6 +83,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ._supervisor import Supervisor
 from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Sink
 from .errors import InvalidArgument, LayerConfigurationError, LayerUnavailable, UnknownGroup
 from .event import Event, Message
@@ -190,17 +192,6 @@ def _is_failure(code: int | ReasonCode) -> bool:
     return code.is_failure if isinstance(code, ReasonCode) else code >= 0x80
 
 
-async def _until_disconnected(client: aiomqtt.Client) -> None:
-    """Wait until the connection ends, then raise `MqttError`.
-
-    Messages are taken in paho's callback (see `MQTTLayer._new_client`), so aiomqtt's queue stays
-    empty and its iterator only reports the disconnect.
-    """
-    async for _ in client.messages:
-        pass
-    raise aiomqtt.MqttError("the message stream ended")
-
-
 # -- the layer ------------------------------------------------------------------------------------
 
 
@@ -275,7 +266,6 @@ class MQTTLayer(ChannelLayer):
         self.instance_name = ""  # what this process runs as, once running
         # The listener connection while it is up, and what it is (or should be) subscribed to.
         self._client: aiomqtt.Client | None = None
-        self._listener_connections = 0
         self._up = anyio.Event()  # set (and replaced) whenever a connection is up again
         self._lock = anyio.Lock()  # subscription changes and resubscribing take turns
         self._filters: Counter[str] = Counter()
@@ -325,6 +315,19 @@ class MQTTLayer(ChannelLayer):
         client._client.manual_ack_set(persistent)
         return client
 
+    async def _until_disconnected(self, client: aiomqtt.Client) -> None:
+        """Wait until the connection ends, then raise `LayerUnavailable`.
+
+        Messages are taken in paho's callback (see `_new_client`), so aiomqtt's queue stays
+        empty and its iterator only reports the disconnect.
+        """
+        try:
+            async for _ in client.messages:
+                pass
+        except aiomqtt.MqttError as exc:
+            raise self._unavailable("closed the connection", exc.__cause__ or exc) from None
+        raise self._unavailable("closed the connection")
+
     @contextlib.asynccontextmanager
     async def _connection(self, client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
         """Connect `client`; always disconnect it, even when cancelled."""
@@ -335,7 +338,7 @@ class MQTTLayer(ChannelLayer):
             client._client.disconnect()
             if isinstance(exc, aiomqtt.MqttCodeError):  # a CONNACK with an error code
                 raise self._unavailable("refused the connection", exc) from None
-            if isinstance(exc, aiomqtt.MqttError):
+            if isinstance(exc, aiomqtt.MqttError | OSError):  # OSError: TLS, DNS
                 raise self._unavailable("is unreachable", exc) from None
             raise
         try:
@@ -348,42 +351,21 @@ class MQTTLayer(ChannelLayer):
             ):
                 await client.__aexit__(None, None, None)
 
-    async def _stay_connected(
-        self,
-        what: str,
-        connection: Callable[[Callable[[], None]], Awaitable[None]],
-        task_status: TaskStatus[None],
-    ) -> None:
-        """Run `connection` (one connection's life) again after every disconnect, with backoff.
+    def _supervisor(self, what: str, *, groups: bool = False) -> Supervisor:
+        assert self._sink is not None
+        return Supervisor(
+            f"{what} at MQTT broker {self.address}",
+            self._sink,
+            logger,
+            max_delay=self.max_reconnect_delay,
+            reports_reconnects=not groups,  # a group session's broker resends what it missed
+        )
 
-        `connection` calls `ready()` once it is connected and subscribed. A first connection that
-        fails raises `LayerUnavailable`; later ones are retried until cancelled.
-        """
-        delay = 0.0
-        started = False
-
-        def ready() -> None:
-            nonlocal delay, started
-            delay = 0.0
-            if not started:
-                started = True
-                task_status.started()
-            up, self._up = self._up, anyio.Event()
-            up.set()  # wakes `wait_connected`
-
-        while True:
-            try:
-                await connection(ready)
-            except (aiomqtt.MqttError, LayerUnavailable) as exc:
-                if not started:
-                    if isinstance(exc, LayerUnavailable):
-                        raise
-                    raise self._unavailable("did not accept the connection", exc) from None
-                logger.warning("%s: lost the MQTT broker at %s (%s)", what, self.address, exc)
-                if self._sink is not None:
-                    self._sink.layer_error(exc)
-            delay = min(max(delay * 2, 0.1), self.max_reconnect_delay)
-            await anyio.sleep(delay)
+    def _connected(self, ready: Callable[[], None]) -> None:
+        """A connection is up and subscribed: tell its supervisor and `wait_connected`."""
+        ready()
+        up, self._up = self._up, anyio.Event()
+        up.set()
 
     async def _subscribe_filters(self, client: aiomqtt.Client, filters: Sequence[str]) -> None:
         try:
@@ -414,20 +396,22 @@ class MQTTLayer(ChannelLayer):
         scope = f"{self.address}|{self.client_id_prefix}|{socket.gethostname()}"
         with contextlib.nullcontext(-1) if self.instance else _instance_slot(scope) as slot:
             self.instance_name = self.instance or f"{socket.gethostname()}-{slot}"
-            unreachable: LayerUnavailable | None = None
+            fatal: LayerConfigurationError | None = None
             try:
                 async with anyio.create_task_group() as tasks:  # group sessions run in here
                     self._tasks = tasks
                     try:
-                        await self._stay_connected("listener", self._listen, task_status)
-                    except LayerUnavailable as exc:  # the first connection failed
-                        unreachable = exc  # raised outside, not wrapped in an ExceptionGroup
+                        await self._supervisor("listener").run(
+                            self._listen, task_status=task_status
+                        )
+                    except LayerConfigurationError as exc:
+                        fatal = exc  # raised outside, not wrapped in an ExceptionGroup
             finally:
                 self._tasks = None
                 self._groups.clear()
                 self._sink = None
-            if unreachable is not None:
-                raise unreachable
+            if fatal is not None:
+                raise fatal
 
     async def _listen(self, ready: Callable[[], None]) -> None:
         identifier = f"{self.client_id_prefix}{self.instance_name}|live|{secrets.token_hex(4)}"
@@ -438,11 +422,8 @@ class MQTTLayer(ChannelLayer):
                     if self._filters:
                         await self._subscribe_filters(client, list(self._filters))
                     self._client = client
-                ready()
-                self._listener_connections += 1
-                if self._listener_connections > 1 and self._sink is not None:
-                    self._sink.reconnected()
-                await _until_disconnected(client)
+                self._connected(ready)
+                await self._until_disconnected(client)
             finally:
                 self._client = None
 
@@ -648,8 +629,9 @@ class _GroupSession:
         self.connected = False
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        what = f"group {self.group} on {self.channel}"
-        await self.layer._stay_connected(what, self._connect, task_status)
+        """Connected until the layer stops; the first connection's failure is the joiner's."""
+        supervisor = self.layer._supervisor(f"group {self.group} on {self.channel}", groups=True)
+        await supervisor.run(self._connect, task_status=task_status, fail_fast=True)
 
     async def _connect(self, ready: Callable[[], None]) -> None:
         client = self.layer._new_client(self.client_id, self._on_message, persistent=True)
@@ -658,8 +640,8 @@ class _GroupSession:
             async with self.layer._connection(client):
                 await self.layer._subscribe_filters(client, [self.filter])
                 self.connected = True
-                ready()
-                await _until_disconnected(client)
+                self.layer._connected(ready)
+                await self.layer._until_disconnected(client)
         finally:
             # Packet ids die with the connection; the broker resends what it has not had a
             # PUBACK for, and `_on_message` matches those to the entries by id.

@@ -38,7 +38,7 @@ import re
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -47,6 +47,7 @@ import anyio
 import asyncpg  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
+from ._supervisor import Supervisor
 from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Replay, Sink
 from .errors import LayerConfigurationError, LayerUnavailable, UnknownGroup
 from .event import Event, Message
@@ -60,6 +61,7 @@ _EXPIRE_BATCH = 5000
 # Anonymous group consumers get a new name per connection; forget those long gone. A live one
 # claims at least every few seconds, which keeps it fresh.
 _FORGET_CONSUMERS_AFTER = 3600.0
+_MIN_RETRY, _MAX_RETRY = 0.1, 2.0  # seconds between reads of new messages that failed
 _CLEANUP_AFTER_PUBLISHES = 1000  # run the cleanup early when this process publishes a lot
 _PREFIX = re.compile(r"[a-z_][a-z0-9_]{0,29}")
 _URL_OPTIONS = (
@@ -292,7 +294,6 @@ class PostgresLayer(ChannelLayer):
         # apart in pg_stat_activity.
         self.application_name = f"{application_name}:{uuid.uuid4().hex[:8]}"
         self.listener_application_name = f"{self.application_name}:listener"
-        self.listener_reconnects = 0
         parts = urlsplit(url)
         self._where = f"PostgreSQL at {parts.hostname or 'localhost'}:{parts.port or 5432}"
         self._notify_channel = f"{table_prefix}messages"
@@ -302,6 +303,9 @@ class PostgresLayer(ChannelLayer):
         self._pool: Any = None
         self._listener: Any = None
         self._listening = False
+        self._supervisor: Supervisor | None = None
+        self._migrated = False
+        self._positioned = False  # the reader's position was set on a first connection
         self._channels: set[str] = set()
         self._likes: dict[str, str] = {}  # subscribed glob pattern -> its LIKE pattern
         self._last_seen = 0  # every message up to this id was handed to the sink (or skipped)
@@ -316,9 +320,60 @@ class PostgresLayer(ChannelLayer):
 
     async def run(self, sink: Sink, *, task_status: TaskStatus[None]) -> None:
         self._sink = sink
+        self._supervisor = Supervisor(f"{self._where} (listener)", sink, logger)
+        fatal: LayerConfigurationError | None = None
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._deliver, sink)
+                tasks.start_soon(self._clean_up_periodically)
+                try:
+                    await self._supervisor.run(self._listen, task_status=task_status)
+                except LayerConfigurationError as exc:  # raised as it is, not in a group
+                    fatal = exc
+                    tasks.cancel_scope.cancel()
+        finally:
+            self._sink = None
+            with anyio.CancelScope(shield=True):
+                await self._close()
+        if fatal is not None:
+            raise fatal
+
+    @property
+    def listener_reconnects(self) -> int:
+        return self._supervisor.reconnects if self._supervisor is not None else 0
+
+    async def _listen(self, ready: Callable[[], None]) -> None:
+        """One listener connection's life (see `layers._supervisor`); the pool and the schema are
+        made on the first connection that succeeds."""
+        if self._pool is None:
+            self._pool = await self._open_pool()
+        if not self._migrated:
+            await self._migrate()
+            self._migrated = True
+        connection = await self._connect_listener()
+        try:
+            # LISTEN is active: whatever was committed before this read is covered by it,
+            # whatever comes after will be notified.
+            newest = await self._max_id(connection)
+            if self._positioned:
+                self._advance(newest)  # the reader delivers what was committed meanwhile
+            else:
+                self._last_seen = self._newest = newest  # live delivery starts now
+                self._positioned = True
+            self._listener = connection
+            self._listening = True
+            ready()
+            await self._until_lost(connection)
+            raise LayerUnavailable(f"{self._where}: the listener connection was lost")
+        finally:
+            self._listening = False
+            self._listener = None
+            connection.terminate()
+
+    async def _open_pool(self) -> Any:
         try:
             with self._unavailable():
-                self._pool = await asyncpg.create_pool(
+                return await asyncpg.create_pool(
                     self.url,
                     min_size=1,
                     max_size=self.pool_size,
@@ -330,20 +385,6 @@ class PostgresLayer(ChannelLayer):
             raise LayerConfigurationError(
                 f"cannot open {self._where}: {exc}; check the postgresql:// URL"
             ) from None
-        try:
-            await self._migrate()
-            self._listener = await self._connect_listener()
-            self._listening = True
-            self._last_seen = self._newest = await self._max_id(self._listener)
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self._deliver, sink)
-                tasks.start_soon(self._keep_listening)
-                tasks.start_soon(self._clean_up_periodically)
-                task_status.started()
-        finally:
-            self._sink = None
-            with anyio.CancelScope(shield=True):
-                await self._close()
 
     async def _close(self) -> None:
         self._listening = False
@@ -397,6 +438,10 @@ class PostgresLayer(ChannelLayer):
     async def _connection(self) -> AsyncIterator[Any]:
         pool = self._pool
         if pool is None:
+            if self._sink is not None:  # running, but the server was never reached yet
+                raise LayerUnavailable(
+                    f"{self._where} is not reachable yet; check that the server is running"
+                )
             raise LayerUnavailable(
                 "the postgresql:// layer is not running; use it inside 'async with Channel(layer)'"
             )
@@ -438,44 +483,6 @@ class PostgresLayer(ChannelLayer):
             newest: int = await connection.fetchval(self._sql.max_id)
         return newest
 
-    async def _keep_listening(self) -> None:
-        """Watch the listener connection; replace it when it drops and catch up from the table."""
-        connection = self._listener
-        while True:
-            await self._until_lost(connection)
-            self._listening = False
-            self._listener = None
-            connection.terminate()
-            logger.warning("%s: listener connection lost; reconnecting", self._where)
-            connection = await self._reconnect_listener()
-            self._listener = connection
-            self._listening = True
-            self.listener_reconnects += 1
-            logger.info("%s: listener reconnected", self._where)
-            if self._sink is not None:
-                self._sink.reconnected()
-
-    async def _reconnect_listener(self) -> Any:
-        backoff = _Backoff()
-        while True:
-            try:
-                connection = await self._connect_listener()
-            except LayerUnavailable as exc:
-                logger.warning("%s", exc.detail)
-                self._report_error(exc)
-                await anyio.sleep(backoff.next())
-                continue
-            try:
-                # LISTEN is active again: whatever was committed before this read is covered by
-                # it, whatever comes after will be notified.
-                self._advance(await self._max_id(connection))
-            except LayerUnavailable as exc:
-                connection.terminate()
-                self._report_error(exc)
-                await anyio.sleep(backoff.next())
-                continue
-            return connection
-
     def _report_error(self, error: BaseException) -> None:
         if self._sink is not None:
             self._sink.layer_error(error)
@@ -499,7 +506,7 @@ class PostgresLayer(ChannelLayer):
 
     async def _deliver(self, sink: Sink) -> None:
         """Hand every committed message of a subscribed channel to the sink, in id order, once."""
-        backoff = _Backoff()
+        delay = _MIN_RETRY
         while True:
             if self._last_seen >= self._newest:
                 await self._wakeup.wait()
@@ -507,11 +514,12 @@ class PostgresLayer(ChannelLayer):
                 continue
             try:
                 await self._read_up_to(self._newest, sink)
-                backoff.reset()
+                delay = _MIN_RETRY
             except (LayerUnavailable, asyncpg.PostgresError) as exc:
                 logger.warning("reading new messages failed: %s", exc)
                 self._report_error(exc)
-                await anyio.sleep(backoff.next())
+                await anyio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY)
 
     async def _read_up_to(self, newest: int, sink: Sink) -> None:
         # `newest` was notified before this read is sent, so a channel subscribed after that
@@ -869,21 +877,6 @@ class _Statements:
                    extract(epoch FROM now() - c.seen_at)::double precision AS idle
             FROM {p}consumers c WHERE c.channel = $1 AND c.group_name = $2
             ORDER BY c.consumer"""
-
-
-class _Backoff:
-    """Reconnect delays: 0.1 s, doubling, at most 2 s."""
-
-    def __init__(self) -> None:
-        self._delay = 0.1
-
-    def next(self) -> float:
-        delay = self._delay
-        self._delay = min(delay * 2, 2.0)
-        return delay
-
-    def reset(self) -> None:
-        self._delay = 0.1
 
 
 async def _keep_session(connection: Any) -> None:

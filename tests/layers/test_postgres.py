@@ -341,9 +341,13 @@ async def test_outage_fails_publishes_fast_then_recovers_without_loss(
 
 
 async def test_unreachable_server_or_missing_database_is_a_clear_error(postgres_url: str) -> None:
-    with anyio.fail_after(TIMEOUT), pytest.raises(LayerUnavailable, match=r"127\.0\.0\.1:1\b"):
-        async with Channel(PostgresLayer("postgresql://postgres@127.0.0.1:1/x")):
-            pass
+    """An unreachable server does not stop the layer (it connects when the server is back);
+    calls name it. A missing database cannot heal by itself: the layer does not start."""
+    with anyio.fail_after(TIMEOUT):
+        async with Channel(PostgresLayer("postgresql://postgres@127.0.0.1:1/x")) as channel:
+            for call in (channel.ping(), channel.publish("c", 1)):
+                with pytest.raises(LayerUnavailable, match=r"127\.0\.0\.1:1\b"):
+                    await call
     missing = urlunsplit(urlsplit(postgres_url)._replace(path="/no_such_gateway_db"))
     with anyio.fail_after(TIMEOUT), pytest.raises(LayerConfigurationError, match="does not exist"):
         async with Channel(PostgresLayer(missing)):
