@@ -78,6 +78,9 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,  # refused, reset, unreachable
     TimeoutError,
     asyncpg.InterfaceError,  # e.g. the connection is closed
+    # The protocol's state machine after a connection was terminated mid-operation, e.g.
+    # "cannot switch to state 12; another operation (2) is in progress".
+    asyncpg.InternalClientError,
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08
     asyncpg.OperatorInterventionError,  # class 57: shutting down, starting up, terminated
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
@@ -381,10 +384,14 @@ class PostgresLayer(ChannelLayer):
                     reset=_keep_session,
                     server_settings={"application_name": self.application_name},
                 )
-        except asyncpg.PostgresError as exc:  # a wrong database, user or password
-            raise LayerConfigurationError(
-                f"cannot open {self._where}: {exc}; check the postgresql:// URL"
-            ) from None
+        except LayerUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, asyncpg.PostgresError) and not isinstance(cause, _UNAVAILABLE):
+                # A wrong database, user or password: retrying cannot help.
+                raise LayerConfigurationError(
+                    f"cannot open {self._where}: {cause}; check the postgresql:// URL"
+                ) from None
+            raise
 
     async def _close(self) -> None:
         self._listening = False
@@ -425,13 +432,23 @@ class PostgresLayer(ChannelLayer):
 
     @contextmanager
     def _unavailable(self) -> Iterator[None]:
-        """Turn "the server cannot be reached" into `LayerUnavailable` (HTTP 503)."""
+        """The one place asyncpg's exceptions become the library's: `LayerUnavailable` (503).
+
+        Every call into asyncpg runs inside it (`_connection` wraps each borrowed connection).
+        `NoDataFoundError` passes: it is the group functions' own answer, see `_known_group`.
+        """
         try:
             yield
+        except asyncpg.NoDataFoundError:
+            raise
         except _UNAVAILABLE as exc:
             raise LayerUnavailable(
                 f"{self._where} is unavailable ({type(exc).__name__}: {exc}); "
                 "check that the server is running, then retry"
+            ) from exc
+        except asyncpg.PostgresError as exc:  # e.g. a deadlock or serialization failure
+            raise LayerUnavailable(
+                f"{self._where} refused a statement ({type(exc).__name__}: {exc}); retry"
             ) from exc
 
     @asynccontextmanager
@@ -515,8 +532,8 @@ class PostgresLayer(ChannelLayer):
             try:
                 await self._read_up_to(self._newest, sink)
                 delay = _MIN_RETRY
-            except (LayerUnavailable, asyncpg.PostgresError) as exc:
-                logger.warning("reading new messages failed: %s", exc)
+            except LayerUnavailable as exc:
+                logger.warning("reading new messages failed: %s", exc.detail)
                 self._report_error(exc)
                 await anyio.sleep(delay)
                 delay = min(delay * 2, _MAX_RETRY)
@@ -634,8 +651,8 @@ class PostgresLayer(ChannelLayer):
             self._cleanup_due = anyio.Event()
             try:
                 await self.clean_up()
-            except (LayerUnavailable, asyncpg.PostgresError) as exc:
-                logger.warning("history cleanup failed: %s", exc)
+            except LayerUnavailable as exc:
+                logger.warning("history cleanup failed: %s", exc.detail)
                 self._report_error(exc)
 
     async def clean_up(self) -> int:
