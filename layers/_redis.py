@@ -31,12 +31,12 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -48,7 +48,7 @@ from ._supervisor import Supervisor
 from .base import ChannelLayer, Sink
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Event
-from .urls import redact
+from .urls import redact, split_options
 
 logger = logging.getLogger("layers.redis")
 
@@ -106,11 +106,22 @@ def format_id(id: IdTuple) -> str:
     return f"{id[0]}-{id[1]}"
 
 
+# What redis-py reads from a URL's query (`redis.asyncio.connection.parse_url`).
+DRIVER_OPTIONS = (
+    *sorted(URL_QUERY_ARGUMENT_PARSERS),
+    "username",
+    "password",
+    "client_name",
+    *("ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path"),
+    "ssl_password",
+)
+
+
 def driver_url(url: str) -> str:
     """`redis+streams://h/0?key_prefix=p:` -> `redis://h/0`: what the driver understands."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "key_prefix"]
-    return urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0], query=urlencode(query)))
+    stripped, _ = split_options(url, ("key_prefix",), driver=DRIVER_OPTIONS)
+    parts = urlsplit(stripped)
+    return urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
 
 
 class KeySpace:
@@ -162,7 +173,8 @@ class RedisLayer(ChannelLayer):
 
     def __init__(self, url: str, *, key_prefix: str = "gw:") -> None:
         # The URL may carry the prefix (`?key_prefix=`): the gateway configures a layer by URL.
-        key_prefix = dict(parse_qsl(urlsplit(url).query)).get("key_prefix", key_prefix)
+        _, options = split_options(url, ("key_prefix",), driver=DRIVER_OPTIONS)
+        key_prefix = options.get("key_prefix", key_prefix)
         if not key_prefix:
             raise InvalidArgument("key_prefix must not be empty: the layer's keys need a namespace")
         self.url = url

@@ -208,7 +208,5 @@ class StreamGroups(RedisLayer):
 
     def _refused(self, channel: str, group: str, exc: ResponseError) -> Exception:
         if is_missing_group(exc):
-            return UnknownGroup(
-                f"no group {group!r} on channel {channel!r}; subscribe with ?group= to create it"
-            )
+            return UnknownGroup.named(channel, group)
         return LayerUnavailable(f"Redis at {self.where} refused a command: {exc}")

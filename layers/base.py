@@ -140,7 +140,7 @@ class ChannelLayer(ABC):
 
     async def group_join(self, channel: str, group: str, consumer: str) -> None:
         """Create the group (starting at new messages) if needed and register the consumer."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     async def group_leave(
         self, channel: str, group: str, consumer: str, *, forget: bool = False
@@ -151,7 +151,7 @@ class ChannelLayer(ABC):
         it never comes back: remove it from the group's consumers. Its pending messages stay
         pending for the group and are claimed by others after `ack_timeout`, as ever.
         """
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     async def group_release(  # noqa: B027 - optional on purpose: the default is documented
         self, channel: str, group: str, consumer: str
@@ -166,28 +166,28 @@ class ChannelLayer(ABC):
 
     async def group_read(self, channel: str, group: str, consumer: str, count: int) -> list[Event]:
         """Claim up to `count` messages never delivered to the group, without waiting."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     async def group_claim(
         self, channel: str, group: str, consumer: str, min_idle: float, count: int
     ) -> list[Event]:
         """Take over up to `count` messages unacked for `min_idle` seconds; counts go up by one."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
         """Acknowledge; return the ids that were pending (the rest are unknown)."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     async def group_info(self, channel: str, group: str) -> GroupInfo:
         """Pending count, consumers and oldest unacked message; `UnknownGroup` if absent."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     def _lacks(self, capability: str) -> CapabilityNotSupported:
-        keepers = {
-            "history": "memory://, redis+streams:// or postgresql://",
-            "consumer groups": "memory://, redis+streams://, postgresql:// or mqtt://",
-        }
+        from .factory import layers_with  # the registry of layers; it imports no layer itself
+
+        keepers = [f"{scheme}://" for scheme in layers_with(capability)]
+        choice = ", ".join(keepers[:-1]) + f" or {keepers[-1]}" if len(keepers) > 1 else keepers[0]
+        what = "consumer groups" if capability == "groups" else capability
         return CapabilityNotSupported(
-            f"the {self.scheme}:// layer has no {capability}; "
-            f"configure a layer that keeps it: {keepers[capability]}"
+            f"the {self.scheme}:// layer has no {what}; configure a layer that keeps it: {choice}"
         )

@@ -49,7 +49,13 @@ from .errors import (
     SubscriberOverflow,
 )
 from .event import DEFAULT_EVENT_TYPE, Event, Gap, Message, encode_data
-from .names import compile_pattern, validate_channel, validate_event_type, validate_pattern
+from .names import (
+    compile_pattern,
+    validate_channel,
+    validate_event_type,
+    validate_group_name,
+    validate_pattern,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -755,18 +761,6 @@ class Channel:
 
     async def ping(self) -> None:
         await self.layer.ping()
-
-
-def validate_group_name(name: str, *, what: str = "group") -> str:
-    if (
-        not isinstance(name, str)
-        or not (1 <= len(name) <= 100)
-        or not all(c.isascii() and (c.isalnum() or c in "_-:@.") for c in name)
-    ):
-        raise InvalidArgument(
-            f"invalid {what} name {name!r}: use 1-100 letters, digits and '_ - : @ .'"
-        )
-    return name
 
 
 __all__ = ["BacklogPolicy", "Channel", "Item", "Subscription", "make_message"]

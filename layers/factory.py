@@ -3,27 +3,51 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
-from .base import ChannelLayer
 from .errors import LayerConfigurationError
 from .urls import redact
 
+if TYPE_CHECKING:  # `base` asks this registry which layers keep a capability
+    from .base import ChannelLayer
+
 HISTORY_OPTIONS = ("history_size", "history_ttl")
 
-# scheme -> (module, class, pip extra that installs the driver)
-LAYERS: dict[str, tuple[str, str, str | None]] = {
-    "memory": ("layers.memory", "InMemoryChannelLayer", None),
-    "redis": ("layers.redis_pubsub", "RedisPubSubLayer", "redis"),
-    "rediss": ("layers.redis_pubsub", "RedisPubSubLayer", "redis"),
-    "redis+streams": ("layers.redis_streams", "RedisStreamsLayer", "redis"),
-    "rediss+streams": ("layers.redis_streams", "RedisStreamsLayer", "redis"),
-    "postgresql": ("layers.postgres", "PostgresLayer", "postgres"),
-    "postgres": ("layers.postgres", "PostgresLayer", "postgres"),
-    "mqtt": ("layers.mqtt", "MQTTLayer", "mqtt"),
-    "mqtts": ("layers.mqtt", "MQTTLayer", "mqtt"),
+
+class LayerEntry(NamedTuple):
+    module: str
+    class_name: str
+    extra: str | None  # the pip extra that installs the driver
+    capabilities: frozenset[str]  # which of history, groups the class has (a test checks it)
+
+
+_HG = frozenset({"history", "groups"})
+
+# scheme -> layer; the first scheme of a class is the one hints name.
+LAYERS: dict[str, LayerEntry] = {
+    "memory": LayerEntry("layers.memory", "InMemoryChannelLayer", None, _HG),
+    "redis": LayerEntry("layers.redis_pubsub", "RedisPubSubLayer", "redis", frozenset()),
+    "rediss": LayerEntry("layers.redis_pubsub", "RedisPubSubLayer", "redis", frozenset()),
+    "redis+streams": LayerEntry("layers.redis_streams", "RedisStreamsLayer", "redis", _HG),
+    "rediss+streams": LayerEntry("layers.redis_streams", "RedisStreamsLayer", "redis", _HG),
+    "postgresql": LayerEntry("layers.postgres", "PostgresLayer", "postgres", _HG),
+    "postgres": LayerEntry("layers.postgres", "PostgresLayer", "postgres", _HG),
+    "mqtt": LayerEntry("layers.mqtt", "MQTTLayer", "mqtt", frozenset({"groups"})),
+    "mqtts": LayerEntry("layers.mqtt", "MQTTLayer", "mqtt", frozenset({"groups"})),
 }
+
+
+def layers_with(capability: str) -> list[str]:
+    """The schemes (one per layer) of the layers that have `capability` ("history", "groups")."""
+    seen: set[tuple[str, str]] = set()
+    schemes = []
+    for scheme, entry in LAYERS.items():
+        if (entry.module, entry.class_name) not in seen:
+            seen.add((entry.module, entry.class_name))
+            if capability in entry.capabilities:
+                schemes.append(scheme)
+    return schemes
 
 
 def create_layer(url: str = "memory://", **options: Any) -> ChannelLayer:
@@ -33,7 +57,7 @@ def create_layer(url: str = "memory://", **options: Any) -> ChannelLayer:
     """
     scheme = urlsplit(url).scheme.lower()
     try:
-        module_name, class_name, extra = LAYERS[scheme]
+        module_name, class_name, extra, _ = LAYERS[scheme]
     except KeyError:
         known = ", ".join(f"{s}://" for s in LAYERS)
         raise LayerConfigurationError(

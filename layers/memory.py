@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import TaskStatus
 
+from ._ids import epoch
 from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Replay, Sink
 from .errors import UnknownGroup
 from .event import Event, Message
@@ -45,7 +46,7 @@ class InMemoryChannelLayer(ChannelLayer):
     def __init__(self, history_size: int = 1000, history_ttl: float | None = None) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
-        self._epoch = _base36(time.time_ns() // 1000)
+        self._epoch = epoch()
         self._sequence = itertools.count(1)
         self._issued = 0  # the last sequence number handed out
         self._logs: dict[str, deque[tuple[int, Event]]] = {}
@@ -150,9 +151,7 @@ class InMemoryChannelLayer(ChannelLayer):
         try:
             return self._groups[channel, group]
         except KeyError:
-            raise UnknownGroup(
-                f"no group {group!r} on channel {channel!r}; subscribe with ?group= to create it"
-            ) from None
+            raise UnknownGroup.named(channel, group) from None
 
     async def group_join(self, channel: str, group: str, consumer: str) -> None:
         state = self._groups.get((channel, group))
@@ -237,12 +236,3 @@ class InMemoryChannelLayer(ChannelLayer):
                 round(time.time() - oldest.event.published_at, 3) if oldest else None
             ),
         )
-
-
-def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while number:
-        number, rest = divmod(number, 36)
-        out = digits[rest] + out
-    return out or "0"

@@ -70,7 +70,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import anyio
@@ -83,12 +83,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ._ids import epoch
 from ._supervisor import Supervisor
 from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Sink
 from .errors import InvalidArgument, LayerConfigurationError, LayerUnavailable, UnknownGroup
 from .event import Event, Message
 from .names import compile_pattern, is_pattern
-from .urls import redact
+from .urls import redact, split_options
 
 logger = logging.getLogger(__name__)
 
@@ -221,12 +222,7 @@ class MQTTLayer(ChannelLayer):
         parts = urlsplit(url)
         if parts.scheme not in DEFAULT_PORTS:
             raise LayerConfigurationError(f"not an MQTT URL: {redact(url)!r}; use mqtt://host:1883")
-        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        unknown = set(query) - set(URL_OPTIONS)
-        if unknown:
-            raise LayerConfigurationError(
-                f"unknown MQTT URL options {sorted(unknown)}; use {', '.join(URL_OPTIONS)}"
-            )
+        _, query = split_options(url, URL_OPTIONS)  # MQTT's driver takes no URL options
         try:
             self._port = parts.port or DEFAULT_PORTS[parts.scheme]
             if session_expiry is None:
@@ -259,7 +255,7 @@ class MQTTLayer(ChannelLayer):
         self.timeout = timeout
         self.max_reconnect_delay = max_reconnect_delay
 
-        self._epoch = f"{_base36(time.time_ns() // 1000)}{secrets.token_hex(2)}"
+        self._epoch = f"{epoch()}{secrets.token_hex(2)}"
         self._sequence = itertools.count(1)
         self._sink: Sink | None = None
         self._tasks: TaskGroup | None = None
@@ -548,9 +544,8 @@ class MQTTLayer(ChannelLayer):
         try:
             return self._groups[channel, group]
         except KeyError:
-            raise UnknownGroup(
-                f"no group {group!r} on channel {channel!r} in this gateway process (MQTT groups "
-                "are tracked per process); subscribe with ?group= to create it"
+            raise UnknownGroup.named(
+                channel, group, scope=" in this process (MQTT groups are kept per process)"
             ) from None
 
     async def group_join(self, channel: str, group: str, consumer: str) -> None:
@@ -764,12 +759,3 @@ async def _gather(calls: list[Awaitable[None]]) -> list[Exception | None]:
         for index, call in enumerate(calls):
             tasks.start_soon(run, index, call)
     return results
-
-
-def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while number:
-        number, rest = divmod(number, 36)
-        out = digits[rest] + out
-    return out or "0"

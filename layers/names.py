@@ -56,6 +56,19 @@ def validate_event_type(event: str) -> str:
     return event
 
 
+def validate_group_name(name: str, *, what: str = "group") -> str:
+    """Return `name` if it can name a consumer group (or, `what="consumer"`, a consumer)."""
+    if (
+        not isinstance(name, str)
+        or not (1 <= len(name) <= 100)
+        or not all(c.isascii() and (c.isalnum() or c in "_-:@.") for c in name)
+    ):
+        raise InvalidArgument(
+            f"invalid {what} name {name!r}: use 1-100 letters, digits and '_ - : @ .'"
+        )
+    return name
+
+
 def is_pattern(name: str) -> bool:
     return "*" in name or "?" in name
 

@@ -41,7 +41,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import anyio
 import asyncpg  # type: ignore[import-untyped]
@@ -51,6 +51,7 @@ from ._supervisor import Supervisor
 from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Replay, Sink
 from .errors import LayerConfigurationError, LayerUnavailable, UnknownGroup
 from .event import Event, Message
+from .urls import split_options
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ class PostgresLayer(ChannelLayer):
         the listener), `connect_timeout` (5 s), `cleanup_interval` (5 s) and `application_name`.
         Other query parameters (`sslmode`, ...) go to asyncpg.
         """
-        url, query = _split_options(url)
+        url, query = split_options(url, _URL_OPTIONS, driver=None)
         try:
             if table_prefix is None:
                 table_prefix = query.get("table_prefix", "gateway_")
@@ -693,7 +694,7 @@ class PostgresLayer(ChannelLayer):
         try:
             yield
         except asyncpg.NoDataFoundError:
-            raise _unknown_group(channel, group) from None
+            raise UnknownGroup.named(channel, group) from None
 
     async def group_join(self, channel: str, group: str, consumer: str) -> None:
         async with self._connection() as connection, connection.transaction():
@@ -745,7 +746,7 @@ class PostgresLayer(ChannelLayer):
         async with self._connection() as connection:
             acked = await connection.fetch(self._sql.ack, channel, group, list(numbers))
             if not acked and not await connection.fetchval(self._sql.group_exists, channel, group):
-                raise _unknown_group(channel, group)
+                raise UnknownGroup.named(channel, group)
         done = {numbers[row["message_id"]] for row in acked}
         return [id for id in ids if id in done]
 
@@ -756,7 +757,7 @@ class PostgresLayer(ChannelLayer):
         ):
             summary = await connection.fetchrow(self._sql.group_summary, channel, group)
             if not summary["found"]:
-                raise _unknown_group(channel, group)
+                raise UnknownGroup.named(channel, group)
             consumers = await connection.fetch(self._sql.group_consumers, channel, group)
         published_at = summary["oldest_published_at"]
         return GroupInfo(
@@ -900,15 +901,6 @@ async def _keep_session(connection: Any) -> None:
     """Pool reset hook: nothing to undo (no SET, LISTEN or session locks on pooled connections)."""
 
 
-def _split_options(url: str) -> tuple[str, dict[str, str]]:
-    """The URL without this layer's own query options, and those options."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    ours = {key: value for key, value in query if key in _URL_OPTIONS}
-    rest = [(key, value) for key, value in query if key not in _URL_OPTIONS]
-    return urlunsplit(parts._replace(query=urlencode(rest))), ours
-
-
 def _event(row: Any) -> Event:
     return Event(
         row["channel"], str(row["id"]), row["data"].encode(), row["event"], row["published_at"]
@@ -941,9 +933,3 @@ def _lock_key(prefix: str, purpose: str) -> int:
     """A stable signed 32-bit advisory lock key per table prefix and purpose."""
     key = zlib.crc32(f"{prefix}:{purpose}".encode())
     return key - (1 << 32) if key >= (1 << 31) else key
-
-
-def _unknown_group(channel: str, group: str) -> UnknownGroup:
-    return UnknownGroup(
-        f"no group {group!r} on channel {channel!r}; subscribe with ?group= to create it"
-    )

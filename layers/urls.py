@@ -1,14 +1,21 @@
-"""Layer URLs as they may be shown: in errors, logs, replies. Secrets never are.
+"""Layer URLs: their options, and how they may be shown (in errors, logs, replies).
 
 `redact` is the one function that prints a layer URL. It masks the password of the user-info and
 the value of every query option that holds a secret (a password, a token, a private key or its
 path), whatever the layer, so a URL may go into an error detail or a log line as it is.
+
+`split_options` is the one policy for URL options: a layer takes its own options out of the
+query and leaves its driver's in; any other option is refused, naming the known ones, so a typo
+is an error at start-up rather than a setting silently ignored.
 """
 
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit, urlunsplit
+from collections.abc import Collection
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from .errors import LayerConfigurationError
 
 MASK = "***"
 # Option names that hold a secret: passwords, tokens, private keys (or their files).
@@ -48,3 +55,27 @@ def redact(url: str) -> str:
     if netloc == parts.netloc and query == parts.query:
         return url
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def split_options(
+    url: str, ours: Collection[str], *, driver: Collection[str] | None = ()
+) -> tuple[str, dict[str, str]]:
+    """The URL without the layer's own query options, and those options (the last of each).
+
+    `driver` lists the options the URL may carry for the layer's driver, which stay in the URL;
+    `None` passes on whatever is left, for a driver that refuses unknown options itself (asyncpg
+    hands them to PostgreSQL as settings, and the server refuses one it does not know).
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if driver is not None:
+        unknown = sorted({key for key, _ in query} - set(ours) - set(driver))
+        if unknown:
+            known = ", ".join([*ours, *driver])
+            raise LayerConfigurationError(
+                f"unknown {parts.scheme}:// URL option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)}; use {known}"
+            )
+    own = {key: value for key, value in query if key in ours}
+    rest = [(key, value) for key, value in query if key not in ours]
+    return urlunsplit(parts._replace(query=urlencode(rest))), own

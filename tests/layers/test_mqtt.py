@@ -134,7 +134,7 @@ def test_url_options_and_their_errors() -> None:
     assert layer.topic_prefix == "x/"
     assert MQTTLayer("mqtts://broker.example").address == "broker.example:8883"
     assert MQTTLayer("mqtt://h", topic_prefix="").topic_prefix == ""
-    with pytest.raises(LayerConfigurationError, match="unknown MQTT URL options"):
+    with pytest.raises(LayerConfigurationError, match="URL option qos; use instance"):
         MQTTLayer("mqtt://h/?qos=2")
     for prefix in ("gw", "gw/#/", "$gw/", "a/+/"):
         with pytest.raises(LayerConfigurationError, match="invalid topic_prefix"):

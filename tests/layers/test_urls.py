@@ -37,3 +37,19 @@ def test_errors_naming_a_url_mask_its_secrets() -> None:
     for raised in (unknown, bad_port):
         assert "s3cret" not in raised.value.detail
         assert "***" in raised.value.detail
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h/0?key_prefx=gw:",
+        "redis+streams://h/0?histroy_size=5",
+        "mqtt://h:1883?topic_prefx=gw/",
+    ],
+)
+def test_unknown_url_options_are_refused_naming_the_known_ones(url: str) -> None:
+    with pytest.raises(LayerConfigurationError) as refused:
+        create_layer(url)
+    option = url.rpartition("?")[2].partition("=")[0]
+    assert f"unknown {url.partition(':')[0]}:// URL option {option}; use " in refused.value.detail
+    assert ("key_prefix" if url.startswith("redis") else "topic_prefix") in refused.value.detail
