@@ -117,7 +117,12 @@ class ChannelLayer(ABC):
 
     @abstractmethod
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
-        """Start receiving live messages of these channels and patterns in this process."""
+        """Start receiving live messages of these channels and patterns in this process.
+
+        Once it returns, every message published afterwards reaches the sink (`deliver`), once,
+        and in id order across everything subscribed (a layer whose ids are ordered per
+        publisher only, like MQTT's, in the order it receives them).
+        """
 
     @abstractmethod
     async def unsubscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
@@ -135,7 +140,18 @@ class ChannelLayer(ABC):
         after: str | None,
         limit: int | None,
     ) -> Replay:
-        """Retained events after `after` (the first `limit`), or the last `limit` without it."""
+        """Retained events after `after` (the first `limit`), or the last `limit` without it.
+
+        The hand-off to live delivery is the core's: it subscribes first, holds live events
+        aside while this runs, then drops the live events whose ids the replay returned, also
+        those arriving up to `layers.core.HANDOFF_SECONDS` later. So a layer returns at once:
+        it need not wait for its listener to pass the replayed events, and an event may be both
+        replayed and delivered live. What it must not do is leave an event out of both: every
+        retained event after `after` that was published before the subscription took effect
+        is in the replay. An `after` this layer did not issue (malformed, out of range, from
+        the future, from before the broker lost its data) is not an error: the replay starts
+        from the oldest retained event with `gap=True, reason="unknown_id"`.
+        """
         raise self._lacks("history")
 
     async def group_join(self, channel: str, group: str, consumer: str) -> None:

@@ -9,8 +9,11 @@ Design decisions:
   policy drops the oldest or the newest event, or ends the subscription; dropped events become a
   `Gap` item in that subscriber's stream, where they were lost.
 - Resume registers the subscriber first and holds live events aside while the layer replays, then
-  releases the held events whose ids the replay did not contain. Nothing is lost in the switch and
-  nothing is delivered twice, and ids never need to be compared, only matched.
+  releases the held events whose ids the replay did not contain. Live delivery may trail the
+  replay (a layer's listener reads a moment after the publish), so replayed ids arriving live
+  later are dropped too, for `HANDOFF_SECONDS`. Nothing is lost in the switch and nothing is
+  delivered twice, ids never need to be compared, only matched, and no layer has to wait for
+  its own listener inside `replay`.
 - A layer without history cannot deliver what was published while its broker connection was
   down: when it reports `reconnected`, every live subscriber gets a `Gap("reconnected")`. Layers
   with history catch up by themselves and report no loss.
@@ -99,8 +102,9 @@ class Subscription:
         self._woken = False
         self._overflowed = False
         self._closed = False
-        self._on_space: Any = None  # a group pump's wake-up, when this backlog has room again
-        self._release = False  # on leaving its group, release its unacked messages (shutdown)
+        self._handoff: _Handoff | None = None  # replayed ids that may still arrive live
+        self._on_space: Callable[[], None] | None = None  # a group pump's wake-up (see below)
+        self.releases_group = False  # on leaving its group, release its unacked messages
 
     # -- fed by the core -------------------------------------------------------------------------
 
@@ -109,6 +113,8 @@ class Subscription:
             return
         if self._held is not None and isinstance(item, Event):
             self._held.append(item)
+            return
+        if self._handoff is not None and isinstance(item, Event) and self._replayed(item):
             return
         queue = self._queue
         if len(queue) >= self.max_backlog:
@@ -149,11 +155,64 @@ class Subscription:
             lost += 1
         queue.appendleft(Gap("dropped", dropped=lost))
 
-    def close(self) -> None:
+    def close(self, *, release: bool = False) -> None:
+        """End the stream; `release=True` also releases a group consumer's unacked messages."""
+        self.releases_group = self.releases_group or release
         self._closed = True
         if self._waiter is not None:
             self._waiter.set()
             self._waiter = None
+
+    def when_space(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever the consumer takes its queue (a group pump fills it again)."""
+        self._on_space = callback
+
+    # -- resuming: the replay/live hand-off ------------------------------------------------------
+
+    def notify(self, gap: Gap) -> None:
+        """Put a notice ahead of the live queue (a resume that cannot replay everything)."""
+        self._head.append(gap)
+
+    def hold(self) -> None:
+        """A replay starts: live events wait aside until `resume` or `cancel_hold`."""
+        self._held = []
+
+    def cancel_hold(self) -> None:
+        """The replay failed: what was held goes on as live events."""
+        held, self._held = self._held or [], None
+        for event in held:
+            self.push(event)
+
+    def resume(self, replay: Replay, last_event_id: str | None) -> None:
+        """Put the replayed events first, then the held live events the replay did not hold.
+
+        Live delivery may trail the replay (a layer reads what was published a moment later), so
+        a replayed event can still arrive live afterwards: such events are dropped for
+        `HANDOFF_SECONDS`. Ids are only matched, never compared.
+        """
+        if replay.gap:
+            self._head.append(Gap(replay.reason or "evicted", last_event_id))
+        self._head.extend(replay.events)
+        if replay.events:
+            self._handoff = _Handoff(replay.events, time.monotonic() + HANDOFF_SECONDS)
+        self.cancel_hold()
+        waiter = self._waiter
+        if waiter is not None and (self._head or self._queue):
+            self._waiter = None
+            waiter.set()
+
+    def _replayed(self, event: Event) -> bool:
+        """Whether a live event is one the replay delivered (then it is dropped)."""
+        handoff = self._handoff
+        assert handoff is not None
+        if time.monotonic() > handoff.until:
+            self._handoff = None
+            return False
+        if not handoff.drops(event.id):
+            return False
+        if not handoff.ids:
+            self._handoff = None
+        return True
 
     def wake(self) -> None:
         """Make the waiting (or the next) `next_batch` return, with an empty batch if nothing
@@ -242,6 +301,29 @@ class Subscription:
         await self._core._detach(self, list(channels), list(patterns))
 
 
+HANDOFF_SECONDS = 10.0  # how long after a replay its events may still arrive live
+
+
+class _Handoff:
+    """The ids of a replay, in order, that live delivery has not brought yet."""
+
+    __slots__ = ("ids", "until")
+
+    def __init__(self, events: Sequence[Event], until: float) -> None:
+        self.ids = dict.fromkeys(event.id for event in events)
+        self.until = until
+
+    def drops(self, id: str) -> bool:
+        if id not in self.ids:
+            return False
+        # Live delivery comes in id order, so replayed events before this one will not follow.
+        for replayed in list(self.ids):
+            del self.ids[replayed]
+            if replayed == id:
+                break
+        return True
+
+
 class _Router:
     """The `Sink` of the layer: routes each live event to local subscribers and group pumps."""
 
@@ -322,7 +404,7 @@ class _GroupPump:
         self._wakeup = anyio.Event()
         self._claim_now = False  # released messages are waiting: claim before the timer says so
         self.finished = anyio.Event()
-        subscriber._on_space = self.wake
+        subscriber.when_space(self.wake)
 
     def wake(self, *, claim: bool = False) -> None:
         self._claim_now = self._claim_now or claim
@@ -388,11 +470,11 @@ class _GroupPump:
                 self.channel, self.group, self.consumer, room - len(events)
             )
         for event in events:
-            event._ack = self._acker(event.id)
+            event.bind_ack(self._acker(event.id))
             self.subscriber.push(event)
         return len(events)
 
-    def _acker(self, id: str) -> Any:
+    def _acker(self, id: str) -> Callable[[], Awaitable[bool]]:
         async def ack() -> bool:
             return bool(await self.core.layer.group_ack(self.channel, self.group, [id]))
 
@@ -491,8 +573,7 @@ class Channel:
         once instead of after `ack_timeout`.
         """
         for subscription in list(self._subscriptions):
-            subscription._release = subscription._release or release
-            subscription.close()
+            subscription.close(release=release)
 
     def _running(self) -> TaskGroup:
         if self._task_group is None:
@@ -590,13 +671,13 @@ class Channel:
             if last_event_id is None:
                 raise self.layer._lacks("history")
             # A browser keeps reconnecting with its id: it still gets a live stream.
-            subscription._head.append(Gap("no_history", last_event_id))
+            subscription.notify(Gap("no_history", last_event_id))
             replaying = False
         await self._listen(channels, patterns)
         subscription.channels.update(channels)
         subscription.patterns.update(patterns)
         if replaying:
-            subscription._held = []
+            subscription.hold()
         self._router.add(subscription, channels, patterns)
         if not replaying:
             return
@@ -608,25 +689,9 @@ class Channel:
                 limit=None if last_event_id is not None else history,
             )
         except BaseException:
-            subscription._held = None
+            subscription.cancel_hold()
             raise
-        self._release_held(subscription, replay, last_event_id)
-
-    def _release_held(
-        self, subscription: Subscription, replay: Replay, last_event_id: str | None
-    ) -> None:
-        if replay.gap:
-            subscription._head.append(Gap(replay.reason or "evicted", last_event_id))
-        subscription._head.extend(replay.events)
-        replayed = {event.id for event in replay.events}
-        held, subscription._held = subscription._held or [], None
-        for event in held:
-            if event.id not in replayed:
-                subscription.push(event)
-        waiter = subscription._waiter
-        if waiter is not None and (subscription._head or subscription._queue):
-            subscription._waiter = None
-            waiter.set()
+        subscription.resume(replay, last_event_id)
 
     async def _detach(
         self, subscription: Subscription, channels: list[str], patterns: list[str]
@@ -709,7 +774,7 @@ class Channel:
             with anyio.CancelScope(shield=True):
                 await self._unlisten([channel], [])
                 try:
-                    if subscription._release:
+                    if subscription.releases_group:
                         await self.layer.group_release(channel, group, consumer)
                     await self.layer.group_leave(channel, group, consumer, forget=generated)
                 except ChannelError as exc:

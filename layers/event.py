@@ -136,6 +136,10 @@ class Event:
             )
         return self._frame
 
+    def bind_ack(self, ack: Callable[[], Awaitable[bool]]) -> None:
+        """What `ack` does: acknowledge this delivery to its group (set by the core)."""
+        self._ack = ack
+
     async def ack(self) -> bool:
         """Acknowledge a group delivery; True if the group still had it pending."""
         if self._ack is None:

@@ -15,9 +15,8 @@ Design decisions:
   payload limit does not limit messages. One listener connection per process wakes one reader task
   that reads `id > last_seen` from the table, filtered to what this process subscribes to. After
   the listener reconnects the same read delivers whatever was committed while it was away.
-- Live delivery trails the commit by that read, so `replay` returns only once the reader has
-  passed the newest replayed id: the core drops live events the replay contained only while it
-  holds them aside, and an event arriving later would be a duplicate.
+- Live delivery trails the commit by that read; the core drops replayed events that arrive live
+  after the replay (see `ChannelLayer.replay`).
 - A publish (one message or a batch) is one round trip: a plpgsql function takes the lock,
   inserts and notifies. Pooled connections keep no session state, so their reset on release, a
   second round trip, is skipped.
@@ -313,7 +312,6 @@ class PostgresLayer(ChannelLayer):
         self._channels: set[str] = set()
         self._likes: dict[str, str] = {}  # subscribed glob pattern -> its LIKE pattern
         self._last_seen = 0  # every message up to this id was handed to the sink (or skipped)
-        self._progress = anyio.Event()  # set (and replaced) whenever _last_seen moves
         self._newest = 0  # the newest id known to be committed
         self._wakeup = anyio.Event()
         self._dirty: set[str] = set()  # channels published to since the last cleanup
@@ -554,20 +552,6 @@ class PostgresLayer(ChannelLayer):
                 self._last_seen = rows[-1]["id"] if len(rows) == _READ_BATCH else newest
             else:
                 self._last_seen = newest
-            self._progress.set()
-            self._progress = anyio.Event()
-
-    async def _delivered_up_to(self, id: int) -> None:
-        """Wait until live delivery has passed `id` (bounded: a stuck reader risks a duplicate).
-
-        The core holds a resuming subscriber's live events aside while it replays, then drops
-        those the replay contained. Live delivery here trails the commit by a read, so a replayed
-        event could still arrive live after the replay; waiting for the reader closes that window.
-        """
-        self._advance(id)  # committed, so the reader may go there without waiting for NOTIFY
-        with anyio.move_on_after(self.connect_timeout):
-            while self._last_seen < id:
-                await self._progress.wait()
 
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         """Effective at once: the one LISTEN covers every channel; this only widens the read."""
@@ -638,11 +622,6 @@ class PostgresLayer(ChannelLayer):
                         sql.evicted_after, position, names, likes, size, now
                     )
         events = sorted((_event(row) for row in rows), key=lambda event: int(event.id))
-        if events and (
-            any(name in self._channels for name in channels)
-            or any(pattern in self._likes for pattern in patterns)
-        ):
-            await self._delivered_up_to(int(events[-1].id))
         return Replay(events, gap=gap, reason=reason if gap else None)
 
     async def _clean_up_periodically(self) -> None:
