@@ -12,31 +12,22 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskStatus
 
 from ._ids import epoch
-from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Replay, Sink
+from ._pending import PendingEntry, PendingTable
+from .base import Capabilities, ChannelLayer, GroupInfo, Replay, Sink
 from .errors import UnknownGroup
 from .event import Event, Message
 from .names import compile_pattern
 
 
-@dataclass
-class _Pending:
-    event: Event
-    consumer: str
-    delivered_at: float
-    deliveries: int
-
-
-@dataclass
-class _Group:
-    cursor: int  # sequence of the last message handed to the group
-    pending: dict[str, _Pending]
-    consumers: dict[str, float]  # consumer -> last seen (monotonic)
+class _Group(PendingTable[PendingEntry]):
+    def __init__(self, channel: str, group: str, cursor: int) -> None:
+        super().__init__(channel, group)
+        self.cursor = cursor  # sequence of the last message handed to the group
 
 
 class InMemoryChannelLayer(ChannelLayer):
@@ -158,81 +149,42 @@ class InMemoryChannelLayer(ChannelLayer):
         if state is None:
             log = self._logs.setdefault(channel, deque())
             last = log[-1][0] if log else 0
-            state = self._groups[channel, group] = _Group(last, {}, {})
-        state.consumers[consumer] = time.monotonic()
+            state = self._groups[channel, group] = _Group(channel, group, last)
+        state.seen(consumer)
 
     async def group_leave(
         self, channel: str, group: str, consumer: str, *, forget: bool = False
     ) -> None:
         state = self._groups.get((channel, group))
         if state is not None:
-            if forget:
-                state.consumers.pop(consumer, None)
-            else:
-                state.consumers[consumer] = time.monotonic()
+            state.leave(consumer, forget=forget)
 
     async def group_release(self, channel: str, group: str, consumer: str) -> None:
         state = self._groups.get((channel, group))
         if state is None:
             return
-        for entry in state.pending.values():
-            if entry.consumer == consumer:
-                entry.delivered_at = float("-inf")  # idle long enough for any claim
+        state.release(consumer)
         if self._sink is not None:
             self._sink.wake(channel, released=True)
 
     async def group_read(self, channel: str, group: str, consumer: str, count: int) -> list[Event]:
         state = self._group(channel, group)
-        state.consumers[consumer] = now = time.monotonic()
-        fresh: list[Event] = []
+        fresh: list[PendingEntry] = []
         for sequence, event in self._logs.get(channel, ()):
             if len(fresh) >= count:
                 break
             if sequence > state.cursor:
                 state.cursor = sequence
-                delivery = event.redelivered(group, 1)
-                state.pending[event.id] = _Pending(delivery, consumer, now, 1)
-                fresh.append(delivery)
-        return fresh
+                fresh.append(PendingEntry(event))
+        return state.hand_out(fresh, consumer)
 
     async def group_claim(
         self, channel: str, group: str, consumer: str, min_idle: float, count: int
     ) -> list[Event]:
-        state = self._group(channel, group)
-        state.consumers[consumer] = now = time.monotonic()
-        claimed: list[Event] = []
-        for entry in state.pending.values():
-            if len(claimed) >= count:
-                break
-            if now - entry.delivered_at >= min_idle:
-                entry.consumer, entry.delivered_at = consumer, now
-                entry.deliveries += 1
-                entry.event = entry.event.redelivered(group, entry.deliveries)
-                claimed.append(entry.event)
-        return claimed
+        return self._group(channel, group).claim(consumer, min_idle, count)
 
     async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
-        pending = self._group(channel, group).pending
-        return [id for id in ids if pending.pop(id, None) is not None]
+        return [entry.event.id for entry in self._group(channel, group).ack(ids)]
 
     async def group_info(self, channel: str, group: str) -> GroupInfo:
-        state = self._group(channel, group)
-        now = time.monotonic()
-        per_consumer = dict.fromkeys(state.consumers, 0)
-        for entry in state.pending.values():
-            if entry.consumer in per_consumer:  # else it left for good: counted in the total
-                per_consumer[entry.consumer] += 1
-        oldest = next(iter(state.pending.values()), None)
-        return GroupInfo(
-            channel=channel,
-            group=group,
-            pending=len(state.pending),
-            consumers=[
-                ConsumerInfo(name, count, round(now - state.consumers.get(name, now), 3))
-                for name, count in per_consumer.items()
-            ],
-            oldest_unacked_id=oldest.event.id if oldest else None,
-            oldest_unacked_age_seconds=(
-                round(time.time() - oldest.event.published_at, 3) if oldest else None
-            ),
-        )
+        return self._group(channel, group).info()

@@ -65,7 +65,6 @@ import secrets
 import socket
 import ssl
 import tempfile
-import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -84,8 +83,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ._ids import epoch
+from ._pending import PendingEntry, PendingTable
 from ._supervisor import Supervisor
-from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Sink
+from .base import Capabilities, ChannelLayer, GroupInfo, Sink
 from .errors import InvalidArgument, LayerConfigurationError, LayerUnavailable, UnknownGroup
 from .event import Event, Message
 from .names import compile_pattern, is_pattern
@@ -557,17 +557,14 @@ class MQTTLayer(ChannelLayer):
                 session = _GroupSession(self, channel, group)
                 await self._tasks.start(session.run)  # returns after the SUBACK
                 self._groups[channel, group] = session
-        session.consumers[consumer] = time.monotonic()
+        session.seen(consumer)
 
     async def group_leave(
         self, channel: str, group: str, consumer: str, *, forget: bool = False
     ) -> None:
         session = self._groups.get((channel, group))
         if session is not None:
-            if forget:
-                session.consumers.pop(consumer, None)
-            else:
-                session.consumers[consumer] = time.monotonic()
+            session.leave(consumer, forget=forget)
 
     async def group_release(self, channel: str, group: str, consumer: str) -> None:
         """Let this process's other consumers claim the consumer's unacked messages now.
@@ -589,33 +586,27 @@ class MQTTLayer(ChannelLayer):
         return self._group(channel, group).claim(consumer, min_idle, count)
 
     async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
-        return self._group(channel, group).ack(ids)
+        return self._group(channel, group).acknowledge(ids)
 
     async def group_info(self, channel: str, group: str) -> GroupInfo:
         return self._group(channel, group).info()
 
 
 @dataclass
-class _Entry:
-    event: Event
-    mid: int | None  # packet id on the current connection; None once that connection is gone
-    deliveries: int  # hand-outs so far (one when the broker flagged it as resent)
-    consumer: str | None = None
-    handed_out_at: float = 0.0  # monotonic
+class _Entry(PendingEntry):
+    # The packet id on the current connection; None once that connection is gone.
+    mid: int | None = None
 
 
-class _GroupSession:
+class _GroupSession(PendingTable[_Entry]):
     """One consumer group on one channel in this process: a persistent session and its messages."""
 
     def __init__(self, layer: MQTTLayer, channel: str, group: str) -> None:
+        super().__init__(channel, group)
         self.layer = layer
-        self.channel = channel
-        self.group = group
         self.client_id = layer._group_client_id(channel, group)
         self.filter = f"$share/{group}/{topic_for(layer.topic_prefix, channel)}"
-        self.consumers: dict[str, float] = {}  # consumer -> last seen (monotonic)
         self.fresh: OrderedDict[str, _Entry] = OrderedDict()  # received, not handed out yet
-        self.pending: OrderedDict[str, _Entry] = OrderedDict()  # handed out, not acked
         # Packet ids of this connection in the order their PUBLISHes arrived -> acked yet.
         self.receipts: OrderedDict[int, bool] = OrderedDict()
         # Acked ids whose PUBACK may not have reached the broker: PUBACKed again if resent.
@@ -662,7 +653,8 @@ class _GroupSession:
         if held is not None:
             held.mid = mid
             return
-        self.fresh[event.id] = _Entry(event, mid, deliveries=1 if message.dup else 0)
+        # A resent message counts as delivered once before (MQTT only says DUP, not how often).
+        self.fresh[event.id] = _Entry(event, deliveries=1 if message.dup else 0, mid=mid)
         if self.layer._sink is not None:
             self.layer._sink.wake(self.channel)
 
@@ -680,64 +672,16 @@ class _GroupSession:
                 self._paho.ack(first, 1)
 
     def read(self, consumer: str, count: int) -> list[Event]:
-        self.consumers[consumer] = now = time.monotonic()
-        events: list[Event] = []
-        while self.fresh and len(events) < count:
-            id, entry = self.fresh.popitem(last=False)
-            events.append(self._hand_out(id, entry, consumer, now))
-        return events
+        fresh = [self.fresh.popitem(last=False)[1] for _ in range(min(count, len(self.fresh)))]
+        return self.hand_out(fresh, consumer)
 
-    def claim(self, consumer: str, min_idle: float, count: int) -> list[Event]:
-        self.consumers[consumer] = now = time.monotonic()
-        idle = [
-            (id, entry)
-            for id, entry in self.pending.items()
-            if now - entry.handed_out_at >= min_idle
-        ][:count]
-        return [self._hand_out(id, entry, consumer, now) for id, entry in idle]
-
-    def _hand_out(self, id: str, entry: _Entry, consumer: str, now: float) -> Event:
-        entry.deliveries += 1
-        entry.consumer, entry.handed_out_at = consumer, now
-        self.pending.setdefault(id, entry)
-        return entry.event.redelivered(self.group, entry.deliveries)
-
-    def release(self, consumer: str) -> None:
-        for entry in self.pending.values():
-            if entry.consumer == consumer:
-                entry.handed_out_at = float("-inf")  # idle long enough for any claim
-
-    def ack(self, ids: Sequence[str]) -> list[str]:
-        acked = []
-        for id in ids:
-            entry = self.pending.pop(id, None)
-            if entry is None:
-                continue
-            acked.append(id)
-            self.acked.add(id)
+    def acknowledge(self, ids: Sequence[str]) -> list[str]:
+        """Ack group messages; their PUBACKs go out as MQTT's order allows."""
+        acked = self.ack(ids)
+        for entry in acked:
+            self.acked.add(entry.event.id)
             self._acknowledge(entry.mid)
-        return acked
-
-    def info(self) -> GroupInfo:
-        now = time.monotonic()
-        per_consumer = dict.fromkeys(self.consumers, 0)
-        for entry in self.pending.values():
-            if entry.consumer in per_consumer:  # else it left for good: counted in the total
-                per_consumer[entry.consumer] += 1
-        oldest = next(iter(self.pending.values()), None)
-        return GroupInfo(
-            channel=self.channel,
-            group=self.group,
-            pending=len(self.pending),
-            consumers=[
-                ConsumerInfo(name, count, round(now - self.consumers.get(name, now), 3))
-                for name, count in per_consumer.items()
-            ],
-            oldest_unacked_id=oldest.event.id if oldest else None,
-            oldest_unacked_age_seconds=(
-                round(time.time() - oldest.event.published_at, 3) if oldest else None
-            ),
-        )
+        return [entry.event.id for entry in acked]
 
 
 async def _outcome(call: Awaitable[None]) -> Exception | None:
