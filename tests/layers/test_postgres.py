@@ -18,7 +18,8 @@ import pytest
 from anyio.abc import SocketAttribute
 
 from layers import Channel, Event, LayerConfigurationError, LayerUnavailable, make_message
-from layers.postgres import PostgresLayer, _like
+from layers._postgres_sql import like as _like
+from layers.postgres import PostgresLayer
 from tests.fixtures_postgres import drop_tables, execute
 from tests.layers.test_contract import events
 
