@@ -18,6 +18,7 @@ from anyio.abc import TaskStatus
 
 from .errors import CapabilityNotSupported
 from .event import Event, Message
+from .registry import layers_with
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,6 @@ class ChannelLayer(ABC):
         raise self._lacks("groups")
 
     def _lacks(self, capability: str) -> CapabilityNotSupported:
-        from .factory import layers_with  # the registry of layers; it imports no layer itself
-
         keepers = [f"{scheme}://" for scheme in layers_with(capability)]
         choice = ", ".join(keepers[:-1]) + f" or {keepers[-1]}" if len(keepers) > 1 else keepers[0]
         what = "consumer groups" if capability == "groups" else capability

@@ -3,51 +3,17 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .errors import LayerConfigurationError
+from .registry import LAYERS
 from .urls import redact
 
-if TYPE_CHECKING:  # `base` asks this registry which layers keep a capability
+if TYPE_CHECKING:
     from .base import ChannelLayer
 
 HISTORY_OPTIONS = ("history_size", "history_ttl")
-
-
-class LayerEntry(NamedTuple):
-    module: str
-    class_name: str
-    extra: str | None  # the pip extra that installs the driver
-    capabilities: frozenset[str]  # which of history, groups the class has (a test checks it)
-
-
-_HG = frozenset({"history", "groups"})
-
-# scheme -> layer; the first scheme of a class is the one hints name.
-LAYERS: dict[str, LayerEntry] = {
-    "memory": LayerEntry("layers.memory", "InMemoryChannelLayer", None, _HG),
-    "redis": LayerEntry("layers.redis_pubsub", "RedisPubSubLayer", "redis", frozenset()),
-    "rediss": LayerEntry("layers.redis_pubsub", "RedisPubSubLayer", "redis", frozenset()),
-    "redis+streams": LayerEntry("layers.redis_streams", "RedisStreamsLayer", "redis", _HG),
-    "rediss+streams": LayerEntry("layers.redis_streams", "RedisStreamsLayer", "redis", _HG),
-    "postgresql": LayerEntry("layers.postgres", "PostgresLayer", "postgres", _HG),
-    "postgres": LayerEntry("layers.postgres", "PostgresLayer", "postgres", _HG),
-    "mqtt": LayerEntry("layers.mqtt", "MQTTLayer", "mqtt", frozenset({"groups"})),
-    "mqtts": LayerEntry("layers.mqtt", "MQTTLayer", "mqtt", frozenset({"groups"})),
-}
-
-
-def layers_with(capability: str) -> list[str]:
-    """The schemes (one per layer) of the layers that have `capability` ("history", "groups")."""
-    seen: set[tuple[str, str]] = set()
-    schemes = []
-    for scheme, entry in LAYERS.items():
-        if (entry.module, entry.class_name) not in seen:
-            seen.add((entry.module, entry.class_name))
-            if capability in entry.capabilities:
-                schemes.append(scheme)
-    return schemes
 
 
 def create_layer(url: str = "memory://", **options: Any) -> ChannelLayer:

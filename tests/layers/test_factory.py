@@ -1,4 +1,4 @@
-"""The layer registry (`layers.factory.LAYERS`) agrees with the layer classes it names."""
+"""The layer registry (`layers.registry.LAYERS`) agrees with the layer classes it names."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib
 import pytest
 
 from layers import CapabilityNotSupported, InMemoryChannelLayer
-from layers.factory import LAYERS, layers_with
+from layers.registry import LAYERS, layers_with
 
 
 @pytest.mark.parametrize("scheme", list(LAYERS))
