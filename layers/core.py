@@ -2,9 +2,9 @@
 
 Design decisions:
 
-- The layer hands each live message to `_Router.deliver` once per process; the router finds the
-  local subscribers (exact channels, then glob patterns) and appends the same `Event` object to
-  each bounded backlog. Nothing per subscriber is encoded or spawned: an event caches its frame.
+- The layer hands each live message to the router (`layers._router`) once per process; it finds
+  the local subscribers (exact channels, then glob patterns) and appends the same `Event` object
+  to each bounded backlog. Nothing per subscriber is encoded or spawned: an event caches its frame.
 - A backlog never blocks the publisher or other subscribers. When it is full the subscriber's
   policy drops the oldest or the newest event, or ends the subscription; dropped events become a
   `Gap` item in that subscriber's stream, where they were lost.
@@ -17,10 +17,8 @@ Design decisions:
 - A layer without history cannot deliver what was published while its broker connection was
   down: when it reports `reconnected`, every live subscriber gets a `Gap("reconnected")`. Layers
   with history catch up by themselves and report no loss.
-- Consumer groups are pulled: one pump task per group consumer reads new and timed-out messages
-  from the layer, only as many as the consumer's backlog has room for, woken by live messages on
-  the channel or by a timer. Redelivery timing and dead-lettering therefore work the same on every
-  layer that can claim and acknowledge.
+- Consumer groups are pulled, by one pump per group consumer (`layers._groups`), so redelivery
+  timing and dead-lettering work the same on every layer that can claim and acknowledge.
 """
 
 from __future__ import annotations
@@ -39,21 +37,20 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-import orjson
 import sniffio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
+from ._groups import GroupPump
+from ._router import Router
 from .base import ChannelLayer, ChannelObserver, GroupInfo, Replay
 from .errors import (
     ChannelClosed,
     ChannelError,
     InvalidArgument,
-    LayerUnavailable,
     SubscriberOverflow,
 )
 from .event import DEFAULT_EVENT_TYPE, Event, Gap, Message, encode_data
 from .names import (
-    compile_pattern,
     validate_channel,
     validate_event_type,
     validate_group_name,
@@ -63,7 +60,6 @@ from .names import (
 logger = logging.getLogger(__name__)
 
 Item = Event | Gap
-DEAD_LETTER_SUFFIX = ".dead"
 
 
 class BacklogPolicy(StrEnum):
@@ -324,163 +320,6 @@ class _Handoff:
         return True
 
 
-class _Router:
-    """The `Sink` of the layer: routes each live event to local subscribers and group pumps."""
-
-    def __init__(self, scheme: str, observer: ChannelObserver, *, catches_up: bool) -> None:
-        self.scheme = scheme
-        self.observer = observer
-        self.catches_up = catches_up  # after a reconnect the layer delivers what it missed
-        self.exact: dict[str, set[Subscription]] = {}
-        self.patterns: dict[str, set[Subscription]] = {}
-        self.pumps: dict[str, set[_GroupPump]] = {}
-
-    def deliver(self, event: Event) -> None:
-        subscribers = self.exact.get(event.channel)
-        if self.patterns:
-            targets = set(subscribers) if subscribers else set()
-            for pattern, matched in self.patterns.items():
-                if compile_pattern(pattern)(event.channel):
-                    targets |= matched
-            subscribers = targets
-        if subscribers:
-            for subscriber in subscribers:
-                subscriber.push(event)
-        self.wake(event.channel)
-
-    def wake(self, channel: str, *, released: bool = False) -> None:
-        pumps = self.pumps.get(channel)
-        if pumps:
-            for pump in pumps:
-                pump.wake(claim=released)
-
-    def reconnected(self) -> None:
-        self.observer.reconnected(self.scheme)
-        if self.catches_up:
-            return
-        # Whatever was published while the connection was down never reaches this process:
-        # every live subscriber is told, where it happened in its stream.
-        subscribers: set[Subscription] = set()
-        for table in (self.exact, self.patterns):
-            for members in table.values():
-                subscribers |= members
-        for subscriber in subscribers:
-            subscriber.push(Gap("reconnected"))
-
-    def layer_error(self, error: BaseException) -> None:
-        self.observer.layer_error(self.scheme, error)
-
-    def add(
-        self, subscriber: Subscription, channels: Iterable[str], patterns: Iterable[str]
-    ) -> None:
-        for name in channels:
-            self.exact.setdefault(name, set()).add(subscriber)
-        for pattern in patterns:
-            self.patterns.setdefault(pattern, set()).add(subscriber)
-
-    def remove(
-        self, subscriber: Subscription, channels: Iterable[str], patterns: Iterable[str]
-    ) -> None:
-        for table, names in ((self.exact, channels), (self.patterns, patterns)):
-            for name in names:
-                members = table.get(name)
-                if members is not None:
-                    members.discard(subscriber)
-                    if not members:
-                        del table[name]
-
-
-class _GroupPump:
-    """Feeds one group consumer's backlog from the layer: new messages, then timed-out ones."""
-
-    def __init__(
-        self, core: Channel, subscriber: Subscription, channel: str, group: str, consumer: str
-    ) -> None:
-        self.core = core
-        self.subscriber = subscriber
-        self.channel = channel
-        self.group = group
-        self.consumer = consumer
-        self._wakeup = anyio.Event()
-        self._claim_now = False  # released messages are waiting: claim before the timer says so
-        self.finished = anyio.Event()
-        subscriber.when_space(self.wake)
-
-    def wake(self, *, claim: bool = False) -> None:
-        self._claim_now = self._claim_now or claim
-        self._wakeup.set()
-
-    async def run(self, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
-        try:
-            await self._pump(task_status)
-        finally:
-            self.finished.set()
-
-    async def _pump(self, task_status: TaskStatus[anyio.CancelScope]) -> None:
-        with anyio.CancelScope() as scope:
-            task_status.started(scope)
-            core = self.core
-            claim_every = max(0.01, min(core.ack_timeout / 2, 5.0))
-            # The first fill claims: a consumer that joins (or reconnects to this instance after
-            # another one shut down) takes over timed-out and released messages at once.
-            next_claim = time.monotonic()
-            backoff = 0.1
-            while True:
-                self._wakeup = anyio.Event()
-                try:
-                    claim = self._claim_now or time.monotonic() >= next_claim
-                    self._claim_now = False
-                    delivered = await self._fill(claim=claim)
-                    backoff = 0.1
-                except LayerUnavailable as exc:
-                    logger.warning("group %s on %s: %s", self.group, self.channel, exc.detail)
-                    core._router.layer_error(exc)
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + claim_every
-                if delivered:
-                    continue
-                with anyio.move_on_after(max(0.0, next_claim - time.monotonic())):
-                    await self._wakeup.wait()
-
-    async def _fill(self, *, claim: bool) -> int:
-        layer = self.core.layer
-        room = self.subscriber.free_slots
-        if room == 0:
-            return 0
-        events: list[Event] = []
-        if claim:
-            claimed = await layer.group_claim(
-                self.channel, self.group, self.consumer, self.core.ack_timeout, room
-            )
-            for event in claimed:
-                if event.deliveries is not None and event.deliveries > self.core.max_deliveries:
-                    # Publish and ack as one step: cancelled in between (the consumer leaving),
-                    # the message would stay pending and be dead-lettered a second time.
-                    with anyio.CancelScope(shield=True):
-                        await self.core._dead_letter(event, self.group)
-                else:
-                    events.append(event)
-            if events:
-                self.core.observer.redelivered(self.channel, self.group, len(events))
-        if len(events) < room:
-            events += await layer.group_read(
-                self.channel, self.group, self.consumer, room - len(events)
-            )
-        for event in events:
-            event.bind_ack(self._acker(event.id))
-            self.subscriber.push(event)
-        return len(events)
-
-    def _acker(self, id: str) -> Callable[[], Awaitable[bool]]:
-        async def ack() -> bool:
-            return bool(await self.core.layer.group_ack(self.channel, self.group, [id]))
-
-        return ack
-
-
 class Channel:
     """A pub-sub hub over one `ChannelLayer`; open it once for the life of the application."""
 
@@ -502,7 +341,7 @@ class Channel:
         self.ack_timeout = ack_timeout
         self.max_deliveries = max_deliveries
         self.observer = observer or ChannelObserver()
-        self._router = _Router(layer.scheme, self.observer, catches_up=layer.capabilities.history)
+        self._router = Router(layer.scheme, self.observer, catches_up=layer.capabilities.history)
         self._refs: Counter[tuple[bool, str]] = Counter()  # (is_pattern, name) -> subscribers
         self._listen_lock: anyio.Lock | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__
@@ -755,7 +594,17 @@ class Channel:
         consumer = validate_group_name(consumer or uuid.uuid4().hex, what="consumer")
         await self.layer.group_join(channel, group, consumer)
         await self._listen([channel], [])  # live messages on the channel wake the pump
-        pump = _GroupPump(self, subscription, channel, group, consumer)
+        pump = GroupPump(
+            self.layer,
+            subscription,
+            channel,
+            group,
+            consumer,
+            ack_timeout=self.ack_timeout,
+            max_deliveries=self.max_deliveries,
+            observer=self.observer,
+            report_error=self._router.layer_error,
+        )
         self._router.pumps.setdefault(channel, set()).add(pump)
         try:
             scope = await self._running().start(pump.run)
@@ -779,23 +628,6 @@ class Channel:
                     await self.layer.group_leave(channel, group, consumer, forget=generated)
                 except ChannelError as exc:
                     logger.warning("leaving group %s failed: %s", group, exc.detail)
-
-    async def _dead_letter(self, event: Event, group: str) -> None:
-        dead = Message(
-            event.channel + DEAD_LETTER_SUFFIX,
-            orjson.dumps(
-                {
-                    "group": group,
-                    "deliveries": (event.deliveries or 1) - 1,
-                    "message": orjson.Fragment(event.envelope()),
-                }
-            ),
-            event.event,
-            time.time(),
-        )
-        await self.layer.publish([dead])
-        await self.layer.group_ack(event.channel, group, [event.id])
-        self.observer.dead_lettered(event.channel, group)
 
     # -- history, groups, health -----------------------------------------------------------------
 
