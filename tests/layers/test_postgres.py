@@ -21,6 +21,7 @@ from layers import Channel, Event, LayerConfigurationError, LayerUnavailable, ma
 from layers._postgres_sql import like as _like
 from layers.postgres import PostgresLayer
 from tests.fixtures_postgres import drop_tables, execute
+from tests.layers.recording import RecordingSink
 from tests.layers.test_contract import events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.layer_quirk]
@@ -37,35 +38,6 @@ def anyio_backend() -> str:
 @pytest.fixture
 def factory(postgres_layer_factory: Factory) -> Factory:
     return postgres_layer_factory
-
-
-class RecordingSink:
-    """A `Sink` for driving a layer without a `Channel`."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.reconnects = 0
-        self._arrived = anyio.Event()
-
-    def deliver(self, event: Event) -> None:
-        self.events.append(event)
-        self._arrived.set()
-        self._arrived = anyio.Event()
-
-    def wake(self, channel: str, *, released: bool = False) -> None:
-        pass
-
-    def reconnected(self) -> None:
-        self.reconnects += 1
-
-    def layer_error(self, error: BaseException) -> None:
-        pass
-
-    async def wait_for(self, count: int) -> list[Event]:
-        with anyio.fail_after(TIMEOUT):
-            while len(self.events) < count:
-                await self._arrived.wait()
-        return self.events
 
 
 async def listener_pids(url: str, layer: PostgresLayer) -> list[int]:
