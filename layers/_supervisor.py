@@ -53,9 +53,7 @@ class Supervisor:
         self.logger = logger
         self.max_delay = max_delay
         self.reports_reconnects = reports_reconnects
-        self.connected = False
         self.reconnects = 0  # times `ready()` came after an earlier one
-        self.failures = 0  # connections that failed or ended
 
     async def run(
         self, connection: Connection, *, task_status: TaskStatus[None], fail_fast: bool = False
@@ -69,7 +67,6 @@ class Supervisor:
         def ready() -> None:
             nonlocal started, ever_ready, delay
             delay = MIN_DELAY
-            self.connected = True
             if ever_ready:
                 self.reconnects += 1
                 if self.reports_reconnects:
@@ -84,8 +81,6 @@ class Supervisor:
                 await connection(ready)
                 raise RuntimeError("the connection ended without an error")
             except Exception as exc:
-                self.connected = False
-                self.failures += 1
                 if not started and (fail_fast or isinstance(exc, LayerConfigurationError)):
                     raise
                 self.sink.layer_error(exc)
