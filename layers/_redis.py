@@ -8,10 +8,10 @@ Design decisions:
   client library: a publish that fails raises `LayerUnavailable` at once (the gateway answers 503)
   instead of hanging on retries or risking a duplicate; a stale pooled connection is replaced when
   it is checked out, so the first publish after a dropped connection still succeeds.
-- The listener reconnects by itself with exponential backoff (capped at `MAX_BACKOFF`) and lets
-  the layer restore its subscriptions; meanwhile `ping` fails (readiness goes red) and live
-  subscriptions stay open. Only a broker that is unreachable at start-up is fatal, with an error
-  naming the URL (password hidden).
+- The listener reconnects by itself (`layers._supervisor`) and lets the layer restore its
+  subscriptions; meanwhile `ping` fails (readiness goes red) and live subscriptions stay open. A
+  broker unreachable at start-up is the same: the layer starts, and calls raise
+  `LayerUnavailable` naming the URL (secrets masked, `layers.urls.redact`) until it connects.
 - Ids are `<ms>-<seq>` from one clock per key prefix, assigned inside the publishing Lua script:
   `ms` is Redis `TIME` but never less than the last id's, and `seq` goes up while `ms` stands
   still. Ids are therefore strictly increasing across all channels (one id places a resuming
@@ -31,12 +31,12 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -44,14 +44,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._supervisor import Supervisor
 from .base import ChannelLayer, Sink
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Event
+from .urls import redact, split_options
 
 logger = logging.getLogger("layers.redis")
 
-MIN_BACKOFF = 0.05
-MAX_BACKOFF = 2.0
 COMMAND_TIMEOUT = 5.0  # seconds a command (or a wait for a pooled connection) may take
 
 # Defines `clock(seq_key)` -> now_ms, ms, seq; the caller assigns ids `ms-(seq+1)`, ... and stores
@@ -76,32 +76,52 @@ end
 IdTuple = tuple[int, int]
 
 
+MAX_ID_PART = (1 << 64) - 1  # Redis stream ids are two unsigned 64-bit numbers
+
+
 def parse_id(id: str | bytes) -> IdTuple | None:
-    """`<ms>-<seq>` as a comparable tuple, or None if `id` is not one of ours."""
-    text = id.decode() if isinstance(id, bytes) else id
+    """`<ms>-<seq>` as a comparable tuple, or None if `id` is not one Redis could have issued.
+
+    Only canonical decimals within Redis's range count: anything else would make Redis refuse the
+    command it is put in, where it is bad input (or an unknown id), not an unavailable broker.
+    """
+    text = id.decode(errors="replace") if isinstance(id, bytes) else id
     ms, dash, seq = text.partition("-")
-    if not dash or not ms.isdigit() or not seq.isdigit():
+    if not dash or not _canonical(ms) or not _canonical(seq):
         return None
-    return int(ms), int(seq)
+    parsed = int(ms), int(seq)
+    return parsed if max(parsed) <= MAX_ID_PART else None
+
+
+def _canonical(number: str) -> bool:
+    return (
+        0 < len(number) <= 20
+        and number.isascii()
+        and number.isdigit()
+        and (number == "0" or number[0] != "0")
+    )
 
 
 def format_id(id: IdTuple) -> str:
     return f"{id[0]}-{id[1]}"
 
 
+# What redis-py reads from a URL's query (`redis.asyncio.connection.parse_url`).
+DRIVER_OPTIONS = (
+    *sorted(URL_QUERY_ARGUMENT_PARSERS),
+    "username",
+    "password",
+    "client_name",
+    *("ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path"),
+    "ssl_password",
+)
+
+
 def driver_url(url: str) -> str:
     """`redis+streams://h/0?key_prefix=p:` -> `redis://h/0`: what the driver understands."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "key_prefix"]
-    return urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0], query=urlencode(query)))
-
-
-def redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    stripped, _ = split_options(url, ("key_prefix",), driver=DRIVER_OPTIONS)
+    parts = urlsplit(stripped)
+    return urlunsplit(parts._replace(scheme=parts.scheme.split("+", 1)[0]))
 
 
 class KeySpace:
@@ -110,6 +130,7 @@ class KeySpace:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.seq = f"{prefix}#seq"  # the id clock
+        self.control = f"{prefix}#events"  # new streams and releases (Redis Streams)
 
     def key(self, channel: str) -> str:
         return self.prefix + channel
@@ -152,13 +173,14 @@ class RedisLayer(ChannelLayer):
 
     def __init__(self, url: str, *, key_prefix: str = "gw:") -> None:
         # The URL may carry the prefix (`?key_prefix=`): the gateway configures a layer by URL.
-        key_prefix = dict(parse_qsl(urlsplit(url).query)).get("key_prefix", key_prefix)
+        _, options = split_options(url, ("key_prefix",), driver=DRIVER_OPTIONS)
+        key_prefix = options.get("key_prefix", key_prefix)
         if not key_prefix:
             raise InvalidArgument("key_prefix must not be empty: the layer's keys need a namespace")
         self.url = url
         self.keys = KeySpace(key_prefix)
         self.client_name = f"channels-gateway:{uuid.uuid4().hex[:12]}"
-        self.where = redacted(url)
+        self.where = redact(url)
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._sink: Sink | None = None
@@ -218,48 +240,31 @@ class RedisLayer(ChannelLayer):
         self._client = self._open_pool()
         self._scripts = {name: self._client.register_script(lua) for name, lua in self.lua.items()}
         self._sink = sink
-        started = False
-        backoff = MIN_BACKOFF
-
-        def ready() -> None:
-            nonlocal started, backoff
-            backoff = MIN_BACKOFF
-            self._listening = True
-            if started:
-                sink.reconnected()
-            else:
-                started = True
-                task_status.started()
-
+        supervisor = Supervisor(f"Redis listener at {self.where}", sink, logger)
         try:
-            while True:
-                connection = self._listener_connection()
-                try:
-                    with self.unavailable():
-                        await connection.connect()  # type: ignore[no-untyped-call]
-                        await self._serve(connection, ready)
-                except Exception as exc:
-                    self._listening = False
-                    if not started:
-                        raise
-                    # Whatever went wrong, live subscriptions outlast it: reconnect and go on.
-                    sink.layer_error(exc)
-                    logger.warning(
-                        "listener lost, reconnecting in %.2fs: %s",
-                        backoff,
-                        exc.detail if isinstance(exc, LayerUnavailable) else repr(exc),
-                        exc_info=not isinstance(exc, LayerUnavailable),
-                    )
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await connection.disconnect(nowait=True)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+            await supervisor.run(self._listen, task_status=task_status)
         finally:
             self._sink, self._listening = None, False
             with anyio.CancelScope(shield=True):
                 await self.redis.aclose(close_connection_pool=True)
             self._client = None
+
+    async def _listen(self, ready: Callable[[], None]) -> None:
+        """One listener connection's life (see `layers._supervisor`)."""
+
+        def serving() -> None:
+            self._listening = True
+            ready()
+
+        connection = self._listener_connection()
+        try:
+            with self.unavailable():
+                await connection.connect()  # type: ignore[no-untyped-call]
+                await self._serve(connection, serving)
+        finally:
+            self._listening = False
+            with anyio.CancelScope(shield=True):
+                await connection.disconnect(nowait=True)
 
     @abstractmethod
     async def _serve(self, connection: AbstractConnection, ready: Callable[[], None]) -> None:

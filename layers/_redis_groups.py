@@ -15,7 +15,10 @@ Design decisions:
 - Releasing (graceful shutdown) marks the consumer's pending entries as idle for ages, so any
   consumer's next claim takes them, and announces it in the control stream, where every process's
   listener wakes its group consumers of that channel.
-- Consumers stay listed after leaving, with their pending entries, as Redis keeps them.
+- Named consumers stay listed after leaving, with their pending entries, as Redis keeps them.
+  Consumers the core named for one subscription are deleted when they leave; their pending
+  entries go to a holder consumer first (not listed), since deleting a consumer drops its
+  entries from the group.
 """
 
 from __future__ import annotations
@@ -61,6 +64,22 @@ return #pending
 )
 
 
+# KEYS[1] = stream; ARGV = group, consumer, the holder of departed consumers' entries
+# Hands the consumer's pending entries to the holder, with their idle times and delivery counts
+# (JUSTID counts no delivery), then deletes the consumer: DELCONSUMER alone would drop them.
+FORGET_LUA = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])
+for _, entry in ipairs(pending) do
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, entry[1], 'IDLE', entry[3], 'JUSTID')
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return #pending
+"""
+
+# Not a valid consumer name, so never a real consumer's; not listed as a consumer.
+DEPARTED = "#departed"
+
+
 def is_missing_group(exc: BaseException | None) -> bool:
     message = str(exc)
     return isinstance(exc, ResponseError) and ("NOGROUP" in message or "no such key" in message)
@@ -90,8 +109,18 @@ class StreamGroups(RedisLayer):
                     raise
             await self.redis.persist(key)
 
-    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
-        """Nothing to do: the consumer stays listed with its pending entries."""
+    async def group_leave(
+        self, channel: str, group: str, consumer: str, *, forget: bool = False
+    ) -> None:
+        """A named consumer stays listed with its pending entries; a forgotten one is deleted, and
+        its pending entries wait for a claim under `DEPARTED`."""
+        if not forget:
+            return
+        try:
+            await self.script("forget", [self.keys.key(channel)], [group, consumer, DEPARTED])
+        except LayerUnavailable as exc:
+            if not is_missing_group(exc.__cause__):
+                raise
 
     async def group_release(self, channel: str, group: str, consumer: str) -> None:
         keys = [self.keys.seq, self.control, self.keys.key(channel)]
@@ -168,6 +197,7 @@ class StreamGroups(RedisLayer):
             consumers=[
                 ConsumerInfo(c["name"].decode(), int(c["pending"]), int(c["idle"]) / 1000)
                 for c in consumers
+                if c["name"] != DEPARTED.encode()
             ],
             oldest_unacked_id=format_id(oldest) if oldest else None,
             # ids are Redis milliseconds: the age needs no extra lookup
@@ -178,7 +208,5 @@ class StreamGroups(RedisLayer):
 
     def _refused(self, channel: str, group: str, exc: ResponseError) -> Exception:
         if is_missing_group(exc):
-            return UnknownGroup(
-                f"no group {group!r} on channel {channel!r}; subscribe with ?group= to create it"
-            )
+            return UnknownGroup.named(channel, group)
         return LayerUnavailable(f"Redis at {self.where} refused a command: {exc}")

@@ -18,6 +18,7 @@ from anyio.abc import TaskStatus
 
 from .errors import CapabilityNotSupported
 from .event import Event, Message
+from .registry import layers_with
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,12 @@ class Sink(Protocol):
         """
 
     def reconnected(self) -> None:
-        """The layer lost its broker connection and has it back (counted in the metrics)."""
+        """The layer lost its broker connection and has it back (counted in the metrics).
+
+        Call it once live delivery is restored (subscriptions in place). A layer that keeps
+        history delivers what was published meanwhile; for one that does not, the core tells
+        each live subscriber it may have missed messages (`Gap("reconnected")`).
+        """
 
     def layer_error(self, error: BaseException) -> None:
         """The listener hit a broker error it is recovering from (counted in the metrics)."""
@@ -115,7 +121,12 @@ class ChannelLayer(ABC):
 
     @abstractmethod
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
-        """Start receiving live messages of these channels and patterns in this process."""
+        """Start receiving live messages of these channels and patterns in this process.
+
+        Once it returns, every message published afterwards reaches the sink (`deliver`), once,
+        and in id order across everything subscribed (a layer whose ids are ordered per
+        publisher only, like MQTT's, in the order it receives them).
+        """
 
     @abstractmethod
     async def unsubscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
@@ -133,16 +144,34 @@ class ChannelLayer(ABC):
         after: str | None,
         limit: int | None,
     ) -> Replay:
-        """Retained events after `after` (the first `limit`), or the last `limit` without it."""
+        """Retained events after `after` (the first `limit`), or the last `limit` without it.
+
+        The hand-off to live delivery is the core's: it subscribes first, holds live events
+        aside while this runs, then drops the live events whose ids the replay returned, also
+        those arriving up to `layers.core.HANDOFF_SECONDS` later. So a layer returns at once:
+        it need not wait for its listener to pass the replayed events, and an event may be both
+        replayed and delivered live. What it must not do is leave an event out of both: every
+        retained event after `after` that was published before the subscription took effect
+        is in the replay. An `after` this layer did not issue (malformed, out of range, from
+        the future, from before the broker lost its data) is not an error: the replay starts
+        from the oldest retained event with `gap=True, reason="unknown_id"`.
+        """
         raise self._lacks("history")
 
     async def group_join(self, channel: str, group: str, consumer: str) -> None:
         """Create the group (starting at new messages) if needed and register the consumer."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
-    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
-        """The consumer went away; its pending messages stay pending until they time out."""
-        raise self._lacks("consumer groups")
+    async def group_leave(
+        self, channel: str, group: str, consumer: str, *, forget: bool = False
+    ) -> None:
+        """The consumer went away; its pending messages stay pending until they time out.
+
+        `forget=True`: the core named the consumer for this one subscription (none was given), so
+        it never comes back: remove it from the group's consumers. Its pending messages stay
+        pending for the group and are claimed by others after `ack_timeout`, as ever.
+        """
+        raise self._lacks("groups")
 
     async def group_release(  # noqa: B027 - optional on purpose: the default is documented
         self, channel: str, group: str, consumer: str
@@ -157,28 +186,26 @@ class ChannelLayer(ABC):
 
     async def group_read(self, channel: str, group: str, consumer: str, count: int) -> list[Event]:
         """Claim up to `count` messages never delivered to the group, without waiting."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     async def group_claim(
         self, channel: str, group: str, consumer: str, min_idle: float, count: int
     ) -> list[Event]:
         """Take over up to `count` messages unacked for `min_idle` seconds; counts go up by one."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
         """Acknowledge; return the ids that were pending (the rest are unknown)."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     async def group_info(self, channel: str, group: str) -> GroupInfo:
         """Pending count, consumers and oldest unacked message; `UnknownGroup` if absent."""
-        raise self._lacks("consumer groups")
+        raise self._lacks("groups")
 
     def _lacks(self, capability: str) -> CapabilityNotSupported:
-        keepers = {
-            "history": "memory://, redis+streams:// or postgresql://",
-            "consumer groups": "memory://, redis+streams://, postgresql:// or mqtt://",
-        }
+        keepers = [f"{scheme}://" for scheme in layers_with(capability)]
+        choice = ", ".join(keepers[:-1]) + f" or {keepers[-1]}" if len(keepers) > 1 else keepers[0]
+        what = "consumer groups" if capability == "groups" else capability
         return CapabilityNotSupported(
-            f"the {self.scheme}:// layer has no {capability}; "
-            f"configure a layer that keeps it: {keepers[capability]}"
+            f"the {self.scheme}:// layer has no {what}; configure a layer that keeps it: {choice}"
         )

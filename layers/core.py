@@ -2,19 +2,23 @@
 
 Design decisions:
 
-- The layer hands each live message to `_Router.deliver` once per process; the router finds the
-  local subscribers (exact channels, then glob patterns) and appends the same `Event` object to
-  each bounded backlog. Nothing per subscriber is encoded or spawned: an event caches its frame.
+- The layer hands each live message to the router (`layers._router`) once per process; it finds
+  the local subscribers (exact channels, then glob patterns) and appends the same `Event` object
+  to each bounded backlog. Nothing per subscriber is encoded or spawned: an event caches its frame.
 - A backlog never blocks the publisher or other subscribers. When it is full the subscriber's
   policy drops the oldest or the newest event, or ends the subscription; dropped events become a
   `Gap` item in that subscriber's stream, where they were lost.
 - Resume registers the subscriber first and holds live events aside while the layer replays, then
-  releases the held events whose ids the replay did not contain. Nothing is lost in the switch and
-  nothing is delivered twice, and ids never need to be compared, only matched.
-- Consumer groups are pulled: one pump task per group consumer reads new and timed-out messages
-  from the layer, only as many as the consumer's backlog has room for, woken by live messages on
-  the channel or by a timer. Redelivery timing and dead-lettering therefore work the same on every
-  layer that can claim and acknowledge.
+  releases the held events whose ids the replay did not contain. Live delivery may trail the
+  replay (a layer's listener reads a moment after the publish), so replayed ids arriving live
+  later are dropped too, for `HANDOFF_SECONDS`. Nothing is lost in the switch and nothing is
+  delivered twice, ids never need to be compared, only matched, and no layer has to wait for
+  its own listener inside `replay`.
+- A layer without history cannot deliver what was published while its broker connection was
+  down: when it reports `reconnected`, every live subscriber gets a `Gap("reconnected")`. Layers
+  with history catch up by themselves and report no loss.
+- Consumer groups are pulled, by one pump per group consumer (`layers._groups`), so redelivery
+  timing and dead-lettering work the same on every layer that can claim and acknowledge.
 """
 
 from __future__ import annotations
@@ -33,25 +37,24 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-import orjson
 import sniffio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
+from ._groups import GroupPump
+from ._router import Router
 from .base import ChannelLayer, ChannelObserver, GroupInfo, Replay
 from .errors import (
     ChannelClosed,
     ChannelError,
     InvalidArgument,
-    LayerUnavailable,
     PublishQueueFull,
     SubscriberOverflow,
 )
 from .event import DEFAULT_EVENT_TYPE, Event, Gap, Message, encode_data
 from .names import (
-    DEAD_LETTER_SUFFIX,
-    compile_pattern,
     validate_channel,
     validate_event_type,
+    validate_group_name,
     validate_pattern,
 )
 
@@ -104,8 +107,9 @@ class Subscription:
         self._woken = False
         self._overflowed = False
         self._closed = False
-        self._on_space: Any = None  # a group pump's wake-up, when this backlog has room again
-        self._release = False  # on leaving its group, release its unacked messages (shutdown)
+        self._handoff: _Handoff | None = None  # replayed ids that may still arrive live
+        self._on_space: Callable[[], None] | None = None  # a group pump's wake-up (see below)
+        self.releases_group = False  # on leaving its group, release its unacked messages
 
     # -- fed by the core -------------------------------------------------------------------------
 
@@ -114,6 +118,8 @@ class Subscription:
             return
         if self._held is not None and isinstance(item, Event):
             self._held.append(item)
+            return
+        if self._handoff is not None and isinstance(item, Event) and self._replayed(item):
             return
         queue = self._queue
         size = len(item.raw) if isinstance(item, Event) else 0
@@ -146,7 +152,7 @@ class Subscription:
     def _drop_newest(self) -> None:
         self.dropped += 1
         last = self._queue[-1]
-        if isinstance(last, Gap):
+        if isinstance(last, Gap) and last.reason == "dropped":
             self._queue[-1] = Gap("dropped", dropped=last.dropped + 1)
         else:
             self._queue.append(Gap("dropped", dropped=1))
@@ -166,11 +172,64 @@ class Subscription:
             lost += 1
         queue.appendleft(Gap("dropped", dropped=lost))
 
-    def close(self) -> None:
+    def close(self, *, release: bool = False) -> None:
+        """End the stream; `release=True` also releases a group consumer's unacked messages."""
+        self.releases_group = self.releases_group or release
         self._closed = True
         if self._waiter is not None:
             self._waiter.set()
             self._waiter = None
+
+    def when_space(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever the consumer takes its queue (a group pump fills it again)."""
+        self._on_space = callback
+
+    # -- resuming: the replay/live hand-off ------------------------------------------------------
+
+    def notify(self, gap: Gap) -> None:
+        """Put a notice ahead of the live queue (a resume that cannot replay everything)."""
+        self._head.append(gap)
+
+    def hold(self) -> None:
+        """A replay starts: live events wait aside until `resume` or `cancel_hold`."""
+        self._held = []
+
+    def cancel_hold(self) -> None:
+        """The replay failed: what was held goes on as live events."""
+        held, self._held = self._held or [], None
+        for event in held:
+            self.push(event)
+
+    def resume(self, replay: Replay, last_event_id: str | None) -> None:
+        """Put the replayed events first, then the held live events the replay did not hold.
+
+        Live delivery may trail the replay (a layer reads what was published a moment later), so
+        a replayed event can still arrive live afterwards: such events are dropped for
+        `HANDOFF_SECONDS`. Ids are only matched, never compared.
+        """
+        if replay.gap:
+            self._head.append(Gap(replay.reason or "evicted", last_event_id))
+        self._head.extend(replay.events)
+        if replay.events:
+            self._handoff = _Handoff(replay.events, time.monotonic() + HANDOFF_SECONDS)
+        self.cancel_hold()
+        waiter = self._waiter
+        if waiter is not None and (self._head or self._queue):
+            self._waiter = None
+            waiter.set()
+
+    def _replayed(self, event: Event) -> bool:
+        """Whether a live event is one the replay delivered (then it is dropped)."""
+        handoff = self._handoff
+        assert handoff is not None
+        if time.monotonic() > handoff.until:
+            self._handoff = None
+            return False
+        if not handoff.drops(event.id):
+            return False
+        if not handoff.ids:
+            self._handoff = None
+        return True
 
     def wake(self) -> None:
         """Make the waiting (or the next) `next_batch` return, with an empty batch if nothing
@@ -262,150 +321,27 @@ class Subscription:
         await self._core._detach(self, list(channels), list(patterns))
 
 
-class _Router:
-    """The `Sink` of the layer: routes each live event to local subscribers and group pumps."""
-
-    def __init__(self, scheme: str, observer: ChannelObserver) -> None:
-        self.scheme = scheme
-        self.observer = observer
-        self.exact: dict[str, set[Subscription]] = {}
-        self.patterns: dict[str, set[Subscription]] = {}
-        self.pumps: dict[str, set[_GroupPump]] = {}
-
-    def deliver(self, event: Event) -> None:
-        subscribers = self.exact.get(event.channel)
-        if self.patterns:
-            targets = set(subscribers) if subscribers else set()
-            for pattern, matched in self.patterns.items():
-                if compile_pattern(pattern)(event.channel):
-                    targets |= matched
-            subscribers = targets
-        if subscribers:
-            for subscriber in subscribers:
-                subscriber.push(event)
-        self.wake(event.channel)
-
-    def wake(self, channel: str, *, released: bool = False) -> None:
-        pumps = self.pumps.get(channel)
-        if pumps:
-            for pump in pumps:
-                pump.wake(claim=released)
-
-    def reconnected(self) -> None:
-        self.observer.reconnected(self.scheme)
-
-    def layer_error(self, error: BaseException) -> None:
-        self.observer.layer_error(self.scheme, error)
-
-    def add(
-        self, subscriber: Subscription, channels: Iterable[str], patterns: Iterable[str]
-    ) -> None:
-        for name in channels:
-            self.exact.setdefault(name, set()).add(subscriber)
-        for pattern in patterns:
-            self.patterns.setdefault(pattern, set()).add(subscriber)
-
-    def remove(
-        self, subscriber: Subscription, channels: Iterable[str], patterns: Iterable[str]
-    ) -> None:
-        for table, names in ((self.exact, channels), (self.patterns, patterns)):
-            for name in names:
-                members = table.get(name)
-                if members is not None:
-                    members.discard(subscriber)
-                    if not members:
-                        del table[name]
+HANDOFF_SECONDS = 10.0  # how long after a replay its events may still arrive live
 
 
-class _GroupPump:
-    """Feeds one group consumer's backlog from the layer: new messages, then timed-out ones."""
+class _Handoff:
+    """The ids of a replay, in order, that live delivery has not brought yet."""
 
-    def __init__(
-        self, core: Channel, subscriber: Subscription, channel: str, group: str, consumer: str
-    ) -> None:
-        self.core = core
-        self.subscriber = subscriber
-        self.channel = channel
-        self.group = group
-        self.consumer = consumer
-        self._wakeup = anyio.Event()
-        self._claim_now = False  # released messages are waiting: claim before the timer says so
-        self.finished = anyio.Event()
-        subscriber._on_space = self.wake
+    __slots__ = ("ids", "until")
 
-    def wake(self, *, claim: bool = False) -> None:
-        self._claim_now = self._claim_now or claim
-        self._wakeup.set()
+    def __init__(self, events: Sequence[Event], until: float) -> None:
+        self.ids = dict.fromkeys(event.id for event in events)
+        self.until = until
 
-    async def run(self, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
-        try:
-            await self._pump(task_status)
-        finally:
-            self.finished.set()
-
-    async def _pump(self, task_status: TaskStatus[anyio.CancelScope]) -> None:
-        with anyio.CancelScope() as scope:
-            task_status.started(scope)
-            core = self.core
-            claim_every = max(0.01, min(core.ack_timeout / 2, 5.0))
-            # The first fill claims: a consumer that joins (or reconnects to this instance after
-            # another one shut down) takes over timed-out and released messages at once.
-            next_claim = time.monotonic()
-            backoff = 0.1
-            while True:
-                self._wakeup = anyio.Event()
-                try:
-                    claim = self._claim_now or time.monotonic() >= next_claim
-                    self._claim_now = False
-                    delivered = await self._fill(claim=claim)
-                    backoff = 0.1
-                except LayerUnavailable as exc:
-                    logger.warning("group %s on %s: %s", self.group, self.channel, exc.detail)
-                    core._router.layer_error(exc)
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                if time.monotonic() >= next_claim:
-                    next_claim = time.monotonic() + claim_every
-                if delivered:
-                    continue
-                with anyio.move_on_after(max(0.0, next_claim - time.monotonic())):
-                    await self._wakeup.wait()
-
-    async def _fill(self, *, claim: bool) -> int:
-        layer = self.core.layer
-        room = self.subscriber.free_slots
-        if room == 0:
-            return 0
-        events: list[Event] = []
-        if claim:
-            claimed = await layer.group_claim(
-                self.channel, self.group, self.consumer, self.core.ack_timeout, room
-            )
-            for event in claimed:
-                if event.deliveries is not None and event.deliveries > self.core.max_deliveries:
-                    # Publish and ack as one step: cancelled in between (the consumer leaving),
-                    # the message would stay pending and be dead-lettered a second time.
-                    with anyio.CancelScope(shield=True):
-                        await self.core._dead_letter(event, self.group)
-                else:
-                    events.append(event)
-            if events:
-                self.core.observer.redelivered(self.channel, self.group, len(events))
-        if len(events) < room:
-            events += await layer.group_read(
-                self.channel, self.group, self.consumer, room - len(events)
-            )
-        for event in events:
-            event._ack = self._acker(event.id)
-            self.subscriber.push(event)
-        return len(events)
-
-    def _acker(self, id: str) -> Any:
-        async def ack() -> bool:
-            return bool(await self.core.layer.group_ack(self.channel, self.group, [id]))
-
-        return ack
+    def drops(self, id: str) -> bool:
+        if id not in self.ids:
+            return False
+        # Live delivery comes in id order, so replayed events before this one will not follow.
+        for replayed in list(self.ids):
+            del self.ids[replayed]
+            if replayed == id:
+                break
+        return True
 
 
 class Channel:
@@ -432,7 +368,7 @@ class Channel:
         self.ack_timeout = ack_timeout
         self.max_deliveries = max_deliveries
         self.observer = observer or ChannelObserver()
-        self._router = _Router(layer.scheme, self.observer)
+        self._router = Router(layer.scheme, self.observer, catches_up=layer.capabilities.history)
         self._refs: Counter[tuple[bool, str]] = Counter()  # (is_pattern, name) -> subscribers
         self._listen_lock: anyio.Lock | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__
@@ -513,8 +449,7 @@ class Channel:
         once instead of after `ack_timeout`.
         """
         for subscription in list(self._subscriptions):
-            subscription._release = subscription._release or release
-            subscription.close()
+            subscription.close(release=release)
 
     def _running(self) -> TaskGroup:
         if self._task_group is None:
@@ -695,13 +630,13 @@ class Channel:
             if last_event_id is None:
                 raise self.layer._lacks("history")
             # A browser keeps reconnecting with its id: it still gets a live stream.
-            subscription._head.append(Gap("no_history", last_event_id))
+            subscription.notify(Gap("no_history", last_event_id))
             replaying = False
         await self._listen(channels, patterns)
         subscription.channels.update(channels)
         subscription.patterns.update(patterns)
         if replaying:
-            subscription._held = []
+            subscription.hold()
         self._router.add(subscription, channels, patterns)
         if not replaying:
             return
@@ -713,25 +648,9 @@ class Channel:
                 limit=None if last_event_id is not None else history,
             )
         except BaseException:
-            subscription._held = None
+            subscription.cancel_hold()
             raise
-        self._release_held(subscription, replay, last_event_id)
-
-    def _release_held(
-        self, subscription: Subscription, replay: Replay, last_event_id: str | None
-    ) -> None:
-        if replay.gap:
-            subscription._head.append(Gap(replay.reason or "evicted", last_event_id))
-        subscription._head.extend(replay.events)
-        replayed = {event.id for event in replay.events}
-        held, subscription._held = subscription._held or [], None
-        for event in held:
-            if event.id not in replayed:
-                subscription.push(event)
-        waiter = subscription._waiter
-        if waiter is not None and (subscription._head or subscription._queue):
-            subscription._waiter = None
-            waiter.set()
+        subscription.resume(replay, last_event_id)
 
     async def _detach(
         self, subscription: Subscription, channels: list[str], patterns: list[str]
@@ -791,10 +710,21 @@ class Channel:
             )
         channel = validate_channel(channels[0])
         validate_group_name(group)
+        generated = consumer is None  # named for this subscription alone: forgotten on leaving
         consumer = validate_group_name(consumer or uuid.uuid4().hex, what="consumer")
         await self.layer.group_join(channel, group, consumer)
         await self._listen([channel], [])  # live messages on the channel wake the pump
-        pump = _GroupPump(self, subscription, channel, group, consumer)
+        pump = GroupPump(
+            self.layer,
+            subscription,
+            channel,
+            group,
+            consumer,
+            ack_timeout=self.ack_timeout,
+            max_deliveries=self.max_deliveries,
+            observer=self.observer,
+            report_error=self._router.layer_error,
+        )
         self._router.pumps.setdefault(channel, set()).add(pump)
         try:
             scope = await self._running().start(pump.run)
@@ -813,28 +743,11 @@ class Channel:
             with anyio.CancelScope(shield=True):
                 await self._unlisten([channel], [])
                 try:
-                    if subscription._release:
+                    if subscription.releases_group:
                         await self.layer.group_release(channel, group, consumer)
-                    await self.layer.group_leave(channel, group, consumer)
+                    await self.layer.group_leave(channel, group, consumer, forget=generated)
                 except ChannelError as exc:
                     logger.warning("leaving group %s failed: %s", group, exc.detail)
-
-    async def _dead_letter(self, event: Event, group: str) -> None:
-        dead = Message(
-            event.channel + DEAD_LETTER_SUFFIX,
-            orjson.dumps(
-                {
-                    "group": group,
-                    "deliveries": (event.deliveries or 1) - 1,
-                    "message": orjson.Fragment(event.envelope()),
-                }
-            ),
-            event.event,
-            time.time(),
-        )
-        await self.layer.publish([dead])
-        await self.layer.group_ack(event.channel, group, [event.id])
-        self.observer.dead_lettered(event.channel, group)
 
     # -- history, groups, health -----------------------------------------------------------------
 
@@ -865,18 +778,6 @@ class Channel:
 
     async def ping(self) -> None:
         await self.layer.ping()
-
-
-def validate_group_name(name: str, *, what: str = "group") -> str:
-    if (
-        not isinstance(name, str)
-        or not (1 <= len(name) <= 100)
-        or not all(c.isascii() and (c.isalnum() or c in "_-:@.") for c in name)
-    ):
-        raise InvalidArgument(
-            f"invalid {what} name {name!r}: use 1-100 letters, digits and '_ - : @ .'"
-        )
-    return name
 
 
 __all__ = ["BacklogPolicy", "Channel", "Item", "Subscription", "make_message"]

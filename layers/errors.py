@@ -36,6 +36,14 @@ class UnknownGroup(ChannelError):
 
     code = "unknown_group"
 
+    @classmethod
+    def named(cls, channel: str, group: str, *, scope: str = "") -> UnknownGroup:
+        """The one phrasing; `scope` says where the layer looked (" in this process")."""
+        return cls(
+            f"no consumer group {group!r} on channel {channel!r}{scope}; "
+            "subscribing to the channel with that group creates it"
+        )
+
 
 class LayerUnavailable(ChannelError):
     """The broker cannot be reached right now; retrying later may succeed."""

@@ -137,6 +137,10 @@ class Event:
             )
         return self._frame
 
+    def bind_ack(self, ack: Callable[[], Awaitable[bool]]) -> None:
+        """What `ack` does: acknowledge this delivery to its group (set by the core)."""
+        self._ack = ack
+
     async def ack(self) -> bool:
         """Acknowledge a group delivery; True if the group still had it pending."""
         if self._ack is None:
@@ -154,6 +158,7 @@ class GapReason(StrEnum):
     EVICTED = "evicted"  # older than what the layer retains
     UNKNOWN_ID = "unknown_id"  # the id to resume after is not one the layer knows
     NO_HISTORY = "no_history"  # the layer keeps no history to replay
+    RECONNECTED = "reconnected"  # a layer without history lost its broker connection meanwhile
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .base import ChannelLayer
 from .errors import LayerConfigurationError
+from .registry import LAYERS
+from .urls import redact
+
+if TYPE_CHECKING:
+    from .base import ChannelLayer
 
 HISTORY_OPTIONS = ("history_size", "history_ttl")
-
-# scheme -> (module, class, pip extra that installs the driver)
-LAYERS: dict[str, tuple[str, str, str | None]] = {
-    "memory": ("layers.memory", "InMemoryChannelLayer", None),
-    "redis": ("layers.redis_pubsub", "RedisPubSubLayer", "redis"),
-    "rediss": ("layers.redis_pubsub", "RedisPubSubLayer", "redis"),
-    "redis+streams": ("layers.redis_streams", "RedisStreamsLayer", "redis"),
-    "rediss+streams": ("layers.redis_streams", "RedisStreamsLayer", "redis"),
-    "postgresql": ("layers.postgres", "PostgresLayer", "postgres"),
-    "postgres": ("layers.postgres", "PostgresLayer", "postgres"),
-    "mqtt": ("layers.mqtt", "MQTTLayer", "mqtt"),
-    "mqtts": ("layers.mqtt", "MQTTLayer", "mqtt"),
-}
 
 
 def create_layer(url: str = "memory://", **options: Any) -> ChannelLayer:
@@ -32,11 +23,11 @@ def create_layer(url: str = "memory://", **options: Any) -> ChannelLayer:
     """
     scheme = urlsplit(url).scheme.lower()
     try:
-        module_name, class_name, extra = LAYERS[scheme]
+        module_name, class_name, extra, _ = LAYERS[scheme]
     except KeyError:
         known = ", ".join(f"{s}://" for s in LAYERS)
         raise LayerConfigurationError(
-            f"unknown layer URL scheme {scheme!r} in {url!r}; use one of {known}"
+            f"unknown layer URL scheme {scheme!r} in {redact(url)!r}; use one of {known}"
         ) from None
     try:
         module = importlib.import_module(module_name)

@@ -12,30 +12,22 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 
 import anyio
 from anyio.abc import TaskStatus
 
-from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Replay, Sink
+from ._ids import epoch
+from ._pending import PendingEntry, PendingTable
+from .base import Capabilities, ChannelLayer, GroupInfo, Replay, Sink
 from .errors import UnknownGroup
 from .event import Event, Message
 from .names import compile_pattern
 
 
-@dataclass
-class _Pending:
-    event: Event
-    consumer: str
-    delivered_at: float
-    deliveries: int
-
-
-@dataclass
-class _Group:
-    cursor: int  # sequence of the last message handed to the group
-    pending: dict[str, _Pending]
-    consumers: dict[str, float]  # consumer -> last seen (monotonic)
+class _Group(PendingTable[PendingEntry]):
+    def __init__(self, channel: str, group: str, cursor: int) -> None:
+        super().__init__(channel, group)
+        self.cursor = cursor  # sequence of the last message handed to the group
 
 
 class InMemoryChannelLayer(ChannelLayer):
@@ -45,8 +37,9 @@ class InMemoryChannelLayer(ChannelLayer):
     def __init__(self, history_size: int = 1000, history_ttl: float | None = None) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
-        self._epoch = _base36(time.time_ns() // 1000)
+        self._epoch = epoch()
         self._sequence = itertools.count(1)
+        self._issued = 0  # the last sequence number handed out
         self._logs: dict[str, deque[tuple[int, Event]]] = {}
         self._evicted: dict[str, int] = {}  # channel -> highest evicted sequence
         self._groups: dict[tuple[str, str], _Group] = {}
@@ -67,7 +60,7 @@ class InMemoryChannelLayer(ChannelLayer):
         sink = self._sink
         ids = []
         for message in messages:
-            sequence = next(self._sequence)
+            sequence = self._issued = next(self._sequence)
             event = Event.from_message(message, f"{self._epoch}-{sequence}")
             log = self._logs.get(message.channel)
             if log is None:
@@ -102,9 +95,12 @@ class InMemoryChannelLayer(ChannelLayer):
     # -- history ---------------------------------------------------------------------------------
 
     def _parse(self, id: str) -> int | None:
+        """The sequence of an id this instance issued; None for any other (an unknown id)."""
         epoch, _, sequence = id.partition("-")
-        if epoch != self._epoch or not sequence.isdigit():
+        if epoch != self._epoch or not (sequence.isascii() and sequence.isdigit()):
             return None
+        if len(sequence) > len(str(self._issued)) or int(sequence) > self._issued:
+            return None  # from the future: not issued here
         return int(sequence)
 
     def _matching(self, channels: Collection[str], patterns: Collection[str]) -> list[str]:
@@ -146,93 +142,49 @@ class InMemoryChannelLayer(ChannelLayer):
         try:
             return self._groups[channel, group]
         except KeyError:
-            raise UnknownGroup(
-                f"no group {group!r} on channel {channel!r}; subscribe with ?group= to create it"
-            ) from None
+            raise UnknownGroup.named(channel, group) from None
 
     async def group_join(self, channel: str, group: str, consumer: str) -> None:
         state = self._groups.get((channel, group))
         if state is None:
             log = self._logs.setdefault(channel, deque())
             last = log[-1][0] if log else 0
-            state = self._groups[channel, group] = _Group(last, {}, {})
-        state.consumers[consumer] = time.monotonic()
+            state = self._groups[channel, group] = _Group(channel, group, last)
+        state.seen(consumer)
 
-    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
+    async def group_leave(
+        self, channel: str, group: str, consumer: str, *, forget: bool = False
+    ) -> None:
         state = self._groups.get((channel, group))
         if state is not None:
-            state.consumers[consumer] = time.monotonic()
+            state.leave(consumer, forget=forget)
 
     async def group_release(self, channel: str, group: str, consumer: str) -> None:
         state = self._groups.get((channel, group))
         if state is None:
             return
-        for entry in state.pending.values():
-            if entry.consumer == consumer:
-                entry.delivered_at = float("-inf")  # idle long enough for any claim
+        state.release(consumer)
         if self._sink is not None:
             self._sink.wake(channel, released=True)
 
     async def group_read(self, channel: str, group: str, consumer: str, count: int) -> list[Event]:
         state = self._group(channel, group)
-        state.consumers[consumer] = now = time.monotonic()
-        fresh: list[Event] = []
+        fresh: list[PendingEntry] = []
         for sequence, event in self._logs.get(channel, ()):
             if len(fresh) >= count:
                 break
             if sequence > state.cursor:
                 state.cursor = sequence
-                delivery = event.redelivered(group, 1)
-                state.pending[event.id] = _Pending(delivery, consumer, now, 1)
-                fresh.append(delivery)
-        return fresh
+                fresh.append(PendingEntry(event))
+        return state.hand_out(fresh, consumer)
 
     async def group_claim(
         self, channel: str, group: str, consumer: str, min_idle: float, count: int
     ) -> list[Event]:
-        state = self._group(channel, group)
-        state.consumers[consumer] = now = time.monotonic()
-        claimed: list[Event] = []
-        for entry in state.pending.values():
-            if len(claimed) >= count:
-                break
-            if now - entry.delivered_at >= min_idle:
-                entry.consumer, entry.delivered_at = consumer, now
-                entry.deliveries += 1
-                entry.event = entry.event.redelivered(group, entry.deliveries)
-                claimed.append(entry.event)
-        return claimed
+        return self._group(channel, group).claim(consumer, min_idle, count)
 
     async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
-        pending = self._group(channel, group).pending
-        return [id for id in ids if pending.pop(id, None) is not None]
+        return [entry.event.id for entry in self._group(channel, group).ack(ids)]
 
     async def group_info(self, channel: str, group: str) -> GroupInfo:
-        state = self._group(channel, group)
-        now = time.monotonic()
-        per_consumer = {name: 0 for name in state.consumers}
-        for entry in state.pending.values():
-            per_consumer[entry.consumer] = per_consumer.get(entry.consumer, 0) + 1
-        oldest = next(iter(state.pending.values()), None)
-        return GroupInfo(
-            channel=channel,
-            group=group,
-            pending=len(state.pending),
-            consumers=[
-                ConsumerInfo(name, count, round(now - state.consumers.get(name, now), 3))
-                for name, count in per_consumer.items()
-            ],
-            oldest_unacked_id=oldest.event.id if oldest else None,
-            oldest_unacked_age_seconds=(
-                round(time.time() - oldest.event.published_at, 3) if oldest else None
-            ),
-        )
-
-
-def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while number:
-        number, rest = divmod(number, 36)
-        out = digits[rest] + out
-    return out or "0"
+        return self._group(channel, group).info()

@@ -16,8 +16,9 @@ Design decisions:
   an overlapping pattern filter); the listener drops an id it has just delivered.
 - Publishing waits for the broker's PUBACK, bounded by `timeout`. The listener connection (clean
   session) also publishes; while it is down, publishing fails at once with `LayerUnavailable`.
-  It reconnects with backoff up to `max_reconnect_delay` and resubscribes everything; messages
-  published while it was away are not seen by this process, since nothing keeps history.
+  It reconnects (`layers._supervisor`, backoff up to `max_reconnect_delay`), also when the broker
+  is down at start-up, and resubscribes everything; messages published while it was away are not
+  seen by this process, since nothing keeps history (the core signals a gap).
 - Consumer groups. Each (channel, group) a process joins gets its own connection: a persistent
   session (clean start off, `session_expiry` seconds) subscribed at QoS 1 to
   `$share/<group>/<topic>`, so several gateway processes share one group's messages. It stays
@@ -56,20 +57,15 @@ Limits, with Mosquitto 2.0 as the reference broker:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import logging
-import os
 import secrets
 import socket
 import ssl
-import tempfile
-import time
-from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import anyio
@@ -77,133 +73,34 @@ import sniffio
 from anyio.abc import TaskGroup, TaskStatus
 from paho.mqtt.client import Client as PahoClient
 from paho.mqtt.client import MQTTMessage
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .base import Capabilities, ChannelLayer, ConsumerInfo, GroupInfo, Sink
-from .errors import InvalidArgument, LayerConfigurationError, LayerUnavailable, UnknownGroup
-from .event import Event, Message
-from .names import compile_pattern, is_pattern
+from ._ids import epoch
+from ._mqtt import (
+    RecentIds,
+    channel_of,
+    decode_payload,
+    encode_payload,
+    filter_for,
+    instance_slot,
+    topic_for,
+)
+from ._mqtt_groups import GroupSession, MQTTGroups
+from .base import Capabilities, Sink
+from .errors import LayerConfigurationError
+from .event import Message
+from .names import compile_pattern
+from .urls import redact, split_options
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["MQTTLayer", "channel_of", "decode_payload", "encode_payload", "filter_for", "topic_for"]
+
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 URL_OPTIONS = ("instance", "topic_prefix", "client_id_prefix", "session_expiry")
-_RESERVED = frozenset("+#/$\0")
 _PING_FILTER = ".ping"  # no channel maps to a level holding a dot
-_RECEIVE_MAXIMUM = 1000  # group messages a session may hold unacked; the broker may allow fewer
-_MAX_CLIENT_ID = 128  # brokers may refuse longer ids; longer ones are shortened with a hash
-_KEEPALIVE = 30
 
 
-# -- topics and payloads --------------------------------------------------------------------------
-
-
-def topic_for(prefix: str, channel: str) -> str:
-    """The MQTT topic of a channel: dots become topic levels."""
-    if _RESERVED.intersection(channel):
-        raise InvalidArgument(
-            f"channel {channel!r} cannot be an MQTT topic: '+', '#', '/', '$' and NUL are "
-            "reserved by MQTT; use letters, digits and '_ - : @ .'"
-        )
-    return prefix + channel.replace(".", "/")
-
-
-def filter_for(prefix: str, pattern: str) -> str:
-    """The narrowest MQTT filter that matches every channel the glob `pattern` matches."""
-    if not is_pattern(pattern):
-        return topic_for(prefix, pattern)
-    fixed = list(itertools.takewhile(lambda segment: not is_pattern(segment), pattern.split(".")))
-    return (topic_for(prefix, ".".join(fixed)) + "/#") if fixed else prefix + "#"
-
-
-def channel_of(prefix: str, topic: str) -> str | None:
-    """Inverse of `topic_for`; None for a topic outside the prefix."""
-    if not topic.startswith(prefix):
-        return None
-    return topic[len(prefix) :].replace("/", ".")
-
-
-def encode_payload(id: str, message: Message) -> bytes:
-    return id.encode() + b"\n" + message.to_wire()
-
-
-def decode_payload(payload: bytes | bytearray) -> Event | None:
-    """The event in a payload `encode_payload` made; None for anything else on the topic."""
-    id, newline, blob = payload.partition(b"\n")
-    if not newline:
-        return None
-    try:
-        return Event.from_wire(id.decode(), bytes(blob))
-    except (ValueError, KeyError, TypeError):  # JSON and UTF-8 errors are ValueErrors
-        return None
-
-
-class _RecentIds:
-    """The last `size` ids seen."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def __contains__(self, id: object) -> bool:
-        return id in self._ids
-
-    def add(self, id: str) -> None:
-        self._ids[id] = None
-        self._ids.move_to_end(id)
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-
-
-@contextlib.contextmanager
-def _instance_slot(scope: str) -> Iterator[int]:
-    """Hold the lowest slot number that no other process on this host holds for `scope`."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: one process per host, or set `instance`
-        yield 0
-        return
-    key = hashlib.sha256(scope.encode()).hexdigest()[:16]
-    for slot in itertools.count():
-        path = os.path.join(tempfile.gettempdir(), f"channels-gateway-mqtt-{key}-{slot}.lock")
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-        except PermissionError:  # another user's lock file
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            yield slot
-        finally:
-            os.close(fd)  # releases the lock; the file stays for the next process
-        return
-
-
-def _is_failure(code: int | ReasonCode) -> bool:
-    return code.is_failure if isinstance(code, ReasonCode) else code >= 0x80
-
-
-async def _until_disconnected(client: aiomqtt.Client) -> None:
-    """Wait until the connection ends, then raise `MqttError`.
-
-    Messages are taken in paho's callback (see `MQTTLayer._new_client`), so aiomqtt's queue stays
-    empty and its iterator only reports the disconnect.
-    """
-    async for _ in client.messages:
-        pass
-    raise aiomqtt.MqttError("the message stream ended")
-
-
-# -- the layer ------------------------------------------------------------------------------------
-
-
-class MQTTLayer(ChannelLayer):
+class MQTTLayer(MQTTGroups):
     """Channels as MQTT topics on one broker; see the module docstring for the design."""
 
     scheme = "mqtt"
@@ -228,19 +125,14 @@ class MQTTLayer(ChannelLayer):
         """
         parts = urlsplit(url)
         if parts.scheme not in DEFAULT_PORTS:
-            raise LayerConfigurationError(f"not an MQTT URL: {url!r}; use mqtt://host:1883")
-        query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        unknown = set(query) - set(URL_OPTIONS)
-        if unknown:
-            raise LayerConfigurationError(
-                f"unknown MQTT URL options {sorted(unknown)}; use {', '.join(URL_OPTIONS)}"
-            )
+            raise LayerConfigurationError(f"not an MQTT URL: {redact(url)!r}; use mqtt://host:1883")
+        _, query = split_options(url, URL_OPTIONS)  # MQTT's driver takes no URL options
         try:
             self._port = parts.port or DEFAULT_PORTS[parts.scheme]
             if session_expiry is None:
                 session_expiry = int(query.get("session_expiry", 86400))
         except ValueError as exc:
-            raise LayerConfigurationError(f"invalid MQTT URL {url!r}: {exc}") from None
+            raise LayerConfigurationError(f"invalid MQTT URL {redact(url)!r}: {exc}") from None
         self._host = parts.hostname or "127.0.0.1"
         self._username = unquote(parts.username) if parts.username else None
         self._password = unquote(parts.password) if parts.password else None
@@ -267,140 +159,21 @@ class MQTTLayer(ChannelLayer):
         self.timeout = timeout
         self.max_reconnect_delay = max_reconnect_delay
 
-        self._epoch = f"{_base36(time.time_ns() // 1000)}{secrets.token_hex(2)}"
+        self._epoch = f"{epoch()}{secrets.token_hex(2)}"
         self._sequence = itertools.count(1)
         self._sink: Sink | None = None
         self._tasks: TaskGroup | None = None
         self.instance_name = ""  # what this process runs as, once running
         # The listener connection while it is up, and what it is (or should be) subscribed to.
         self._client: aiomqtt.Client | None = None
-        self._listener_connections = 0
         self._up = anyio.Event()  # set (and replaced) whenever a connection is up again
         self._lock = anyio.Lock()  # subscription changes and resubscribing take turns
         self._filters: Counter[str] = Counter()
         self._channels: set[str] = set()
         self._patterns: set[str] = set()
-        self._recent = _RecentIds(4096)
-        self._groups: dict[tuple[str, str], _GroupSession] = {}
+        self._recent = RecentIds(4096)
+        self._groups: dict[tuple[str, str], GroupSession] = {}
         self._groups_lock = anyio.Lock()
-
-    # -- connections ------------------------------------------------------------------------------
-
-    def _unavailable(self, what: str, exc: BaseException | None = None) -> LayerUnavailable:
-        reason = f": {exc}" if exc is not None and str(exc) else ""
-        return LayerUnavailable(
-            f"MQTT broker at {self.address} {what}{reason}; check that it is running and reachable"
-        )
-
-    def _new_client(
-        self,
-        identifier: str,
-        on_message: Callable[[PahoClient, Any, MQTTMessage], None],
-        *,
-        persistent: bool,
-    ) -> aiomqtt.Client:
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        if persistent:
-            properties.SessionExpiryInterval = self.session_expiry
-            properties.ReceiveMaximum = _RECEIVE_MAXIMUM
-        client = aiomqtt.Client(
-            self._host,
-            self._port,
-            username=self._username,
-            password=self._password,
-            identifier=identifier,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=not persistent,
-            properties=properties,
-            timeout=self.timeout,
-            keepalive=_KEEPALIVE,
-            tls_context=self._tls_context,
-        )
-        client.pending_calls_threshold = 1 << 30  # many publishes in flight is what a batch is
-        # Messages are handled in paho's callback, on the event loop, as each packet is read:
-        # aiomqtt's Message drops the DUP flag, and a group's receipt order and acks are kept in
-        # step with the packets without a queue in between. aiomqtt has no manual-ack option.
-        client._client.on_message = on_message
-        client._client.manual_ack_set(persistent)
-        return client
-
-    @contextlib.asynccontextmanager
-    async def _connection(self, client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
-        """Connect `client`; always disconnect it, even when cancelled."""
-        try:
-            await client.__aenter__()
-        except BaseException as exc:
-            # No CONNACK (timed out, cancelled): aiomqtt leaves the socket open; this closes it.
-            client._client.disconnect()
-            if isinstance(exc, aiomqtt.MqttCodeError):  # a CONNACK with an error code
-                raise self._unavailable("refused the connection", exc) from None
-            if isinstance(exc, aiomqtt.MqttError):
-                raise self._unavailable("is unreachable", exc) from None
-            raise
-        try:
-            yield client
-        finally:
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(self.timeout),
-                contextlib.suppress(aiomqtt.MqttError),
-            ):
-                await client.__aexit__(None, None, None)
-
-    async def _stay_connected(
-        self,
-        what: str,
-        connection: Callable[[Callable[[], None]], Awaitable[None]],
-        task_status: TaskStatus[None],
-    ) -> None:
-        """Run `connection` (one connection's life) again after every disconnect, with backoff.
-
-        `connection` calls `ready()` once it is connected and subscribed. A first connection that
-        fails raises `LayerUnavailable`; later ones are retried until cancelled.
-        """
-        delay = 0.0
-        started = False
-
-        def ready() -> None:
-            nonlocal delay, started
-            delay = 0.0
-            if not started:
-                started = True
-                task_status.started()
-            up, self._up = self._up, anyio.Event()
-            up.set()  # wakes `wait_connected`
-
-        while True:
-            try:
-                await connection(ready)
-            except (aiomqtt.MqttError, LayerUnavailable) as exc:
-                if not started:
-                    if isinstance(exc, LayerUnavailable):
-                        raise
-                    raise self._unavailable("did not accept the connection", exc) from None
-                logger.warning("%s: lost the MQTT broker at %s (%s)", what, self.address, exc)
-                if self._sink is not None:
-                    self._sink.layer_error(exc)
-            delay = min(max(delay * 2, 0.1), self.max_reconnect_delay)
-            await anyio.sleep(delay)
-
-    async def _subscribe_filters(self, client: aiomqtt.Client, filters: Sequence[str]) -> None:
-        try:
-            codes: Sequence[int | ReasonCode] = await client.subscribe(
-                [(name, SubscribeOptions(qos=1)) for name in filters], timeout=self.timeout
-            )
-        except aiomqtt.MqttError as exc:
-            raise self._unavailable("did not confirm a subscription", exc) from None
-        refused = [
-            f"{name} ({code})"
-            for name, code in zip(filters, codes, strict=True)
-            if _is_failure(code)
-        ]
-        if refused:
-            raise LayerUnavailable(
-                f"MQTT broker at {self.address} refused subscribing to {', '.join(refused)}; "
-                "check its access control"
-            )
 
     # -- the listener -----------------------------------------------------------------------------
 
@@ -411,22 +184,24 @@ class MQTTLayer(ChannelLayer):
             )
         self._sink = sink
         scope = f"{self.address}|{self.client_id_prefix}|{socket.gethostname()}"
-        with contextlib.nullcontext(-1) if self.instance else _instance_slot(scope) as slot:
+        with contextlib.nullcontext(-1) if self.instance else instance_slot(scope) as slot:
             self.instance_name = self.instance or f"{socket.gethostname()}-{slot}"
-            unreachable: LayerUnavailable | None = None
+            fatal: LayerConfigurationError | None = None
             try:
                 async with anyio.create_task_group() as tasks:  # group sessions run in here
                     self._tasks = tasks
                     try:
-                        await self._stay_connected("listener", self._listen, task_status)
-                    except LayerUnavailable as exc:  # the first connection failed
-                        unreachable = exc  # raised outside, not wrapped in an ExceptionGroup
+                        await self._supervisor("listener").run(
+                            self._listen, task_status=task_status
+                        )
+                    except LayerConfigurationError as exc:
+                        fatal = exc  # raised outside, not wrapped in an ExceptionGroup
             finally:
                 self._tasks = None
                 self._groups.clear()
                 self._sink = None
-            if unreachable is not None:
-                raise unreachable
+            if fatal is not None:
+                raise fatal
 
     async def _listen(self, ready: Callable[[], None]) -> None:
         identifier = f"{self.client_id_prefix}{self.instance_name}|live|{secrets.token_hex(4)}"
@@ -437,11 +212,8 @@ class MQTTLayer(ChannelLayer):
                     if self._filters:
                         await self._subscribe_filters(client, list(self._filters))
                     self._client = client
-                ready()
-                self._listener_connections += 1
-                if self._listener_connections > 1 and self._sink is not None:
-                    self._sink.reconnected()
-                await _until_disconnected(client)
+                self._connected(ready)
+                await self._until_disconnected(client)
             finally:
                 self._client = None
 
@@ -553,209 +325,6 @@ class MQTTLayer(ChannelLayer):
         except aiomqtt.MqttError as exc:
             raise self._unavailable("did not answer", exc) from None
 
-    # -- consumer groups --------------------------------------------------------------------------
-
-    def _group_client_id(self, channel: str, group: str) -> str:
-        identifier = f"{self.client_id_prefix}{self.instance_name}|{group}|{channel}"
-        if len(identifier.encode()) > _MAX_CLIENT_ID:
-            digest = hashlib.sha256(f"{group}|{channel}".encode()).hexdigest()[:32]
-            identifier = f"{self.client_id_prefix}{self.instance_name}|{digest}"
-        return identifier
-
-    def _group(self, channel: str, group: str) -> _GroupSession:
-        try:
-            return self._groups[channel, group]
-        except KeyError:
-            raise UnknownGroup(
-                f"no group {group!r} on channel {channel!r} in this gateway process (MQTT groups "
-                "are tracked per process); subscribe with ?group= to create it"
-            ) from None
-
-    async def group_join(self, channel: str, group: str, consumer: str) -> None:
-        async with self._groups_lock:
-            session = self._groups.get((channel, group))
-            if session is None:
-                if self._tasks is None:
-                    raise self._unavailable("is not connected (the layer is not running)")
-                session = _GroupSession(self, channel, group)
-                await self._tasks.start(session.run)  # returns after the SUBACK
-                self._groups[channel, group] = session
-        session.consumers[consumer] = time.monotonic()
-
-    async def group_leave(self, channel: str, group: str, consumer: str) -> None:
-        session = self._groups.get((channel, group))
-        if session is not None:
-            session.consumers[consumer] = time.monotonic()
-
-    async def group_release(self, channel: str, group: str, consumer: str) -> None:
-        """Let this process's other consumers claim the consumer's unacked messages now.
-
-        Other processes cannot take them: the broker sent them to this instance's session.
-        """
-        session = self._groups.get((channel, group))
-        if session is not None:
-            session.release(consumer)
-            if self._sink is not None:
-                self._sink.wake(channel, released=True)
-
-    async def group_read(self, channel: str, group: str, consumer: str, count: int) -> list[Event]:
-        return self._group(channel, group).read(consumer, count)
-
-    async def group_claim(
-        self, channel: str, group: str, consumer: str, min_idle: float, count: int
-    ) -> list[Event]:
-        return self._group(channel, group).claim(consumer, min_idle, count)
-
-    async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
-        return self._group(channel, group).ack(ids)
-
-    async def group_info(self, channel: str, group: str) -> GroupInfo:
-        return self._group(channel, group).info()
-
-
-@dataclass
-class _Entry:
-    event: Event
-    mid: int | None  # packet id on the current connection; None once that connection is gone
-    deliveries: int  # hand-outs so far (one when the broker flagged it as resent)
-    consumer: str | None = None
-    handed_out_at: float = 0.0  # monotonic
-
-
-class _GroupSession:
-    """One consumer group on one channel in this process: a persistent session and its messages."""
-
-    def __init__(self, layer: MQTTLayer, channel: str, group: str) -> None:
-        self.layer = layer
-        self.channel = channel
-        self.group = group
-        self.client_id = layer._group_client_id(channel, group)
-        self.filter = f"$share/{group}/{topic_for(layer.topic_prefix, channel)}"
-        self.consumers: dict[str, float] = {}  # consumer -> last seen (monotonic)
-        self.fresh: OrderedDict[str, _Entry] = OrderedDict()  # received, not handed out yet
-        self.pending: OrderedDict[str, _Entry] = OrderedDict()  # handed out, not acked
-        # Packet ids of this connection in the order their PUBLISHes arrived -> acked yet.
-        self.receipts: OrderedDict[int, bool] = OrderedDict()
-        # Acked ids whose PUBACK may not have reached the broker: PUBACKed again if resent.
-        self.acked = _RecentIds(2 * _RECEIVE_MAXIMUM)
-        self._paho: PahoClient | None = None
-        self.connected = False
-
-    async def run(self, *, task_status: TaskStatus[None]) -> None:
-        what = f"group {self.group} on {self.channel}"
-        await self.layer._stay_connected(what, self._connect, task_status)
-
-    async def _connect(self, ready: Callable[[], None]) -> None:
-        client = self.layer._new_client(self.client_id, self._on_message, persistent=True)
-        self._paho = client._client  # the broker resends right after CONNACK
-        try:
-            async with self.layer._connection(client):
-                await self.layer._subscribe_filters(client, [self.filter])
-                self.connected = True
-                ready()
-                await _until_disconnected(client)
-        finally:
-            # Packet ids die with the connection; the broker resends what it has not had a
-            # PUBACK for, and `_on_message` matches those to the entries by id.
-            self.connected = False
-            self._paho = None
-            self.receipts.clear()
-            for entry in itertools.chain(self.fresh.values(), self.pending.values()):
-                entry.mid = None
-
-    def _on_message(self, client: PahoClient, userdata: Any, message: MQTTMessage) -> None:
-        mid = message.mid if message.qos > 0 else None
-        if mid is not None:
-            self.receipts[mid] = False
-        event = decode_payload(message.payload)
-        if event is None:
-            logger.warning("dropping a message on %s that no gateway published", message.topic)
-            self._acknowledge(mid)
-            return
-        if event.id in self.acked:
-            self._acknowledge(mid)
-            return
-        held = self.pending.get(event.id) or self.fresh.get(event.id)
-        if held is not None:
-            held.mid = mid
-            return
-        self.fresh[event.id] = _Entry(event, mid, deliveries=1 if message.dup else 0)
-        if self.layer._sink is not None:
-            self.layer._sink.wake(self.channel)
-
-    def _acknowledge(self, mid: int | None) -> None:
-        """Mark a packet acked and send every PUBACK that is no longer behind an unacked one."""
-        if mid is None or mid not in self.receipts:
-            return
-        self.receipts[mid] = True
-        while self.receipts:
-            first, done = next(iter(self.receipts.items()))
-            if not done:
-                break
-            del self.receipts[first]
-            if self._paho is not None:
-                self._paho.ack(first, 1)
-
-    def read(self, consumer: str, count: int) -> list[Event]:
-        self.consumers[consumer] = now = time.monotonic()
-        events: list[Event] = []
-        while self.fresh and len(events) < count:
-            id, entry = self.fresh.popitem(last=False)
-            events.append(self._hand_out(id, entry, consumer, now))
-        return events
-
-    def claim(self, consumer: str, min_idle: float, count: int) -> list[Event]:
-        self.consumers[consumer] = now = time.monotonic()
-        idle = [
-            (id, entry)
-            for id, entry in self.pending.items()
-            if now - entry.handed_out_at >= min_idle
-        ][:count]
-        return [self._hand_out(id, entry, consumer, now) for id, entry in idle]
-
-    def _hand_out(self, id: str, entry: _Entry, consumer: str, now: float) -> Event:
-        entry.deliveries += 1
-        entry.consumer, entry.handed_out_at = consumer, now
-        self.pending.setdefault(id, entry)
-        return entry.event.redelivered(self.group, entry.deliveries)
-
-    def release(self, consumer: str) -> None:
-        for entry in self.pending.values():
-            if entry.consumer == consumer:
-                entry.handed_out_at = float("-inf")  # idle long enough for any claim
-
-    def ack(self, ids: Sequence[str]) -> list[str]:
-        acked = []
-        for id in ids:
-            entry = self.pending.pop(id, None)
-            if entry is None:
-                continue
-            acked.append(id)
-            self.acked.add(id)
-            self._acknowledge(entry.mid)
-        return acked
-
-    def info(self) -> GroupInfo:
-        now = time.monotonic()
-        per_consumer = dict.fromkeys(self.consumers, 0)
-        for entry in self.pending.values():
-            if entry.consumer is not None:
-                per_consumer[entry.consumer] = per_consumer.get(entry.consumer, 0) + 1
-        oldest = next(iter(self.pending.values()), None)
-        return GroupInfo(
-            channel=self.channel,
-            group=self.group,
-            pending=len(self.pending),
-            consumers=[
-                ConsumerInfo(name, count, round(now - self.consumers.get(name, now), 3))
-                for name, count in per_consumer.items()
-            ],
-            oldest_unacked_id=oldest.event.id if oldest else None,
-            oldest_unacked_age_seconds=(
-                round(time.time() - oldest.event.published_at, 3) if oldest else None
-            ),
-        )
-
 
 async def _outcome(call: Awaitable[None]) -> Exception | None:
     try:
@@ -776,12 +345,3 @@ async def _gather(calls: list[Awaitable[None]]) -> list[Exception | None]:
         for index, call in enumerate(calls):
             tasks.start_soon(run, index, call)
     return results
-
-
-def _base36(number: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while number:
-        number, rest = divmod(number, 36)
-        out = digits[rest] + out
-    return out or "0"

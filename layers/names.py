@@ -62,18 +62,86 @@ def validate_event_type(event: str) -> str:
     return event
 
 
+def validate_group_name(name: str, *, what: str = "group") -> str:
+    """Return `name` if it can name a consumer group (or, `what="consumer"`, a consumer)."""
+    if (
+        not isinstance(name, str)
+        or not (1 <= len(name) <= 100)
+        or not all(c.isascii() and (c.isalnum() or c in "_-:@.") for c in name)
+    ):
+        raise InvalidArgument(
+            f"invalid {what} name {name!r}: use 1-100 letters, digits and '_ - : @ .'"
+        )
+    return name
+
+
 def is_pattern(name: str) -> bool:
     return "*" in name or "?" in name
 
 
 @lru_cache(maxsize=4096)
 def compile_pattern(pattern: str) -> Callable[[str], bool]:
-    """A predicate telling whether a channel name matches the glob `pattern`."""
-    regex = "".join(
-        ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern
-    )
-    compiled = re.compile(regex, re.DOTALL)
-    return lambda name: compiled.fullmatch(name) is not None
+    """A predicate telling whether a channel name matches the glob `pattern`.
+
+    Linear, never backtracking: the pattern is cut at its `*`s into pieces of fixed length. The
+    first piece must start the name, the last must end it, and each one between is placed at its
+    leftmost occurrence after the previous one. Leftmost placement is always right, because a `*`
+    takes any run of characters: a later occurrence only leaves less room for the pieces after
+    it. Each piece is looked for once, so a match costs at most len(name) * len(pattern) steps,
+    whatever the pattern (a regex of `.*` runs backtracks exponentially on `*a*a*a*...b`).
+    """
+    pieces = [_Piece(text) for text in pattern.split("*")]
+    if len(pieces) == 1:
+        (only,) = pieces
+        return lambda name: len(name) == only.length and only.at(name, 0)
+    first, *middle, last = pieces
+    shortest = sum(piece.length for piece in pieces)
+    middle = [piece for piece in middle if piece.length]
+
+    def matches(name: str) -> bool:
+        end = len(name) - last.length
+        if len(name) < shortest or not first.at(name, 0) or not last.at(name, end):
+            return False
+        position = first.length
+        for piece in middle:
+            found = piece.find(name, position, end)
+            if found < 0:
+                return False
+            position = found + piece.length
+        return True
+
+    return matches
+
+
+class _Piece:
+    """A run of a pattern between two `*`s: literal characters and `?`, so of fixed length."""
+
+    __slots__ = ("length", "literal", "regex")
+
+    def __init__(self, text: str) -> None:
+        self.length = len(text)
+        self.literal: str | None = None
+        self.regex: re.Pattern[str] | None = None
+        if "?" in text:
+            # Without repetition a regex only tries each start once: linear in the name.
+            self.regex = re.compile(
+                "".join("." if char == "?" else re.escape(char) for char in text), re.DOTALL
+            )
+        else:
+            self.literal = text
+
+    def at(self, name: str, index: int) -> bool:
+        """Whether the piece occurs at `index` of `name`."""
+        if self.regex is None:
+            return name.startswith(self.literal or "", index)
+        return self.regex.match(name, index) is not None
+
+    def find(self, name: str, start: int, end: int) -> int:
+        """The leftmost index of the piece within `name[start:end]`, or -1."""
+        if self.regex is None:
+            return name.find(self.literal or "", start, end)
+        found = self.regex.search(name, start, end)
+        return found.start() if found is not None else -1
 
 
 def pattern_within(pattern: str, glob: str) -> bool:

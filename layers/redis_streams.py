@@ -52,7 +52,7 @@ from ._redis import (
     format_id,
     parse_id,
 )
-from ._redis_groups import CLAIM_LUA, RELEASE_LUA, StreamGroups
+from ._redis_groups import CLAIM_LUA, FORGET_LUA, RELEASE_LUA, StreamGroups
 from .base import Capabilities, Replay
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Event, Message
@@ -101,7 +101,7 @@ class RedisStreamsLayer(StreamGroups):
     capabilities = Capabilities(cross_process=True, history=True, groups=True)
     command_connections = 8  # publishes, replays and group pumps run side by side
     listener_timeout = BLOCK_SECONDS + COMMAND_TIMEOUT
-    lua = {"publish": PUBLISH_LUA, "claim": CLAIM_LUA, "release": RELEASE_LUA}
+    lua = {"publish": PUBLISH_LUA, "claim": CLAIM_LUA, "release": RELEASE_LUA, "forget": FORGET_LUA}
 
     def __init__(
         self,
@@ -116,7 +116,7 @@ class RedisStreamsLayer(StreamGroups):
             raise InvalidArgument("history_size must be at least 1: live delivery reads history")
         self.history_size = history_size
         self.history_ttl = history_ttl
-        self.control = f"{key_prefix}#events"
+        self.control = self.keys.control
         self._trim = "=" if history_size < EXACT_TRIM_BELOW else "~"
         self._channels: set[str] = set()  # subscribed by name
         self._patterns: dict[str, Callable[[str], bool]] = {}
@@ -126,7 +126,6 @@ class RedisStreamsLayer(StreamGroups):
         self._generation = 0  # goes up whenever streams are added to the listener's read
         self._reading: int | None = None  # generation of the read in flight
         self._listener_id: int | None = None
-        self._progress = anyio.Event()  # set (and replaced) after every read the listener hands on
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -281,8 +280,6 @@ class RedisStreamsLayer(StreamGroups):
         if self._sink is not None:
             for _, event in events:
                 self._sink.deliver(event)
-        self._progress.set()
-        self._progress = anyio.Event()
 
     def _read_control(self, entries: list[Any], limit: IdTuple | None) -> IdTuple | None:
         """Follow new streams matching a pattern; pass on releases. Returns the new limit."""
@@ -324,7 +321,7 @@ class RedisStreamsLayer(StreamGroups):
                 keys, lambda pipe, key: pipe.xrevrange(key, "+", oldest, count=limit)
             )
             events = _merge(list(reversed(entries)) for (entries,) in newest)
-            return await self._replayed(Replay(events[-limit:] if limit else events))
+            return Replay(events[-limit:] if limit else events)
         position = parse_id(after)
         if position is None or position > await self._clock():
             # Not an id of this Redis, or one from before it lost its data.
@@ -332,7 +329,7 @@ class RedisStreamsLayer(StreamGroups):
                 keys, lambda pipe, key: pipe.xrange(key, oldest, "+", count=limit)
             )
             events = _merge(entries for (entries,) in retained)[:limit]
-            return await self._replayed(Replay(events, gap=True, reason="unknown_id"))
+            return Replay(events, gap=True, reason="unknown_id")
         after_id = f"({format_id(position)}"
         expired = floor is not None and position < floor  # some of what followed is too old
         replies = await self._each_stream(
@@ -352,27 +349,7 @@ class RedisStreamsLayer(StreamGroups):
             else:
                 gap = gap or bool(too_old and too_old[0]) or _lost_after(info, position)
         events = _merge(entries for entries, *_ in replies)[:limit]
-        return await self._replayed(Replay(events, gap=gap, reason="evicted" if gap else None))
-
-    async def _replayed(self, replay: Replay) -> Replay:
-        """Return `replay` once live delivery has passed its events (bounded in time).
-
-        The core holds a resuming subscriber's live events aside while it replays, then drops
-        those the replay contained. Live delivery trails the publish by a read, so a replayed
-        event could still arrive live after that; waiting for the listener closes the window.
-        A subscribed stream the listener has not picked up yet (new, matching a pattern) counts
-        as not passed. Should the listener be away, the wait ends and a duplicate is possible.
-        """
-        newest: dict[str, IdTuple] = {}
-        for event in replay.events:
-            newest[self.keys.key(event.channel)] = _id(event.id.encode())
-        with anyio.move_on_after(COMMAND_TIMEOUT):
-            while any(
-                self._cursors.get(key, (0, 0) if self._wants(self.keys.channel(key)) else id) < id
-                for key, id in newest.items()
-            ):
-                await self._progress.wait()
-        return replay
+        return Replay(events, gap=gap, reason="evicted" if gap else None)
 
     async def _each_stream(
         self, keys: list[str], *commands: Callable[[Pipeline, str], object]

@@ -6,6 +6,7 @@ checked to refuse the capability with `CapabilityNotSupported` instead.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import anyio
@@ -50,6 +51,12 @@ async def events(subscription: Subscription, count: int) -> list[Event]:
 
 def data_of(items: list[Item]) -> list[object]:
     return [item.data for item in items if isinstance(item, Event)]
+
+
+def core_only(channel: Channel) -> None:
+    """Behaviour of the core alone (backpressure): tested on the memory layer, not per broker."""
+    if channel.layer.scheme != "memory":
+        pytest.skip("the core's behaviour, whatever the layer: tested on memory://")
 
 
 def need(channel: Channel, capability: str) -> None:
@@ -245,6 +252,7 @@ async def test_drop_oldest_keeps_newest_and_signals_gap(
         open_channel() as channel,
         channel.subscribe(unique, max_backlog=3, backlog_policy="drop_oldest") as sub,
     ):
+        core_only(channel)
         await _flood(channel, unique, 10)
         items = await sub.next_batch()
     assert isinstance(items[0], Gap) and items[0].reason == "dropped" and items[0].dropped == 7
@@ -259,6 +267,7 @@ async def test_drop_newest_keeps_oldest_and_signals_gap(
         open_channel() as channel,
         channel.subscribe(unique, max_backlog=3, backlog_policy="drop_newest") as sub,
     ):
+        core_only(channel)
         await _flood(channel, unique, 10)
         items = await sub.next_batch()
         assert data_of(items) == [0, 1, 2]
@@ -275,6 +284,7 @@ async def test_disconnect_policy_ends_the_lagging_subscriber_only(
         channel.subscribe(unique, max_backlog=3, backlog_policy="disconnect") as slow,
         channel.subscribe(unique, max_backlog=100) as fast,
     ):
+        core_only(channel)
         await _flood(channel, unique, 10)
         assert data_of(await take(fast, 10)) == list(range(10))
         with pytest.raises(SubscriberOverflow):
@@ -384,6 +394,55 @@ async def test_resume_from_unknown_id_signals_gap(open_channel: OpenChannel, uni
         async with channel.subscribe(unique, last_event_id="not-an-id") as sub:
             items = await sub.next_batch()
     assert isinstance(items[0], Gap) and items[0].reason == "unknown_id"
+
+
+def _future(id: str) -> str:
+    """An id of the same form as `id`, far past it: one no layer has issued yet."""
+    head, digits = re.fullmatch(r"(.*?)(\d+)", id).groups()  # type: ignore[union-attr]
+    return f"{head}{int(digits) + 10**6}"
+
+
+OUT_OF_RANGE_IDS = [
+    "0-99999999999999999999999",
+    "99999999999999999999999-0",
+    "9" * 5000,
+    "1-" + "9" * 5000,
+    "²-1",
+    "1-²",
+    "007",
+    "-",
+    "",
+]
+
+
+async def test_ids_out_of_range_or_from_the_future_are_unknown_ids(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    """Every history layer answers the same: a gap `unknown_id`, then what it retains; never an
+    error from the broker (which the gateway would show as 503)."""
+    async with open_channel() as channel:
+        need(channel, "history")
+        kept = await channel.publish(unique, "kept")
+        for after in [*OUT_OF_RANGE_IDS, _future(kept)]:
+            replay = await channel.history(unique, after=after)
+            assert (replay.gap, replay.reason) == (True, "unknown_id"), after
+            assert [event.id for event in replay.events] == [kept], after
+            async with channel.subscribe(unique, last_event_id=after) as sub:
+                gap, event = await take(sub, 2)
+                assert isinstance(gap, Gap) and gap.reason == "unknown_id", after
+                assert isinstance(event, Event) and event.id == kept
+
+
+async def test_acks_of_ids_out_of_range_are_unknown(open_channel: OpenChannel, unique: str) -> None:
+    async with open_channel() as channel:
+        need(channel, "groups")
+        async with channel.subscribe(unique, group="g", consumer="c") as sub:
+            await channel.publish(unique, 1)
+            (event,) = await events(sub, 1)
+            strange = [*OUT_OF_RANGE_IDS, _future(event.id)]
+            acked, unknown = await channel.ack(unique, "g", [*strange, event.id])
+    assert acked == [event.id]
+    assert unknown == list(dict.fromkeys(strange))
 
 
 async def test_history_n_on_fresh_connect(open_channel: OpenChannel, unique: str) -> None:
@@ -498,6 +557,33 @@ async def test_redelivery_goes_to_another_live_consumer(
             (again,) = await events(staying, 1)
             assert again.id == message_id and again.deliveries == 2
             assert await again.ack()
+
+
+async def test_consumers_named_by_the_core_are_forgotten_when_they_leave(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    """A group connect without a consumer name gets one for that connection; it must not stay
+    listed forever (300 connects listed 300 consumers). What it left unacked is not lost."""
+    async with open_channel(ack_timeout=0.3) as channel:
+        need(channel, "groups")
+        async with channel.subscribe(unique, group="g", consumer="named"):
+            pass
+        for _ in range(5):
+            async with channel.subscribe(unique, group="g"):
+                pass
+        async with channel.subscribe(unique, group="g") as leaving:
+            message_id = await channel.publish(unique, "left unacked")
+            (first,) = await events(leaving, 1)
+            assert first.id == message_id
+        info = await channel.group_info(unique, "g")
+        assert [c.name for c in info.consumers] == ["named"]
+        assert info.pending == 1
+        async with channel.subscribe(unique, group="g", consumer="named") as staying:
+            (again,) = await events(staying, 1)
+            assert (again.id, again.deliveries) == (message_id, 2)
+            assert await again.ack()
+        info = await channel.group_info(unique, "g")
+        assert ([c.name for c in info.consumers], info.pending) == (["named"], 0)
 
 
 async def test_closing_with_release_hands_unacked_messages_over_at_once(

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import pytest
 
-from layers import Channel, Event, InMemoryChannelLayer, LayerUnavailable, Message
+from layers import (
+    Capabilities,
+    Channel,
+    Event,
+    Gap,
+    InMemoryChannelLayer,
+    LayerUnavailable,
+    Message,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -101,3 +110,78 @@ async def test_wake_with_events_queued_returns_them_and_no_extra_empty_batch() -
             assert [event.data for event in await sub.next_batch()] == [1]  # type: ignore[union-attr]
             await channel.publish("c", 2)
             assert [event.data for event in await sub.next_batch()] == [2]  # type: ignore[union-attr]
+
+
+class ForgetfulLayer(InMemoryChannelLayer):
+    """A layer without history whose broker connection the test drops and restores."""
+
+    capabilities = Capabilities(cross_process=True, history=False, groups=False)
+
+
+@pytest.mark.parametrize("layer_class", [ForgetfulLayer, InMemoryChannelLayer])
+async def test_a_reconnect_without_history_tells_live_subscribers_of_a_gap(
+    layer_class: type[InMemoryChannelLayer],
+) -> None:
+    layer = layer_class()
+    async with (
+        Channel(layer) as channel,
+        channel.subscribe("a") as exact,
+        channel.subscribe(patterns=["a*"]) as pattern,
+    ):
+        await channel.publish("a", 1)
+        assert layer._sink is not None
+        layer._sink.reconnected()
+        await channel.publish("a", 2)
+        with anyio.fail_after(TIMEOUT):
+            batches = [await exact.next_batch(), await pattern.next_batch()]
+    for batch in batches:
+        gaps = [item.reason for item in batch if isinstance(item, Gap)]
+        assert [item.data for item in batch if isinstance(item, Event)] == [1, 2]
+        assert gaps == ([] if layer.capabilities.history else ["reconnected"])
+
+
+class TrailingLayer(InMemoryChannelLayer):
+    """Live delivery trails the publish until the test lets it go, as a broker listener's read
+    trails the commit: replayed events then still arrive live afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trailing: list[Event] = []
+        self.sink: Any = None
+
+    async def run(self, sink: Any, *, task_status: Any) -> None:
+        self.sink = sink
+        layer = self
+
+        class Deferring:
+            def deliver(self, event: Event) -> None:
+                layer.trailing.append(event)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(sink, name)
+
+        await super().run(Deferring(), task_status=task_status)  # type: ignore[arg-type]
+
+    def catch_up(self) -> None:
+        trailing, self.trailing = self.trailing, []
+        for event in trailing:
+            self.sink.deliver(event)
+
+
+async def test_replayed_events_that_arrive_live_afterwards_are_dropped() -> None:
+    layer = TrailingLayer()
+    async with Channel(layer) as channel:
+        ids = [await channel.publish("c", n) for n in range(3)]
+        layer.catch_up()
+        for n in (3, 4):  # not delivered live yet when the subscriber resumes
+            await channel.publish("c", n)
+        async with channel.subscribe("c", last_event_id=ids[0]) as sub:
+            with anyio.fail_after(TIMEOUT):
+                replayed = await sub.next_batch()
+            layer.catch_up()  # 3 and 4 arrive live, after the replay that had them
+            await channel.publish("c", 5)
+            layer.catch_up()
+            with anyio.fail_after(TIMEOUT):
+                live = await sub.next_batch()
+    assert [item.data for item in replayed if isinstance(item, Event)] == [1, 2, 3, 4]
+    assert [item.data for item in live if isinstance(item, Event)] == [5]

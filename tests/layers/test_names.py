@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import given
@@ -109,3 +110,47 @@ def test_pattern_within_examples(pattern: str, glob: str, within: bool) -> None:
 def test_pattern_within_is_conservative_across_stars() -> None:
     """Documented limit: true containments that need several stars at once may be refused."""
     assert not pattern_within("?*", "*?")
+
+
+def _reference(pattern: str) -> re.Pattern[str]:
+    """The glob as a regex: correct, but backtracking (only for short test inputs)."""
+    return re.compile(
+        "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern),
+        re.DOTALL,
+    )
+
+
+@given(globs, st.text(st.sampled_from("ab.c"), max_size=12))
+def test_glob_matching_agrees_with_the_regex_it_replaced(pattern: str, name: str) -> None:
+    assert compile_pattern(pattern)(name) == bool(_reference(pattern).fullmatch(name))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "matches"),
+    [
+        ("chat.*", "chat.", True),
+        ("chat.*", "chat", False),
+        ("*", "", True),
+        ("a*a", "a", False),
+        ("a*a", "aa", True),
+        ("?", "", False),
+        ("*?b*", "xb", True),
+        ("a?c*d?f", "abcXXdef", True),
+        ("a?c*d?f", "abcdf", False),
+        ("**", "x", True),
+    ],
+)
+def test_glob_matching_examples(pattern: str, name: str, matches: bool) -> None:
+    assert compile_pattern(pattern)(name) is matches
+
+
+def test_glob_matching_stays_linear_on_hostile_patterns() -> None:
+    """`*a*a*...*b` against a long run of `a`s made the old regex backtrack for seconds per
+    publish; far larger inputs than names can be (200 characters) must answer at once."""
+    hostile = ["chat.*" + "a*" * 40 + "b", "chat.*" + "?*" * 40 + "b", "*a?" * 60 + "*b"]
+    name = "chat." + "a" * 100_000
+    started = time.perf_counter()
+    for pattern in hostile:
+        assert not compile_pattern(pattern)(name)
+        assert compile_pattern(pattern)(name + "b")
+    assert time.perf_counter() - started < 1.0

@@ -18,8 +18,10 @@ import pytest
 from anyio.abc import SocketAttribute
 
 from layers import Channel, Event, LayerConfigurationError, LayerUnavailable, make_message
-from layers.postgres import PostgresLayer, _like
+from layers._postgres_sql import like as _like
+from layers.postgres import PostgresLayer
 from tests.fixtures_postgres import drop_tables, execute
+from tests.layers.recording import RecordingSink
 from tests.layers.test_contract import events
 
 pytestmark = [pytest.mark.anyio, pytest.mark.layer_quirk]
@@ -36,35 +38,6 @@ def anyio_backend() -> str:
 @pytest.fixture
 def factory(postgres_layer_factory: Factory) -> Factory:
     return postgres_layer_factory
-
-
-class RecordingSink:
-    """A `Sink` for driving a layer without a `Channel`."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.reconnects = 0
-        self._arrived = anyio.Event()
-
-    def deliver(self, event: Event) -> None:
-        self.events.append(event)
-        self._arrived.set()
-        self._arrived = anyio.Event()
-
-    def wake(self, channel: str, *, released: bool = False) -> None:
-        pass
-
-    def reconnected(self) -> None:
-        self.reconnects += 1
-
-    def layer_error(self, error: BaseException) -> None:
-        pass
-
-    async def wait_for(self, count: int) -> list[Event]:
-        with anyio.fail_after(TIMEOUT):
-            while len(self.events) < count:
-                await self._arrived.wait()
-        return self.events
 
 
 async def listener_pids(url: str, layer: PostgresLayer) -> list[int]:
@@ -341,9 +314,13 @@ async def test_outage_fails_publishes_fast_then_recovers_without_loss(
 
 
 async def test_unreachable_server_or_missing_database_is_a_clear_error(postgres_url: str) -> None:
-    with anyio.fail_after(TIMEOUT), pytest.raises(LayerUnavailable, match=r"127\.0\.0\.1:1\b"):
-        async with Channel(PostgresLayer("postgresql://postgres@127.0.0.1:1/x")):
-            pass
+    """An unreachable server does not stop the layer (it connects when the server is back);
+    calls name it. A missing database cannot heal by itself: the layer does not start."""
+    with anyio.fail_after(TIMEOUT):
+        async with Channel(PostgresLayer("postgresql://postgres@127.0.0.1:1/x")) as channel:
+            for call in (channel.ping(), channel.publish("c", 1)):
+                with pytest.raises(LayerUnavailable, match=r"127\.0\.0\.1:1\b"):
+                    await call
     missing = urlunsplit(urlsplit(postgres_url)._replace(path="/no_such_gateway_db"))
     with anyio.fail_after(TIMEOUT), pytest.raises(LayerConfigurationError, match="does not exist"):
         async with Channel(PostgresLayer(missing)):

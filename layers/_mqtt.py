@@ -1,0 +1,258 @@
+"""Plumbing of the MQTT layer: topics and payloads, client connections, instance slots.
+
+`MQTTConnections` is what the layer (`layers.mqtt`) and its group sessions
+(`layers._mqtt_groups`) share: how a client is built and connected, and how aiomqtt's errors
+become `LayerUnavailable`. See `layers.mqtt` for the design.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import ssl
+import tempfile
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import aiomqtt
+import anyio
+from anyio.abc import TaskGroup
+from paho.mqtt.client import Client as PahoClient
+from paho.mqtt.client import MQTTMessage
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ._supervisor import Supervisor
+from .base import ChannelLayer, Sink
+from .errors import InvalidArgument, LayerUnavailable
+from .event import Event, Message
+from .names import is_pattern
+
+logger = logging.getLogger("layers.mqtt")
+
+_RESERVED = frozenset("+#/$\0")
+RECEIVE_MAXIMUM = 1000  # group messages a session may hold unacked; the broker may allow fewer
+_KEEPALIVE = 30
+
+
+# -- topics and payloads --------------------------------------------------------------------------
+
+
+def topic_for(prefix: str, channel: str) -> str:
+    """The MQTT topic of a channel: dots become topic levels."""
+    if _RESERVED.intersection(channel):
+        raise InvalidArgument(
+            f"channel {channel!r} cannot be an MQTT topic: '+', '#', '/', '$' and NUL are "
+            "reserved by MQTT; use letters, digits and '_ - : @ .'"
+        )
+    return prefix + channel.replace(".", "/")
+
+
+def filter_for(prefix: str, pattern: str) -> str:
+    """The narrowest MQTT filter that matches every channel the glob `pattern` matches."""
+    if not is_pattern(pattern):
+        return topic_for(prefix, pattern)
+    fixed = list(itertools.takewhile(lambda segment: not is_pattern(segment), pattern.split(".")))
+    return (topic_for(prefix, ".".join(fixed)) + "/#") if fixed else prefix + "#"
+
+
+def channel_of(prefix: str, topic: str) -> str | None:
+    """Inverse of `topic_for`; None for a topic outside the prefix."""
+    if not topic.startswith(prefix):
+        return None
+    return topic[len(prefix) :].replace("/", ".")
+
+
+def encode_payload(id: str, message: Message) -> bytes:
+    return id.encode() + b"\n" + message.to_wire()
+
+
+def decode_payload(payload: bytes | bytearray) -> Event | None:
+    """The event in a payload `encode_payload` made; None for anything else on the topic."""
+    id, newline, blob = payload.partition(b"\n")
+    if not newline:
+        return None
+    try:
+        return Event.from_wire(id.decode(), bytes(blob))
+    except (ValueError, KeyError, TypeError):  # JSON and UTF-8 errors are ValueErrors
+        return None
+
+
+class RecentIds:
+    """The last `size` ids seen."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._ids
+
+    def add(self, id: str) -> None:
+        self._ids[id] = None
+        self._ids.move_to_end(id)
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+
+
+@contextlib.contextmanager
+def instance_slot(scope: str) -> Iterator[int]:
+    """Hold the lowest slot number that no other process on this host holds for `scope`."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one process per host, or set `instance`
+        yield 0
+        return
+    key = hashlib.sha256(scope.encode()).hexdigest()[:16]
+    for slot in itertools.count():
+        path = os.path.join(tempfile.gettempdir(), f"channels-gateway-mqtt-{key}-{slot}.lock")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        except PermissionError:  # another user's lock file
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            yield slot
+        finally:
+            os.close(fd)  # releases the lock; the file stays for the next process
+        return
+
+
+def _is_failure(code: int | ReasonCode) -> bool:
+    return code.is_failure if isinstance(code, ReasonCode) else code >= 0x80
+
+
+class MQTTConnections(ChannelLayer):
+    """The connection half of `MQTTLayer` (which sets these attributes)."""
+
+    address: str
+    topic_prefix: str
+    session_expiry: int
+    timeout: float
+    max_reconnect_delay: float
+    _host: str
+    _port: int
+    _username: str | None
+    _password: str | None
+    _tls_context: ssl.SSLContext | None
+    _sink: Sink | None
+    _tasks: TaskGroup | None
+    _up: anyio.Event
+
+    def _unavailable(self, what: str, exc: BaseException | None = None) -> LayerUnavailable:
+        reason = f": {exc}" if exc is not None and str(exc) else ""
+        return LayerUnavailable(
+            f"MQTT broker at {self.address} {what}{reason}; check that it is running and reachable"
+        )
+
+    def _new_client(
+        self,
+        identifier: str,
+        on_message: Callable[[PahoClient, Any, MQTTMessage], None],
+        *,
+        persistent: bool,
+    ) -> aiomqtt.Client:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if persistent:
+            properties.SessionExpiryInterval = self.session_expiry
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
+        client = aiomqtt.Client(
+            self._host,
+            self._port,
+            username=self._username,
+            password=self._password,
+            identifier=identifier,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=not persistent,
+            properties=properties,
+            timeout=self.timeout,
+            keepalive=_KEEPALIVE,
+            tls_context=self._tls_context,
+        )
+        client.pending_calls_threshold = 1 << 30  # many publishes in flight is what a batch is
+        # Messages are handled in paho's callback, on the event loop, as each packet is read:
+        # aiomqtt's Message drops the DUP flag, and a group's receipt order and acks are kept in
+        # step with the packets without a queue in between. aiomqtt has no manual-ack option.
+        client._client.on_message = on_message
+        client._client.manual_ack_set(persistent)
+        return client
+
+    async def _until_disconnected(self, client: aiomqtt.Client) -> None:
+        """Wait until the connection ends, then raise `LayerUnavailable`.
+
+        Messages are taken in paho's callback (see `_new_client`), so aiomqtt's queue stays
+        empty and its iterator only reports the disconnect.
+        """
+        try:
+            async for _ in client.messages:
+                pass
+        except aiomqtt.MqttError as exc:
+            raise self._unavailable("closed the connection", exc.__cause__ or exc) from None
+        raise self._unavailable("closed the connection")
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
+        """Connect `client`; always disconnect it, even when cancelled."""
+        try:
+            await client.__aenter__()
+        except BaseException as exc:
+            # No CONNACK (timed out, cancelled): aiomqtt leaves the socket open; this closes it.
+            client._client.disconnect()
+            if isinstance(exc, aiomqtt.MqttCodeError):  # a CONNACK with an error code
+                raise self._unavailable("refused the connection", exc) from None
+            if isinstance(exc, aiomqtt.MqttError | OSError):  # OSError: TLS, DNS
+                raise self._unavailable("is unreachable", exc) from None
+            raise
+        try:
+            yield client
+        finally:
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(self.timeout),
+                contextlib.suppress(aiomqtt.MqttError),
+            ):
+                await client.__aexit__(None, None, None)
+
+    def _supervisor(self, what: str, *, groups: bool = False) -> Supervisor:
+        assert self._sink is not None
+        return Supervisor(
+            f"{what} at MQTT broker {self.address}",
+            self._sink,
+            logger,
+            max_delay=self.max_reconnect_delay,
+            reports_reconnects=not groups,  # a group session's broker resends what it missed
+        )
+
+    def _connected(self, ready: Callable[[], None]) -> None:
+        """A connection is up and subscribed: tell its supervisor and `wait_connected`."""
+        ready()
+        up, self._up = self._up, anyio.Event()
+        up.set()
+
+    async def _subscribe_filters(self, client: aiomqtt.Client, filters: Sequence[str]) -> None:
+        try:
+            codes: Sequence[int | ReasonCode] = await client.subscribe(
+                [(name, SubscribeOptions(qos=1)) for name in filters], timeout=self.timeout
+            )
+        except aiomqtt.MqttError as exc:
+            raise self._unavailable("did not confirm a subscription", exc) from None
+        refused = [
+            f"{name} ({code})"
+            for name, code in zip(filters, codes, strict=True)
+            if _is_failure(code)
+        ]
+        if refused:
+            raise LayerUnavailable(
+                f"MQTT broker at {self.address} refused subscribing to {', '.join(refused)}; "
+                "check its access control"
+            )

@@ -1,0 +1,92 @@
+"""The core's `Sink`: routes each live event to the local subscribers and group pumps it concerns.
+
+Exact channels are a dictionary lookup; patterns are matched with `names.compile_pattern`, which
+is linear in the channel name whatever the pattern.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from .base import ChannelObserver
+from .event import Event, Gap
+from .names import compile_pattern
+
+
+class Receiver(Protocol):
+    """A local subscriber, as the router sees it (`layers.core.Subscription`)."""
+
+    def push(self, item: Event | Gap) -> None: ...
+
+
+class Pump(Protocol):
+    """A group consumer's pump, as the router sees it (`layers._groups.GroupPump`)."""
+
+    group: str
+
+    def wake(self, *, claim: bool = False) -> None: ...
+
+
+class Router:
+    """The `Sink` of the layer: routes each live event to local subscribers and group pumps."""
+
+    def __init__(self, scheme: str, observer: ChannelObserver, *, catches_up: bool) -> None:
+        self.scheme = scheme
+        self.observer = observer
+        self.catches_up = catches_up  # after a reconnect the layer delivers what it missed
+        self.exact: dict[str, set[Receiver]] = {}
+        self.patterns: dict[str, set[Receiver]] = {}
+        self.pumps: dict[str, set[Pump]] = {}
+
+    def deliver(self, event: Event) -> None:
+        subscribers = self.exact.get(event.channel)
+        if self.patterns:
+            targets = set(subscribers) if subscribers else set()
+            for pattern, matched in self.patterns.items():
+                if compile_pattern(pattern)(event.channel):
+                    targets |= matched
+            subscribers = targets
+        if subscribers:
+            for subscriber in subscribers:
+                subscriber.push(event)
+        self.wake(event.channel)
+
+    def wake(self, channel: str, *, released: bool = False) -> None:
+        pumps = self.pumps.get(channel)
+        if pumps:
+            for pump in pumps:
+                pump.wake(claim=released)
+
+    def reconnected(self) -> None:
+        self.observer.reconnected(self.scheme)
+        if self.catches_up:
+            return
+        # Whatever was published while the connection was down never reaches this process:
+        # every live subscriber is told, where it happened in its stream.
+        subscribers: set[Receiver] = set()
+        for table in (self.exact, self.patterns):
+            for members in table.values():
+                subscribers |= members
+        for subscriber in subscribers:
+            subscriber.push(Gap("reconnected"))
+
+    def layer_error(self, error: BaseException) -> None:
+        self.observer.layer_error(self.scheme, error)
+
+    def add(self, subscriber: Receiver, channels: Iterable[str], patterns: Iterable[str]) -> None:
+        for name in channels:
+            self.exact.setdefault(name, set()).add(subscriber)
+        for pattern in patterns:
+            self.patterns.setdefault(pattern, set()).add(subscriber)
+
+    def remove(
+        self, subscriber: Receiver, channels: Iterable[str], patterns: Iterable[str]
+    ) -> None:
+        for table, names in ((self.exact, channels), (self.patterns, patterns)):
+            for name in names:
+                members = table.get(name)
+                if members is not None:
+                    members.discard(subscriber)
+                    if not members:
+                        del table[name]
