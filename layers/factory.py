@@ -22,6 +22,8 @@ LAYERS: dict[str, tuple[str, str, str | None]] = {
     "postgres": ("layers.postgres", "PostgresLayer", "postgres"),
     "mqtt": ("layers.mqtt", "MQTTLayer", "mqtt"),
     "mqtts": ("layers.mqtt", "MQTTLayer", "mqtt"),
+    "nats": ("layers.nats_jetstream", "NatsJetStreamLayer", "nats"),
+    "tls": ("layers.nats_jetstream", "NatsJetStreamLayer", "nats"),
 }
 
 

@@ -1,0 +1,579 @@
+"""`nats://`: NATS JetStream, one stream for every channel, durable consumers for groups (nats-py).
+
+Design decisions:
+
+- Every channel lives in one stream (`?stream=`, default `GATEWAY`) under one subject prefix
+  (`?subject_prefix=`, default `gw`): channel `a.b` is the subject `gw.a.b`. Ids are stream
+  sequences, so they are ordered across channels and one `Last-Event-ID` places a resuming
+  subscriber in every channel and pattern it follows. The stream is created at start-up, or updated
+  to this process's limits (`history_size` per channel as `max_msgs_per_subject`, `history_ttl` as
+  `max_age`, `?replicas=`); one that exists with settings the layer cannot work with (other
+  subjects, another retention or storage) is refused with what to change.
+- Live delivery: one ordered consumer per process over the whole prefix (`gw.>`), not a core
+  subscription. A core subscriber never learns a message's stream sequence (only the publisher
+  gets it, in the PubAck), so it could give no ids; and it loses whatever is published while its
+  connection is down. The ordered consumer carries the sequence of each message, and after a
+  dropped connection, a restarted server or a failed cluster node it is recreated from the last
+  sequence delivered, so nothing is lost or repeated. The layer hands on only the messages of
+  channels and patterns this process subscribes to, matched exactly with `layers.names`; NATS
+  2.9 takes one filter per consumer, which for several channels would be the prefix anyway.
+- Replay reads with short-lived pull consumers, one per subject filter: a channel is its subject,
+  a pattern the widest literal head it starts with (`chat.rooms.*` -> `gw.chat.rooms.>`, since a
+  glob `*` spans dots and a NATS `*` does not), then matched exactly. It returns only once the
+  live consumer has passed the newest replayed sequence, so the core's hand-off can drop every
+  replayed event it held aside and none arrives live after it.
+- Gaps: trimming removes the oldest messages of a subject first, and expiry the oldest of the
+  stream. After id P a channel lost messages if it holds `history_size` messages all newer than P
+  (conservative by one: exactly `history_size` new messages since P also counts as a gap), or,
+  with a TTL, if the stream's oldest message is newer than P + 1.
+- Publishing waits for the PubAck. Each message carries a `Nats-Msg-Id`, so a publish retried after
+  a timeout (a node failing, a leader being elected) within `publish_timeout` is stored once.
+- Consumer groups: see `layers._nats_groups`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import anyio
+import nats
+import nats.errors
+import nats.js.errors
+from anyio.abc import TaskStatus
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+
+from ._nats_groups import JetStreamGroups
+from .base import Capabilities, Replay, Sink
+from .errors import InvalidArgument, LayerConfigurationError, LayerUnavailable
+from .event import Event, Message
+from .names import compile_pattern, is_pattern
+
+logger = logging.getLogger("layers.nats")
+
+HEARTBEAT = 1.0  # the live consumer's idle heartbeat; two missed ones recreate it
+REQUEST_TIMEOUT = 2.0  # one JetStream API request
+PULL_BATCH = 500
+_URL_OPTIONS = {
+    "stream": "GATEWAY",
+    "subject_prefix": "gw",
+    "replicas": "1",
+    "storage": "file",
+    "connect_timeout": "5",
+    "publish_timeout": "5",
+}
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_PREFIX = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
+
+# What "the server cannot be reached right now" looks like through nats-py.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (nats.errors.Error, OSError, asyncio.TimeoutError)
+
+
+class NatsJetStreamLayer(JetStreamGroups):
+    """Cross-process channels with history and consumer groups on NATS JetStream."""
+
+    scheme = "nats"
+    capabilities = Capabilities(cross_process=True, history=True, groups=True)
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int = 1000,
+        history_ttl: float | None = None,
+        stream: str | None = None,
+        subject_prefix: str | None = None,
+        replicas: int | None = None,
+    ) -> None:
+        """`url` is `nats://[user:password@]host:port[,host2:port,...][?option=value&...]`.
+
+        Options missing from the arguments are read from the URL query: `stream` (`GATEWAY`),
+        `subject_prefix` (`gw`), `replicas` (1), `storage` (`file` or `memory`),
+        `connect_timeout` (5 s) and `publish_timeout` (5 s: how long a publish retries through a
+        failover before it answers "unavailable"). `tls://` connects with TLS.
+        """
+        servers, query = _parse_url(url)
+        options = {**_URL_OPTIONS, **query}
+        try:
+            self.replicas = replicas if replicas is not None else int(options["replicas"])
+            self.connect_timeout = float(options["connect_timeout"])
+            self.publish_timeout = float(options["publish_timeout"])
+        except ValueError as exc:
+            raise LayerConfigurationError(f"invalid nats:// URL option: {exc}") from None
+        self.stream = stream or options["stream"]
+        self.prefix = subject_prefix or options["subject_prefix"]
+        if not _STREAM_NAME.fullmatch(self.stream):
+            raise LayerConfigurationError(
+                f"invalid stream name {self.stream!r}: use 1-64 letters, digits, '_' and '-'"
+            )
+        if not _PREFIX.fullmatch(self.prefix):
+            raise LayerConfigurationError(
+                f"invalid subject_prefix {self.prefix!r}: use dot-separated tokens of letters, "
+                "digits and '_ - : @'"
+            )
+        if options["storage"] not in ("file", "memory"):
+            raise LayerConfigurationError("storage must be 'file' or 'memory'")
+        if self.replicas < 1 or self.replicas > 5:
+            raise LayerConfigurationError("replicas must be 1 to 5")
+        if history_size < 1:
+            raise LayerConfigurationError("history_size must be at least 1")
+        super().__init__()
+        self.servers = servers
+        self.storage = StorageType.FILE if options["storage"] == "file" else StorageType.MEMORY
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.where = "NATS at " + ",".join(urlsplit(s).netloc.rpartition("@")[2] for s in servers)
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._sink: Sink | None = None
+        self._channels: set[str] = set()
+        self._patterns: dict[str, Any] = {}  # subscribed glob -> its matcher
+        self._delivered = 0  # the live consumer has handed on every sequence up to this one
+        self._progress = anyio.Event()  # set (and replaced) whenever `_delivered` moves
+        self._connected = False
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    async def run(self, sink: Sink, *, task_status: TaskStatus[None]) -> None:
+        self._sink = sink
+        nc = await self._connect()
+        try:
+            self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT)
+            info = await self._ensure_stream()
+            await self._follow(info.state.last_seq)
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            self._sink = None
+            self._nc = self._js = None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await nc.close()
+
+    async def _connect(self) -> Client:
+        async def disconnected() -> None:
+            self._connected = False
+            if self._sink is None:
+                return  # closing
+            logger.warning("%s: connection lost; reconnecting", self.where)
+
+        async def reconnected() -> None:
+            self._connected = True
+            logger.info("%s: reconnected", self.where)
+            if self._sink is not None:
+                self._sink.reconnected()
+
+        async def error(exc: Exception) -> None:
+            logger.warning("%s: %s: %s", self.where, type(exc).__name__, exc)
+            if self._sink is not None:
+                self._sink.layer_error(exc)
+
+        try:
+            nc = await nats.connect(
+                self.servers,
+                connect_timeout=self.connect_timeout,
+                reconnect_time_wait=0.5,
+                max_reconnect_attempts=-1,
+                ping_interval=5,
+                max_outstanding_pings=2,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error,
+                name=f"channels-gateway:{uuid.uuid4().hex[:8]}",
+            )
+        except _UNAVAILABLE as exc:
+            raise LayerUnavailable(
+                f"{self.where} is unavailable ({type(exc).__name__}: {exc}); "
+                "check that nats-server is running with JetStream (-js) and the nats:// URL"
+            ) from None
+        self._connected = True
+        return nc
+
+    async def _ensure_stream(self) -> StreamInfo:
+        """Create the stream, or bring an existing one to this layer's limits."""
+        js = self._jetstream()
+        subjects = [f"{self.prefix}.>"]
+        ttl = self.history_ttl or 0.0
+        config = StreamConfig(
+            name=self.stream,
+            description="channels-gateway: every channel, one subject each",
+            subjects=subjects,
+            retention=RetentionPolicy.LIMITS,
+            storage=self.storage,
+            num_replicas=self.replicas,
+            max_msgs_per_subject=self.history_size,
+            max_age=ttl,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=min(120.0, ttl) if ttl else 120.0,
+        )
+        with self.unavailable():
+            try:
+                existing = await js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError:
+                existing = None
+            try:
+                if existing is None:
+                    return await js.add_stream(config)
+                self._check_compatible(existing, subjects)
+                current = existing.config
+                if (
+                    current.num_replicas != self.replicas
+                    or current.max_msgs_per_subject != self.history_size
+                    or (current.max_age or 0.0) != ttl
+                ):
+                    return await js.update_stream(config)
+                return existing
+            except nats.js.errors.APIError as exc:
+                if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                    raise
+                raise LayerConfigurationError(
+                    f"{self.where} refused the stream {self.stream!r}: {exc.description}; "
+                    "choose another ?stream= or ?subject_prefix=, or fix ?replicas= "
+                    "(at most the number of JetStream servers)"
+                ) from None
+
+    def _check_compatible(self, existing: StreamInfo, subjects: list[str]) -> None:
+        current = existing.config
+        problems = []
+        if sorted(current.subjects or []) != subjects:
+            problems.append(f"subjects {current.subjects} instead of {subjects}")
+        if current.retention not in (None, RetentionPolicy.LIMITS):
+            problems.append(f"retention {current.retention} instead of limits")
+        if current.storage != self.storage:
+            problems.append(f"storage {current.storage} instead of {self.storage}")
+        if current.discard not in (None, DiscardPolicy.OLD):
+            problems.append("discard new instead of old")
+        if current.sealed or current.mirror or current.sources:
+            problems.append("it is sealed, a mirror or sourced")
+        if problems:
+            raise LayerConfigurationError(
+                f"the NATS stream {self.stream!r} exists with {'; '.join(problems)}; use another "
+                f"?stream= name, or remove it (nats stream rm {self.stream}) to have it recreated"
+            )
+
+    # -- connections and errors ------------------------------------------------------------------
+
+    @contextmanager
+    def unavailable(self) -> Iterator[None]:
+        """Turn "the server cannot be reached" into `LayerUnavailable` (HTTP 503)."""
+        try:
+            yield
+        except nats.errors.MaxPayloadError as exc:
+            raise InvalidArgument(f"message larger than the NATS server accepts: {exc}") from None
+        except _UNAVAILABLE as exc:
+            raise LayerUnavailable(
+                f"{self.where} is unavailable ({type(exc).__name__}: {exc or 'timed out'}); "
+                "retry later"
+            ) from exc
+
+    def _client(self) -> Client:
+        if self._nc is None:
+            raise LayerUnavailable(
+                "the nats:// layer is not running; use it inside 'async with Channel(layer)'"
+            )
+        return self._nc
+
+    def _jetstream(self) -> JetStreamContext:
+        self._client()
+        assert self._js is not None
+        return self._js
+
+    def subject(self, channel: str) -> str:
+        return f"{self.prefix}.{channel}"
+
+    def channel_of(self, subject: str) -> str:
+        return subject[len(self.prefix) + 1 :]
+
+    # -- live delivery ---------------------------------------------------------------------------
+
+    async def _follow(self, last_seq: int) -> None:
+        """Start the live ordered consumer just after `last_seq`."""
+        self._delivered = last_seq
+        with self.unavailable():
+            subscription = await self._jetstream().subscribe(
+                f"{self.prefix}.>",
+                stream=self.stream,
+                cb=self._on_live,
+                ordered_consumer=True,
+                idle_heartbeat=HEARTBEAT,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                config=ConsumerConfig(opt_start_seq=last_seq + 1),
+            )
+        # nats-py recreates an ordered consumer from the last sequence it delivered, which starts
+        # at 0: before the first message, a reset would replay the whole stream (each message
+        # then skipped by `_on_live`). Tell it where this one started.
+        jsi = getattr(subscription._sub, "_jsi", None)
+        if jsi is not None:
+            jsi._sseq = last_seq
+
+    async def _on_live(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        if seq <= self._delivered:
+            return  # a recreated consumer never repeats, but a stale redelivery must not either
+        self._delivered = seq
+        channel = self.channel_of(msg.subject)
+        if self._sink is not None and self._wants(channel):
+            try:
+                event = Event.from_wire(str(seq), msg.data)
+            except (ValueError, KeyError, TypeError):
+                logger.warning("skipping a message on %s that the gateway did not write", channel)
+            else:
+                self._sink.deliver(event)
+        self._progress.set()
+        self._progress = anyio.Event()
+
+    def _wants(self, channel: str) -> bool:
+        return channel in self._channels or any(m(channel) for m in self._patterns.values())
+
+    async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        """Effective at once: the live consumer already reads every channel of the stream."""
+        self._channels.update(channels)
+        for pattern in patterns:
+            self._patterns[pattern] = compile_pattern(pattern)
+
+    async def unsubscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
+        self._channels.difference_update(channels)
+        for pattern in patterns:
+            self._patterns.pop(pattern, None)
+
+    async def ping(self) -> None:
+        nc = self._client()
+        if not self._connected or not nc.is_connected:
+            raise LayerUnavailable(f"{self.where}: no server answers; reconnecting")
+        with self.unavailable():
+            await self._jetstream().stream_info(self.stream)
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Message]) -> list[str]:
+        return [await self._publish_one(message) for message in messages]
+
+    async def _publish_one(self, message: Message) -> str:
+        js = self._jetstream()
+        headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+        subject, payload = self.subject(message.channel), message.to_wire()
+        deadline = time.monotonic() + self.publish_timeout
+        while True:
+            attempt = min(REQUEST_TIMEOUT, max(0.1, deadline - time.monotonic()))
+            try:
+                with self.unavailable():
+                    ack = await js.publish(
+                        subject, payload, timeout=attempt, stream=self.stream, headers=headers
+                    )
+                return str(ack.seq)
+            except LayerUnavailable:
+                # Sent again with the same Nats-Msg-Id, a publish that did reach the stream is
+                # not stored twice: retrying through a failover is safe.
+                if time.monotonic() + 0.1 >= deadline:
+                    raise
+                await anyio.sleep(0.1)
+
+    # -- history ---------------------------------------------------------------------------------
+
+    async def replay(
+        self,
+        channels: Collection[str],
+        patterns: Collection[str],
+        *,
+        after: str | None,
+        limit: int | None,
+    ) -> Replay:
+        js = self._jetstream()
+        with self.unavailable():
+            state = (await js.stream_info(self.stream)).state
+        gap, reason, start = False, "evicted", 1
+        if after is not None:
+            position = _parse_id(after)
+            if position is None or position > state.last_seq:
+                gap, reason = True, "unknown_id"  # not an id of this stream (was it recreated?)
+            else:
+                start = position + 1
+                gap = await self._evicted_after(position, state.first_seq, channels, patterns)
+        names, matchers = set(channels), [compile_pattern(p) for p in patterns]
+        reads = [
+            await self._read(subject_filter, start, limit if after is not None else None)
+            for subject_filter in self._filters(channels, patterns)
+        ]
+        events: list[Event] = []
+        seen: set[int] = set()
+        for seq, msg in heapq.merge(*reads, key=lambda pair: pair[0]):
+            channel = self.channel_of(msg.subject)
+            if seq in seen or not (channel in names or any(m(channel) for m in matchers)):
+                continue
+            seen.add(seq)
+            events.append(Event.from_wire(str(seq), msg.data))
+        if limit is not None:
+            events = events[:limit] if after is not None else events[-limit:]
+        if events and (names & self._channels or set(patterns) & self._patterns.keys()):
+            await self._delivered_up_to(int(events[-1].id))
+        return Replay(events, gap=gap, reason=reason if gap else None)
+
+    def _filters(self, channels: Collection[str], patterns: Collection[str]) -> list[str]:
+        """The subject filters that cover these channels and patterns, none inside another."""
+        filters = {self.subject(c) for c in channels}
+        for pattern in patterns:
+            head = []
+            for token in pattern.split("."):
+                if is_pattern(token):
+                    break
+                head.append(token)
+            # The literal tokens before the first wildcard, then anything: a glob's `*` spans dots.
+            filters.add(".".join([self.prefix, *head, ">"]))
+        wide = [f[:-1] for f in filters if f.endswith(".>")]
+        return sorted(f for f in filters if not any(f.startswith(w) and f != w + ">" for w in wide))
+
+    async def _read(
+        self, subject_filter: str, start: int, limit: int | None
+    ) -> list[tuple[int, Msg]]:
+        """Retained messages of `subject_filter` from sequence `start`, the first `limit`."""
+        js = self._jetstream()
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            ack_policy=AckPolicy.NONE,
+            filter_subject=subject_filter,
+            mem_storage=True,
+            num_replicas=1,
+            inactive_threshold=30.0,
+        )
+        with self.unavailable():
+            info = await js.add_consumer(self.stream, config)
+        try:
+            available = info.num_pending or 0
+            wanted = available if limit is None else min(limit, available)
+            out: list[tuple[int, Msg]] = []
+            while len(out) < wanted:
+                batch = await self.pull(info.name, min(PULL_BATCH, wanted - len(out)))
+                if not batch:
+                    break
+                out.extend((msg.metadata.sequence.stream, msg) for msg in batch)
+            return out
+        finally:
+            # Should this fail, the consumer goes by itself after its inactive_threshold.
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(REQUEST_TIMEOUT),
+                contextlib.suppress(*_UNAVAILABLE),
+            ):
+                await js.delete_consumer(self.stream, info.name)
+
+    async def pull(self, consumer: str, batch: int) -> list[Msg]:
+        """Up to `batch` messages available to the pull consumer now, without waiting for more.
+
+        Raises `nats.js.errors.NotFoundError` when the consumer does not exist.
+        """
+        nc = self._client()
+        with self.unavailable():
+            inbox = nc.new_inbox()
+            subscription = await nc.subscribe(inbox)
+            try:
+                request = json.dumps({"batch": batch, "no_wait": True}).encode()
+                await nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{consumer}", request, reply=inbox
+                )
+                messages: list[Msg] = []
+                with anyio.fail_after(REQUEST_TIMEOUT):
+                    while len(messages) < batch:
+                        msg = await subscription.next_msg(timeout=None)
+                        status = (msg.headers or {}).get("Status") if not msg.data else None
+                        if status == "503":
+                            raise nats.js.errors.NotFoundError(description="no such consumer")
+                        if status is not None:
+                            break  # 404 no messages, 408 timeout, 409 limits: that is all now
+                        messages.append(msg)
+                return messages
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await subscription.unsubscribe()
+
+    async def _evicted_after(
+        self,
+        position: int,
+        first_seq: int,
+        channels: Collection[str],
+        patterns: Collection[str],
+    ) -> bool:
+        """Whether messages of these channels after `position` were trimmed or expired."""
+        if self.history_ttl and position + 1 < first_seq:
+            return True
+        js = self._jetstream()
+        full: list[str] = []
+        with self.unavailable():
+            for subject_filter in self._filters(channels, patterns):
+                info = await js.stream_info(self.stream, subjects_filter=subject_filter)
+                counts = info.state.subjects or {}
+                full += [s for s, n in counts.items() if n >= self.history_size]
+            names, matchers = set(channels), [compile_pattern(p) for p in patterns]
+            for subject in full:
+                channel = self.channel_of(subject)
+                if not (channel in names or any(m(channel) for m in matchers)):
+                    continue
+                oldest = await js.get_msg(self.stream, seq=1, subject=subject, next=True)
+                if oldest.seq is not None and oldest.seq > position:
+                    return True
+        return False
+
+    async def _delivered_up_to(self, seq: int) -> None:
+        """Wait until live delivery has passed `seq` (bounded: a stalled consumer risks a
+        duplicate rather than a hung subscribe).
+
+        The core holds a resuming subscriber's live events aside while it replays, then drops
+        those the replay contained; an event the live consumer delivered later would be a
+        duplicate.
+        """
+        with anyio.move_on_after(self.publish_timeout):
+            while self._delivered < seq:
+                await self._progress.wait()
+
+
+def _parse_url(url: str) -> tuple[list[str], dict[str, str]]:
+    """`nats://[auth@]h1:p1,h2:p2/?query` -> one server URL per host, and the layer's options."""
+    parts = urlsplit(url)
+    scheme = "tls" if parts.scheme.lower() == "tls" else "nats"
+    auth, _, hosts = parts.netloc.rpartition("@")
+    servers = []
+    for host in hosts.split(","):
+        host = host.strip()
+        if not host:
+            continue
+        if ":" not in host.rpartition("]")[2]:
+            host += ":4222"
+        servers.append(f"{scheme}://{auth + '@' if auth else ''}{host}")
+    if not servers:
+        servers = [f"{scheme}://127.0.0.1:4222"]
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = sorted(set(query) - set(_URL_OPTIONS))
+    if unknown:
+        raise LayerConfigurationError(
+            f"unknown nats:// URL option(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(_URL_OPTIONS))}"
+        )
+    return servers, query
+
+
+def _parse_id(id: str) -> int | None:
+    """The stream sequence of an id this layer issued: canonical decimal."""
+    if not (id.isascii() and id.isdigit()) or len(id) > 19 or str(int(id)) != id:
+        return None
+    return int(id)
