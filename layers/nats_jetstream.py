@@ -185,7 +185,9 @@ class NatsJetStreamLayer(JetStreamGroups):
                 self._sink.reconnected()
 
         async def error(exc: Exception) -> None:
-            logger.warning("%s: %s: %s", self.where, type(exc).__name__, exc)
+            # While disconnected every reconnect attempt fails: the disconnect was logged once.
+            level = logging.WARNING if self._connected else logging.DEBUG
+            logger.log(level, "%s: %s: %s", self.where, type(exc).__name__, exc)
             if self._sink is not None:
                 self._sink.layer_error(exc)
 
@@ -197,6 +199,9 @@ class NatsJetStreamLayer(JetStreamGroups):
                 max_reconnect_attempts=-1,
                 ping_interval=5,
                 max_outstanding_pings=2,
+                # Nothing is buffered while reconnecting: a publish that answered "unavailable"
+                # must not be sent after all once the connection is back.
+                pending_size=0,
                 disconnected_cb=disconnected,
                 reconnected_cb=reconnected,
                 error_cb=error,
