@@ -83,6 +83,7 @@ _URL_OPTIONS = {
     "storage": "file",
     "connect_timeout": "5",
     "publish_timeout": "5",
+    "randomize": "true",
 }
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PREFIX = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
@@ -112,7 +113,8 @@ class NatsJetStreamLayer(JetStreamGroups):
         Options missing from the arguments are read from the URL query: `stream` (`GATEWAY`),
         `subject_prefix` (`gw`), `replicas` (1), `storage` (`file` or `memory`),
         `connect_timeout` (5 s) and `publish_timeout` (5 s: how long a publish retries through a
-        failover before it answers "unavailable"). `tls://` connects with TLS.
+        failover before it answers "unavailable") and `randomize` (`true`: try the seed list in
+        random order, which spreads gateways over the servers). `tls://` connects with TLS.
         """
         servers, query = _parse_url(url)
         options = {**_URL_OPTIONS, **query}
@@ -133,6 +135,9 @@ class NatsJetStreamLayer(JetStreamGroups):
                 f"invalid subject_prefix {self.prefix!r}: use dot-separated tokens of letters, "
                 "digits and '_ - : @'"
             )
+        if options["randomize"] not in ("true", "false"):
+            raise LayerConfigurationError("randomize must be 'true' or 'false'")
+        self.randomize = options["randomize"] == "true"
         if options["storage"] not in ("file", "memory"):
             raise LayerConfigurationError("storage must be 'file' or 'memory'")
         if self.replicas < 1 or self.replicas > 5:
@@ -153,6 +158,7 @@ class NatsJetStreamLayer(JetStreamGroups):
         self._delivered = 0  # the live consumer has handed on every sequence up to this one
         self._progress = anyio.Event()  # set (and replaced) whenever `_delivered` moves
         self._connected = False
+        self._lost = anyio.Event()  # set when the connection drops, replaced when it is back
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -174,12 +180,14 @@ class NatsJetStreamLayer(JetStreamGroups):
     async def _connect(self) -> Client:
         async def disconnected() -> None:
             self._connected = False
+            self._lost.set()
             if self._sink is None:
                 return  # closing
             logger.warning("%s: connection lost; reconnecting", self.where)
 
         async def reconnected() -> None:
             self._connected = True
+            self._lost = anyio.Event()
             logger.info("%s: reconnected", self.where)
             if self._sink is not None:
                 self._sink.reconnected()
@@ -197,6 +205,7 @@ class NatsJetStreamLayer(JetStreamGroups):
                 connect_timeout=self.connect_timeout,
                 reconnect_time_wait=0.5,
                 max_reconnect_attempts=-1,
+                dont_randomize=not self.randomize,
                 ping_interval=5,
                 max_outstanding_pings=2,
                 # Nothing is buffered while reconnecting: a publish that answered "unavailable"
@@ -375,24 +384,57 @@ class NatsJetStreamLayer(JetStreamGroups):
         return [await self._publish_one(message) for message in messages]
 
     async def _publish_one(self, message: Message) -> str:
-        js = self._jetstream()
         headers = {"Nats-Msg-Id": uuid.uuid4().hex}
         subject, payload = self.subject(message.channel), message.to_wire()
         deadline = time.monotonic() + self.publish_timeout
         while True:
             attempt = min(REQUEST_TIMEOUT, max(0.1, deadline - time.monotonic()))
             try:
-                with self.unavailable():
-                    ack = await js.publish(
-                        subject, payload, timeout=attempt, stream=self.stream, headers=headers
-                    )
-                return str(ack.seq)
+                seq = await self._attempt(subject, payload, headers, attempt)
             except LayerUnavailable:
-                # Sent again with the same Nats-Msg-Id, a publish that did reach the stream is
-                # not stored twice: retrying through a failover is safe.
+                seq = None
                 if time.monotonic() + 0.1 >= deadline:
                     raise
-                await anyio.sleep(0.1)
+            if seq is not None:
+                return seq
+            # Sent again with the same Nats-Msg-Id, a publish that did reach the stream is not
+            # stored twice: retrying through a failover is safe.
+            if time.monotonic() + 0.1 >= deadline:
+                raise LayerUnavailable(f"{self.where}: no server took the message; retry later")
+            await anyio.sleep(0.1)
+
+    async def _attempt(
+        self, subject: str, payload: bytes, headers: dict[str, str], wait: float
+    ) -> str | None:
+        """One publish request: its sequence, or None when the connection dropped first.
+
+        A request in flight on a connection that broke is never answered; waiting for its
+        timeout would stall the publish long after the client has reconnected elsewhere.
+        """
+        js, lost = self._jetstream(), self._lost
+        if lost.is_set():
+            return None
+        done: list[str] = []
+        failed: list[LayerUnavailable] = []
+        async with anyio.create_task_group() as tasks:
+
+            async def give_up_when_lost() -> None:
+                await lost.wait()
+                tasks.cancel_scope.cancel()
+
+            tasks.start_soon(give_up_when_lost)
+            try:
+                with self.unavailable():
+                    ack = await js.publish(
+                        subject, payload, timeout=wait, stream=self.stream, headers=headers
+                    )
+                done.append(str(ack.seq))
+            except LayerUnavailable as exc:
+                failed.append(exc)
+            tasks.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        return done[0] if done else None
 
     # -- history ---------------------------------------------------------------------------------
 
