@@ -58,13 +58,15 @@ class Publisher:
     during_outage: list[int] = field(default_factory=list)  # n published while the node was down
     longest: float = 0.0  # seconds the slowest publish took
     outage: bool = False
+    stop: bool = False
     n: int = 0
+    done: anyio.Event = field(default_factory=anyio.Event)
 
     async def run(self, gateways: tuple[GatewayProcess, GatewayProcess], channel: str) -> None:
-        """Publish in turn through both gateways until cancelled."""
+        """Publish in turn through both gateways until told to stop."""
         clients = [g.client() for g in gateways]
         try:
-            while True:
+            while not self.stop:
                 n, self.n = self.n, self.n + 1
                 started = time.monotonic()
                 reply = await clients[n % 2].post(f"/channels/{channel}/publish", json={"data": n})
@@ -81,6 +83,7 @@ class Publisher:
         finally:
             for client in clients:
                 await client.aclose()
+            self.done.set()
 
 
 @dataclass
@@ -159,6 +162,9 @@ async def test_a_node_stops_and_returns_with_nothing_lost_repeated_or_reordered(
             publisher.outage = False
             back = time.monotonic() - stopped
             await anyio.sleep(AFTER)
+            publisher.stop = True  # the publish in flight finishes: its reply is recorded
+            with anyio.fail_after(15):
+                await publisher.done.wait()
             tasks.cancel_scope.cancel()
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tasks:
