@@ -26,6 +26,7 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -42,8 +43,23 @@ from .base import ChannelLayer, ConsumerInfo, GroupInfo, Sink
 from .errors import UnknownGroup
 from .event import Event
 
+logger = logging.getLogger("layers.nats")
+
 DEFAULT_ACK_WAIT = 30.0  # until the core's first claim tells the real ack timeout
 REQUEST_TIMEOUT = 2.0
+
+
+class NoSuchConsumer(Exception):
+    """A pull found no consumer of that name: deleted, or lost with a server's storage."""
+
+
+def decode(seq: int, msg: Msg) -> Event | None:
+    """The event in a stream message; None (logged) for one the gateway did not write."""
+    try:
+        return Event.from_wire(str(seq), msg.data)
+    except (ValueError, KeyError, TypeError):
+        logger.warning("skipping message %d on %s: not written by the gateway", seq, msg.subject)
+        return None
 
 
 @dataclass
@@ -156,7 +172,7 @@ class JetStreamGroups(ChannelLayer):
                 (taken if msg.metadata.num_delivered == 1 else state.redelivered).append(msg)
             if state.redelivered and self._sink is not None:
                 self._sink.wake(channel, released=True)  # the pump claims them next
-        return self._hand_out(state, group, consumer, taken)
+        return await self._hand_out(state, group, consumer, taken)
 
     async def group_claim(
         self, channel: str, group: str, consumer: str, min_idle: float, count: int
@@ -168,7 +184,7 @@ class JetStreamGroups(ChannelLayer):
         if len(taken) < count:
             for msg in await self._pull(channel, group, state, count - len(taken)):
                 (taken if msg.metadata.num_delivered > 1 else state.new).append(msg)
-        return self._hand_out(state, group, consumer, taken)
+        return await self._hand_out(state, group, consumer, taken)
 
     async def _set_ack_wait(self, channel: str, group: str, state: _Group, ack_wait: float) -> None:
         js = self._jetstream()
@@ -188,20 +204,26 @@ class JetStreamGroups(ChannelLayer):
     async def _pull(self, channel: str, group: str, state: _Group, count: int) -> list[Msg]:
         try:
             return await self.pull(state.durable, count)
-        except nats.js.errors.NotFoundError:
+        except NoSuchConsumer:
             # Deleted, or lost with a server's storage: start it again from new messages.
             await self._create(channel, group, state)
             return []
 
-    def _hand_out(self, state: _Group, group: str, consumer: str, msgs: list[Msg]) -> list[Event]:
+    async def _hand_out(
+        self, state: _Group, group: str, consumer: str, msgs: list[Msg]
+    ) -> list[Event]:
         now = time.monotonic()
         state.consumers[consumer] = now
         self._forget_stale(state, now)
         events = []
         for msg in sorted(msgs, key=lambda m: m.metadata.sequence.stream):
-            id = str(msg.metadata.sequence.stream)
-            state.held[id] = _Held(msg, consumer, now)
-            event = Event.from_wire(id, msg.data)
+            seq = msg.metadata.sequence.stream
+            event = decode(seq, msg)
+            if event is None:
+                with self.unavailable():
+                    await self._client().publish(msg.reply, b"+TERM")  # never redeliver it
+                continue
+            state.held[event.id] = _Held(msg, consumer, now)
             events.append(event.redelivered(group, msg.metadata.num_delivered))
         return events
 

@@ -47,7 +47,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
-import nats
 import nats.errors
 import nats.js.errors
 from anyio.abc import TaskStatus
@@ -65,7 +64,7 @@ from nats.js.api import (
     StreamInfo,
 )
 
-from ._nats_groups import JetStreamGroups
+from ._nats_groups import JetStreamGroups, NoSuchConsumer, decode
 from .base import Capabilities, Replay, Sink
 from .errors import InvalidArgument, LayerConfigurationError, LayerUnavailable
 from .event import Event, Message
@@ -199,26 +198,35 @@ class NatsJetStreamLayer(JetStreamGroups):
             if self._sink is not None:
                 self._sink.layer_error(exc)
 
+        nc = Client()
+        # nats-py retries the first connection for ever when reconnecting is unlimited; the
+        # gateway must not hang at start-up, so the first connection gets a deadline.
+        deadline = self.connect_timeout * len(self.servers) + 1
         try:
-            nc = await nats.connect(
-                self.servers,
-                connect_timeout=self.connect_timeout,
-                reconnect_time_wait=0.5,
-                max_reconnect_attempts=-1,
-                dont_randomize=not self.randomize,
-                ping_interval=5,
-                max_outstanding_pings=2,
-                # Nothing is buffered while reconnecting: a publish that answered "unavailable"
-                # must not be sent after all once the connection is back.
-                pending_size=0,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
-                name=f"channels-gateway:{uuid.uuid4().hex[:8]}",
-            )
+            with anyio.fail_after(deadline):
+                await nc.connect(
+                    servers=self.servers,
+                    # annotated as int, used as seconds: fractions work
+                    connect_timeout=self.connect_timeout,  # type: ignore[arg-type]
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                    max_reconnect_attempts=-1,
+                    dont_randomize=not self.randomize,
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    # Nothing is buffered while reconnecting: a publish that answered
+                    # "unavailable" must not be sent after all once the connection is back.
+                    pending_size=0,
+                    disconnected_cb=disconnected,
+                    reconnected_cb=reconnected,
+                    error_cb=error,
+                    name=f"channels-gateway:{uuid.uuid4().hex[:8]}",
+                )
         except _UNAVAILABLE as exc:
+            self._sink = None  # quiet: this is no lost connection
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                await nc.close()
             raise LayerUnavailable(
-                f"{self.where} is unavailable ({type(exc).__name__}: {exc}); "
+                f"{self.where} is unavailable ({type(exc).__name__}: {str(exc) or 'timed out'}); "
                 "check that nats-server is running with JetStream (-js) and the nats:// URL"
             ) from None
         self._connected = True
@@ -297,7 +305,7 @@ class NatsJetStreamLayer(JetStreamGroups):
             raise InvalidArgument(f"message larger than the NATS server accepts: {exc}") from None
         except _UNAVAILABLE as exc:
             raise LayerUnavailable(
-                f"{self.where} is unavailable ({type(exc).__name__}: {exc or 'timed out'}); "
+                f"{self.where} is unavailable ({type(exc).__name__}: {str(exc) or 'timed out'}); "
                 "retry later"
             ) from exc
 
@@ -348,11 +356,8 @@ class NatsJetStreamLayer(JetStreamGroups):
         self._delivered = seq
         channel = self.channel_of(msg.subject)
         if self._sink is not None and self._wants(channel):
-            try:
-                event = Event.from_wire(str(seq), msg.data)
-            except (ValueError, KeyError, TypeError):
-                logger.warning("skipping a message on %s that the gateway did not write", channel)
-            else:
+            event = decode(seq, msg)
+            if event is not None:
                 self._sink.deliver(event)
         self._progress.set()
         self._progress = anyio.Event()
@@ -469,7 +474,9 @@ class NatsJetStreamLayer(JetStreamGroups):
             if seq in seen or not (channel in names or any(m(channel) for m in matchers)):
                 continue
             seen.add(seq)
-            events.append(Event.from_wire(str(seq), msg.data))
+            event = decode(seq, msg)
+            if event is not None:
+                events.append(event)
         if limit is not None:
             events = events[:limit] if after is not None else events[-limit:]
         if events and (names & self._channels or set(patterns) & self._patterns.keys()):
@@ -528,9 +535,12 @@ class NatsJetStreamLayer(JetStreamGroups):
     async def pull(self, consumer: str, batch: int) -> list[Msg]:
         """Up to `batch` messages available to the pull consumer now, without waiting for more.
 
-        Raises `nats.js.errors.NotFoundError` when the consumer does not exist.
+        Raises `NoSuchConsumer` when the consumer does not exist: a pull request to a missing
+        consumer goes unanswered, so silence is checked with the consumer's info.
         """
-        nc = self._client()
+        nc, js = self._client(), self._jetstream()
+        messages: list[Msg] = []
+        answered = False
         with self.unavailable():
             inbox = nc.new_inbox()
             subscription = await nc.subscribe(inbox)
@@ -539,20 +549,23 @@ class NatsJetStreamLayer(JetStreamGroups):
                 await nc.publish(
                     f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{consumer}", request, reply=inbox
                 )
-                messages: list[Msg] = []
-                with anyio.fail_after(REQUEST_TIMEOUT):
+                with anyio.move_on_after(REQUEST_TIMEOUT):
                     while len(messages) < batch:
                         msg = await subscription.next_msg(timeout=None)
-                        status = (msg.headers or {}).get("Status") if not msg.data else None
-                        if status == "503":
-                            raise nats.js.errors.NotFoundError(description="no such consumer")
-                        if status is not None:
+                        answered = True
+                        if not msg.data and (msg.headers or {}).get("Status"):
                             break  # 404 no messages, 408 timeout, 409 limits: that is all now
                         messages.append(msg)
-                return messages
             finally:
                 with anyio.CancelScope(shield=True):
                     await subscription.unsubscribe()
+            if not answered:
+                try:
+                    await js.consumer_info(self.stream, consumer)
+                except nats.js.errors.NotFoundError:
+                    raise NoSuchConsumer(consumer) from None
+                raise LayerUnavailable(f"{self.where}: a pull from {consumer!r} got no answer")
+        return messages
 
     async def _evicted_after(
         self,

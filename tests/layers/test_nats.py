@@ -217,3 +217,66 @@ async def test_a_server_killed_mid_stream_loses_nothing(
     assert [(e.id, e.data) for e in received] == accepted
     assert [(e.id, e.data) for e in history.events] == accepted
     assert len(accepted) >= 190  # only what was published while the server was down is missing
+
+
+async def test_start_up_without_a_server_fails_at_once_naming_the_url() -> None:
+    layer = create_layer("nats://127.0.0.1:1,127.0.0.1:2?connect_timeout=0.5")
+    with anyio.fail_after(TIMEOUT), pytest.raises(LayerUnavailable) as refused:
+        async with Channel(layer):
+            pass
+    assert "NATS at 127.0.0.1:1,127.0.0.1:2 is unavailable" in refused.value.detail
+    assert "-js" in refused.value.detail
+
+
+async def _publish_raw(url: str, subject: str, payload: bytes) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(subject, payload)
+    finally:
+        await nc.close()
+
+
+async def test_messages_the_gateway_did_not_write_are_skipped(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    stream, prefix = nats_stream
+    async with (
+        Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)) as channel,
+        channel.subscribe(unique) as live,
+        channel.subscribe(unique, group="g", consumer="c") as worker,
+    ):
+        await _publish_raw(nats_url, f"{prefix}.{unique}", b"not the gateway's")
+        kept = await channel.publish(unique, "ours")
+        assert [e.id for e in await _events(live, 1)] == [kept]
+        (work,) = await _events(worker, 1)
+        assert work.id == kept and await work.ack()
+        history = await channel.history(unique)
+    assert [e.id for e in history.events] == [kept]
+
+
+async def test_a_group_whose_consumer_vanished_is_created_again(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    import nats
+
+    stream, prefix = nats_stream
+    layer = create_layer(nats_url, stream=stream, subject_prefix=prefix)
+    async with Channel(layer) as channel, channel.subscribe(unique, group="g", consumer="c") as sub:
+        nc = await nats.connect(nats_url)
+        try:
+            (consumer,) = [
+                c.name for c in await nc.jetstream().consumers_info(stream) if c.config.durable_name
+            ]
+            await nc.jetstream().delete_consumer(stream, consumer)
+        finally:
+            await nc.close()
+        with anyio.fail_after(TIMEOUT):
+            while True:  # the pump notices at its next pull and creates the group again
+                message_id = await channel.publish(unique, "after")
+                with anyio.move_on_after(0.5):
+                    (event,) = await _events(sub, 1)
+                    break
+        assert event.data == "after"
+        assert int(event.id) >= int(message_id)
