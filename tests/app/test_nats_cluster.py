@@ -207,3 +207,45 @@ async def test_a_node_stops_and_returns_with_nothing_lost_repeated_or_reordered(
     assert publisher.accepted and publisher.during_outage
     if os.environ.get("NATS_CLUSTER_STRICT"):
         assert not publisher.refused
+
+
+async def test_with_no_server_answering_the_api_says_503_and_recovers_by_itself(
+    nats_cluster: list[NatsServer], nats_names: tuple[str, str], unique: str, tmp_path: Path
+) -> None:
+    stream, prefix = nats_names
+    seeds = ",".join(f"127.0.0.1:{node.port}" for node in nats_cluster)
+    url = f"nats://{seeds}?stream={stream}&subject_prefix={prefix}&replicas=3&publish_timeout=1"
+    channel = f"{unique}.jobs"
+    with gateway_process(url, tmp_path / "gateway.log") as gateway:
+        await gateway.wait_ready()
+        async with gateway.client() as http:
+            with anyio.fail_after(30):
+                first = await http.post(f"/channels/{channel}/publish", json={"data": 1})
+                assert first.status_code == 200, first.text
+                for node in nats_cluster:
+                    node.stop(signal.SIGKILL)
+                while (await http.get("/readyz")).status_code != 503:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)  # until the client notices: no event to await
+                for method, path, body in (
+                    ("POST", f"/channels/{channel}/publish", {"data": 2}),
+                    ("POST", "/publish", {"messages": [{"channel": channel, "data": 3}]}),
+                    ("GET", f"/channels/{channel}/history", None),
+                    ("GET", f"/channels/{channel}/groups/g", None),
+                    ("POST", f"/channels/{channel}/groups/g/ack", {"ids": [first.json()["id"]]}),
+                ):
+                    reply = await http.request(method, path, json=body)
+                    assert reply.status_code == 503, (path, reply.text)
+                    assert reply.json()["error"] == "layer_unavailable", reply.text
+                for node in nats_cluster:
+                    node.start(wait=False)
+                for node in nats_cluster:
+                    await anyio.to_thread.run_sync(node.wait_healthy)
+                while (await http.get("/readyz")).status_code != 200:  # noqa: ASYNC110
+                    await anyio.sleep(0.1)  # the client reconnects on its own schedule
+                while (
+                    again := await http.post(f"/channels/{channel}/publish", json={"data": 4})
+                ).status_code != 200:
+                    assert again.status_code == 503, again.text
+                    await anyio.sleep(0.2)  # the stream's leader is being elected
+                history = await http.get(f"/channels/{channel}/history")
+    assert [m["data"] for m in history.json()["messages"]] == [1, 4]
