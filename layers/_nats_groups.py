@@ -26,7 +26,6 @@ Design decisions:
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -39,27 +38,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ._nats import NoSuchConsumer, decode
 from .base import ChannelLayer, ConsumerInfo, GroupInfo, Sink
 from .errors import UnknownGroup
 from .event import Event
 
-logger = logging.getLogger("layers.nats")
-
 DEFAULT_ACK_WAIT = 30.0  # until the core's first claim tells the real ack timeout
 REQUEST_TIMEOUT = 2.0
-
-
-class NoSuchConsumer(Exception):
-    """A pull found no consumer of that name: deleted, or lost with a server's storage."""
-
-
-def decode(seq: int, msg: Msg) -> Event | None:
-    """The event in a stream message; None (logged) for one the gateway did not write."""
-    try:
-        return Event.from_wire(str(seq), msg.data)
-    except (ValueError, KeyError, TypeError):
-        logger.warning("skipping message %d on %s: not written by the gateway", seq, msg.subject)
-        return None
 
 
 @dataclass

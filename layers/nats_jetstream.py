@@ -33,18 +33,16 @@ Design decisions:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import heapq
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 import nats.errors
@@ -59,12 +57,12 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     RetentionPolicy,
-    StorageType,
     StreamConfig,
     StreamInfo,
 )
 
-from ._nats_groups import JetStreamGroups, NoSuchConsumer, decode
+from ._nats import UNAVAILABLE, NatsOptions, NoSuchConsumer, check_names, decode, parse_id
+from ._nats_groups import JetStreamGroups
 from .base import Capabilities, Replay, Sink
 from .errors import InvalidArgument, LayerConfigurationError, LayerUnavailable
 from .event import Event, Message
@@ -75,20 +73,6 @@ logger = logging.getLogger("layers.nats")
 HEARTBEAT = 1.0  # the live consumer's idle heartbeat; two missed ones recreate it
 REQUEST_TIMEOUT = 2.0  # one JetStream API request
 PULL_BATCH = 500
-_URL_OPTIONS = {
-    "stream": "GATEWAY",
-    "subject_prefix": "gw",
-    "replicas": "1",
-    "storage": "file",
-    "connect_timeout": "5",
-    "publish_timeout": "5",
-    "randomize": "true",
-}
-_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_PREFIX = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
-
-# What "the server cannot be reached right now" looks like through nats-py.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (nats.errors.Error, OSError, asyncio.TimeoutError)
 
 
 class NatsJetStreamLayer(JetStreamGroups):
@@ -115,40 +99,24 @@ class NatsJetStreamLayer(JetStreamGroups):
         failover before it answers "unavailable") and `randomize` (`true`: try the seed list in
         random order, which spreads gateways over the servers). `tls://` connects with TLS.
         """
-        servers, query = _parse_url(url)
-        options = {**_URL_OPTIONS, **query}
-        try:
-            self.replicas = replicas if replicas is not None else int(options["replicas"])
-            self.connect_timeout = float(options["connect_timeout"])
-            self.publish_timeout = float(options["publish_timeout"])
-        except ValueError as exc:
-            raise LayerConfigurationError(f"invalid nats:// URL option: {exc}") from None
-        self.stream = stream or options["stream"]
-        self.prefix = subject_prefix or options["subject_prefix"]
-        if not _STREAM_NAME.fullmatch(self.stream):
-            raise LayerConfigurationError(
-                f"invalid stream name {self.stream!r}: use 1-64 letters, digits, '_' and '-'"
-            )
-        if not _PREFIX.fullmatch(self.prefix):
-            raise LayerConfigurationError(
-                f"invalid subject_prefix {self.prefix!r}: use dot-separated tokens of letters, "
-                "digits and '_ - : @'"
-            )
-        if options["randomize"] not in ("true", "false"):
-            raise LayerConfigurationError("randomize must be 'true' or 'false'")
-        self.randomize = options["randomize"] == "true"
-        if options["storage"] not in ("file", "memory"):
-            raise LayerConfigurationError("storage must be 'file' or 'memory'")
-        if self.replicas < 1 or self.replicas > 5:
-            raise LayerConfigurationError("replicas must be 1 to 5")
+        options = NatsOptions.parse(url)
+        self.servers = options.servers
+        self.stream = stream or options.stream
+        self.prefix = subject_prefix or options.subject_prefix
+        self.replicas = replicas if replicas is not None else options.replicas
+        self.storage = options.storage
+        self.connect_timeout = options.connect_timeout
+        self.publish_timeout = options.publish_timeout
+        self.randomize = options.randomize
+        check_names(self.stream, self.prefix, self.replicas)
         if history_size < 1:
             raise LayerConfigurationError("history_size must be at least 1")
         super().__init__()
-        self.servers = servers
-        self.storage = StorageType.FILE if options["storage"] == "file" else StorageType.MEMORY
         self.history_size = history_size
         self.history_ttl = history_ttl
-        self.where = "NATS at " + ",".join(urlsplit(s).netloc.rpartition("@")[2] for s in servers)
+        self.where = "NATS at " + ",".join(
+            urlsplit(s).netloc.rpartition("@")[2] for s in self.servers
+        )
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._sink: Sink | None = None
@@ -221,7 +189,7 @@ class NatsJetStreamLayer(JetStreamGroups):
                     error_cb=error,
                     name=f"channels-gateway:{uuid.uuid4().hex[:8]}",
                 )
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             self._sink = None  # quiet: this is no lost connection
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await nc.close()
@@ -303,7 +271,7 @@ class NatsJetStreamLayer(JetStreamGroups):
             yield
         except nats.errors.MaxPayloadError as exc:
             raise InvalidArgument(f"message larger than the NATS server accepts: {exc}") from None
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             raise LayerUnavailable(
                 f"{self.where} is unavailable ({type(exc).__name__}: {str(exc) or 'timed out'}); "
                 "retry later"
@@ -456,7 +424,7 @@ class NatsJetStreamLayer(JetStreamGroups):
             state = (await js.stream_info(self.stream)).state
         gap, reason, start = False, "evicted", 1
         if after is not None:
-            position = _parse_id(after)
+            position = parse_id(after)
             if position is None or position > state.last_seq:
                 gap, reason = True, "unknown_id"  # not an id of this stream (was it recreated?)
             else:
@@ -528,7 +496,7 @@ class NatsJetStreamLayer(JetStreamGroups):
             with (
                 anyio.CancelScope(shield=True),
                 anyio.move_on_after(REQUEST_TIMEOUT),
-                contextlib.suppress(*_UNAVAILABLE),
+                contextlib.suppress(*UNAVAILABLE),
             ):
                 await js.delete_consumer(self.stream, info.name)
 
@@ -605,35 +573,3 @@ class NatsJetStreamLayer(JetStreamGroups):
         with anyio.move_on_after(self.publish_timeout):
             while self._delivered < seq:
                 await self._progress.wait()
-
-
-def _parse_url(url: str) -> tuple[list[str], dict[str, str]]:
-    """`nats://[auth@]h1:p1,h2:p2/?query` -> one server URL per host, and the layer's options."""
-    parts = urlsplit(url)
-    scheme = "tls" if parts.scheme.lower() == "tls" else "nats"
-    auth, _, hosts = parts.netloc.rpartition("@")
-    servers = []
-    for host in hosts.split(","):
-        host = host.strip()
-        if not host:
-            continue
-        if ":" not in host.rpartition("]")[2]:
-            host += ":4222"
-        servers.append(f"{scheme}://{auth + '@' if auth else ''}{host}")
-    if not servers:
-        servers = [f"{scheme}://127.0.0.1:4222"]
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    unknown = sorted(set(query) - set(_URL_OPTIONS))
-    if unknown:
-        raise LayerConfigurationError(
-            f"unknown nats:// URL option(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(_URL_OPTIONS))}"
-        )
-    return servers, query
-
-
-def _parse_id(id: str) -> int | None:
-    """The stream sequence of an id this layer issued: canonical decimal."""
-    if not (id.isascii() and id.isdigit()) or len(id) > 19 or str(int(id)) != id:
-        return None
-    return int(id)
