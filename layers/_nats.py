@@ -25,6 +25,7 @@ URL_OPTIONS = {
     "connect_timeout": "5",
     "publish_timeout": "5",
     "randomize": "true",
+    "max_bytes": "-1",
 }
 STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PREFIX = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
@@ -45,6 +46,7 @@ class NatsOptions:
     connect_timeout: float
     publish_timeout: float
     randomize: bool
+    max_bytes: int
 
     @classmethod
     def parse(cls, url: str) -> NatsOptions:
@@ -82,6 +84,7 @@ class NatsOptions:
                 connect_timeout=float(options["connect_timeout"]),
                 publish_timeout=float(options["publish_timeout"]),
                 randomize=options["randomize"] == "true",
+                max_bytes=int(options["max_bytes"]),
             )
         except ValueError as exc:
             raise LayerConfigurationError(f"invalid nats:// URL option: {exc}") from None

@@ -7,8 +7,9 @@ Design decisions:
   sequences, so they are ordered across channels and one `Last-Event-ID` places a resuming
   subscriber in every channel and pattern it follows. The stream is created at start-up, or updated
   to this process's limits (`history_size` per channel as `max_msgs_per_subject`, `history_ttl` as
-  `max_age`, `?replicas=`); one that exists with settings the layer cannot work with (other
-  subjects, another retention or storage) is refused with what to change.
+  `max_age`, `?max_bytes=` for the whole stream, `?replicas=`); one that exists with settings the
+  layer cannot work with (other subjects, another retention or storage) is refused with what to
+  change.
 - Live delivery: one ordered consumer per process over the whole prefix (`gw.>`), not a core
   subscription. A core subscriber never learns a message's stream sequence (only the publisher
   gets it, in the PubAck), so it could give no ids; and it loses whatever is published while its
@@ -22,10 +23,10 @@ Design decisions:
   glob `*` spans dots and a NATS `*` does not), then matched exactly. It returns only once the
   live consumer has passed the newest replayed sequence, so the core's hand-off can drop every
   replayed event it held aside and none arrives live after it.
-- Gaps: trimming removes the oldest messages of a subject first, and expiry the oldest of the
-  stream. After id P a channel lost messages if it holds `history_size` messages all newer than P
-  (conservative by one: exactly `history_size` new messages since P also counts as a gap), or,
-  with a TTL, if the stream's oldest message is newer than P + 1.
+- Gaps: trimming removes the oldest messages of a subject first; expiry and `max_bytes` the
+  oldest of the stream. After id P a channel lost messages if it holds `history_size` messages
+  all newer than P (conservative by one: exactly `history_size` new messages since P also counts
+  as a gap), or, with a TTL or `max_bytes`, if the stream's oldest message is newer than P + 1.
 - Publishing waits for the PubAck. Each message carries a `Nats-Msg-Id`, so a publish retried after
   a timeout (a node failing, a leader being elected) within `publish_timeout` is stored once.
 - Consumer groups: see `layers._nats_groups`.
@@ -95,8 +96,9 @@ class NatsJetStreamLayer(JetStreamGroups):
 
         Options missing from the arguments are read from the URL query: `stream` (`GATEWAY`),
         `subject_prefix` (`gw`), `replicas` (1), `storage` (`file` or `memory`),
-        `connect_timeout` (5 s) and `publish_timeout` (5 s: how long a publish retries through a
-        failover before it answers "unavailable") and `randomize` (`true`: try the seed list in
+        `max_bytes` (the stream's size limit; unlimited), `connect_timeout` (5 s),
+        `publish_timeout` (5 s: how long a publish retries through a failover before it answers
+        "unavailable") and `randomize` (`true`: try the seed list in
         random order, which spreads gateways over the servers). `tls://` connects with TLS.
         """
         options = NatsOptions.parse(url)
@@ -108,6 +110,7 @@ class NatsJetStreamLayer(JetStreamGroups):
         self.connect_timeout = options.connect_timeout
         self.publish_timeout = options.publish_timeout
         self.randomize = options.randomize
+        self.max_bytes = options.max_bytes
         check_names(self.stream, self.prefix, self.replicas)
         if history_size < 1:
             raise LayerConfigurationError("history_size must be at least 1")
@@ -214,6 +217,7 @@ class NatsJetStreamLayer(JetStreamGroups):
             num_replicas=self.replicas,
             max_msgs_per_subject=self.history_size,
             max_age=ttl,
+            max_bytes=self.max_bytes,
             discard=DiscardPolicy.OLD,
             duplicate_window=min(120.0, ttl) if ttl else 120.0,
         )
@@ -231,6 +235,7 @@ class NatsJetStreamLayer(JetStreamGroups):
                     current.num_replicas != self.replicas
                     or current.max_msgs_per_subject != self.history_size
                     or (current.max_age or 0.0) != ttl
+                    or (current.max_bytes or -1) != self.max_bytes
                 ):
                     return await js.update_stream(config)
                 return existing
@@ -543,7 +548,8 @@ class NatsJetStreamLayer(JetStreamGroups):
         patterns: Collection[str],
     ) -> bool:
         """Whether messages of these channels after `position` were trimmed or expired."""
-        if self.history_ttl and position + 1 < first_seq:
+        # Expiry and the stream's byte limit remove the oldest messages of the whole stream.
+        if (self.history_ttl or self.max_bytes > 0) and position + 1 < first_seq:
             return True
         js = self._jetstream()
         full: list[str] = []

@@ -110,12 +110,13 @@ async def test_an_existing_stream_takes_the_new_history_limits(
     stream, prefix = nats_stream
     async with Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)):
         pass
-    async with Channel(
-        create_layer(nats_url, stream=stream, subject_prefix=prefix, history_size=7, history_ttl=60)
-    ):
+    url = f"{nats_url}?max_bytes=1000000"
+    layer = create_layer(url, stream=stream, subject_prefix=prefix, history_size=7, history_ttl=60)
+    async with Channel(layer):
         config = await _stream_config(nats_url, stream)
     assert config.max_msgs_per_subject == 7  # type: ignore[attr-defined]
     assert config.max_age == 60  # type: ignore[attr-defined]
+    assert config.max_bytes == 1_000_000  # type: ignore[attr-defined]
 
 
 async def test_replicas_beyond_one_server_are_refused_with_the_fix(
