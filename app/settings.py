@@ -127,7 +127,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 "memory:// keeps messages inside one process, so GATEWAY_WORKERS > 1 would split "
                 "subscribers from publishers; choose a cross-process layer: "
-                "redis://, redis+streams://, postgresql:// or mqtt://"
+                "redis://, redis+streams://, postgresql://, mqtt:// or nats://"
             )
         return self
 

@@ -67,8 +67,8 @@ def markdown(records: list[Record]) -> str:
         base2 = {r["rate"]: r for r in s2 if r["target"] == "baseline"}
         memory = {r["rate"]: r for r in s2 if r["target"] == "gateway"}
         lines += [
-            "**S2 fan-out to 1,000 subscribers on one channel** (S4: the gateway on Redis; its "
-            "ratio is to the memory layer). Loss: missing / sampled seq gaps / extra.",
+            "**S2 fan-out to 1,000 subscribers on one channel** (S4: the gateway on a broker "
+            "layer; its ratio is to the memory layer). Loss: missing / sampled seq gaps / extra.",
             "",
             "| rate msg/s | target | deliveries/s | ratio | p50 ms | p99 ms | loss | "
             "server CPU µs/delivery | CPU ratio | server CPU | load CPU | sustained | load avg |",

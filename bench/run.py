@@ -7,6 +7,7 @@ CPU 0. Every record carries the load average when it was taken, since the machin
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 import os
 import resource
@@ -39,6 +40,7 @@ class Config:
     throughput_seconds: float = 5.0
     scenarios: list[str] = field(default_factory=lambda: ["S1", "S2", "S3", "S4", "S5"])
     redis_url: str = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+    nats_url: str = os.environ.get("BENCH_NATS_URL", "nats://127.0.0.1:4222")
 
 
 Record = dict[str, Any]
@@ -296,14 +298,15 @@ async def storm(server: Server, clients: int, behind: int = 100, live_rate: int 
 # -- the run -----------------------------------------------------------------------------------
 
 
-def redis_layers() -> dict[str, str | None]:
-    """Layer URL -> None if it can run here, else why not."""
-    out: dict[str, str | None] = {}
-    for scheme, module in (("redis+streams", "redis_streams"), ("redis", "redis_pubsub")):
-        if importlib.util.find_spec(f"layers.{module}") is None:
-            out[scheme] = f"layers/{module}.py is not there yet"
-        else:
-            out[scheme] = None
+def broker_layers(config: Config) -> dict[str, tuple[str, str | None]]:
+    """The cross-process layers S1 and S4 run the gateway on: scheme -> (layer URL, None if it
+    can run here, else why not)."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for scheme in ("redis+streams", "redis"):
+        missing = None if importlib.util.find_spec("redis") else "pip install -e '.[redis]'"
+        out[scheme] = (config.redis_url.replace("redis://", f"{scheme}://", 1), missing)
+    missing = None if importlib.util.find_spec("nats") else "pip install -e '.[nats]'"
+    out["nats"] = (f"{config.nats_url}?stream=BENCH&subject_prefix=bench", missing)
     return out
 
 
@@ -334,8 +337,21 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
             reason = f"failed: {exc!r}"[:300]
             emit(stamp({"scenario": scenario, "target": target, "not_run": reason}))
 
+    layers = broker_layers(config)
+    for scheme, (_, missing) in layers.items():
+        if missing is not None and {"S1", "S4"} & set(config.scenarios):
+            emit(stamp({"scenario": "S1,S4", "target": scheme, "not_run": missing}))
+    runnable = {scheme: url for scheme, (url, missing) in layers.items() if missing is None}
+
     if "S1" in config.scenarios:
-        for name, make in targets:
+        s1_targets = [
+            *targets,
+            *(
+                (scheme, functools.partial(servers.gateway, layer=url))
+                for scheme, url in runnable.items()
+            ),
+        ]
+        for name, make in s1_targets:
             with attempt("S1", name), make() as server:
                 await asyncio.sleep(0.5)
                 result = await throughput(server, config.throughput_seconds)
@@ -359,11 +375,7 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
                 emit(stamp({"scenario": "S3", "target": name, **result}))
 
     if "S4" in config.scenarios:
-        for scheme, missing in redis_layers().items():
-            if missing is not None:
-                emit(stamp({"scenario": "S4", "target": scheme, "not_run": missing}))
-                continue
-            url = config.redis_url.replace("redis://", f"{scheme}://", 1)
+        for scheme, url in runnable.items():
             with attempt("S4", scheme), servers.gateway(layer=url) as server:
                 fields = {"scenario": "S4", "target": scheme}
                 await fanout(server, config, f"s4-{int(time.time())}", emitter(fields))

@@ -30,6 +30,8 @@ LAYERS: dict[str, LayerEntry] = {
     "postgres": LayerEntry("layers.postgres", "PostgresLayer", "postgres", _HG),
     "mqtt": LayerEntry("layers.mqtt", "MQTTLayer", "mqtt", frozenset({"groups"})),
     "mqtts": LayerEntry("layers.mqtt", "MQTTLayer", "mqtt", frozenset({"groups"})),
+    "nats": LayerEntry("layers.nats_jetstream", "NatsJetStreamLayer", "nats", _HG),
+    "tls": LayerEntry("layers.nats_jetstream", "NatsJetStreamLayer", "nats", _HG),
 }
 
 

@@ -15,7 +15,12 @@ import pytest
 
 from layers import ChannelLayer, InMemoryChannelLayer
 
-pytest_plugins = ["tests.fixtures_mqtt", "tests.fixtures_postgres", "tests.fixtures_redis"]
+pytest_plugins = [
+    "tests.fixtures_mqtt",
+    "tests.fixtures_nats",
+    "tests.fixtures_postgres",
+    "tests.fixtures_redis",
+]
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -40,6 +45,7 @@ CONTRACT_LAYERS = [
     pytest.param(("redis_pubsub_layer_factory", "asyncio"), id="redis-asyncio"),
     pytest.param(("redis_streams_layer_factory", "asyncio"), id="redis-streams-asyncio"),
     pytest.param(("postgres_layer_factory", "asyncio"), id="postgres-asyncio"),
+    pytest.param(("nats_layer_factory", "asyncio"), id="nats-asyncio"),
 ]
 
 

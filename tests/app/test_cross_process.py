@@ -30,7 +30,7 @@ class Layer:
     round_robin: bool  # the broker deals a group's messages to its consumers in turn
 
 
-@pytest.fixture(params=["redis", "redis+streams", "postgresql", "mqtt"])
+@pytest.fixture(params=["redis", "redis+streams", "postgresql", "mqtt", "nats"])
 async def layer(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Layer]:
     scheme: str = request.param
     if scheme.startswith("redis"):
@@ -42,6 +42,10 @@ async def layer(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[La
         url = request.getfixturevalue("postgres_url")
         yield Layer(url, True, True, True, False)
         await forget_channels(url, unique)
+    elif scheme == "nats":
+        stream, prefix = request.getfixturevalue("nats_stream")
+        url = request.getfixturevalue("nats_url")
+        yield Layer(f"{url}?stream={stream}&subject_prefix={prefix}", True, True, True, False)
     else:
         # Two processes on one host: each takes its own instance slot, so its own MQTT sessions.
         url = request.getfixturevalue("mqtt_url")

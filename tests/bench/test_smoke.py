@@ -12,8 +12,9 @@ import pytest
 
 from bench.load import Subscribers, publish_at_rate
 from bench.report import markdown
-from bench.run import fanout_step, storm
+from bench.run import Config, broker_layers, fanout_step, storm
 from bench.servers import Server
+from layers import create_layer
 from tests.app.conftest import RunningGateway
 
 pytestmark = pytest.mark.anyio
@@ -65,3 +66,12 @@ async def test_open_loop_publisher_reports_the_ids(gateway: RunningGateway) -> N
         )
     assert result.ok == result.sent == 10
     assert len(set(result.ids)) == 10
+
+
+def test_broker_layers_include_nats_with_a_stream_of_their_own() -> None:
+    layers = broker_layers(Config(nats_url="nats://127.0.0.1:4222"))
+    assert set(layers) == {"redis+streams", "redis", "nats"}
+    url, missing = layers["nats"]
+    assert missing is None  # the dev extra installs nats-py
+    layer = create_layer(url)
+    assert (layer.scheme, getattr(layer, "stream", None)) == ("nats", "BENCH")

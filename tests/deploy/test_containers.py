@@ -23,7 +23,7 @@ import yaml
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
-BROKERS = ("redis", "postgres", "mosquitto")
+BROKERS = ("redis", "postgres", "mosquitto", "nats")
 
 
 def tool(name: str) -> str:
@@ -117,9 +117,25 @@ def test_compose_file_is_valid_and_wired() -> None:
     assert float(gateway["stop_grace_period"].rstrip("s")) > grace
 
 
+def test_compose_nats_runs_jetstream_on_its_volume_with_a_health_endpoint() -> None:
+    nats = compose_config()["services"]["nats"]
+    command = nats["command"]
+    assert "-js" in command
+    store = command[command.index("-sd") + 1]
+    # docker-compose 1.x prints volumes as "source:target:mode", 2.x as mappings
+    targets = [v.split(":")[1] if isinstance(v, str) else v["target"] for v in nats["volumes"]]
+    assert store in targets
+    monitor = command[command.index("-m") + 1]
+    assert f"http://127.0.0.1:{monitor}/healthz" in " ".join(nats["healthcheck"]["test"])
+
+
 @pytest.mark.parametrize(
     "layer",
-    ["postgresql://gateway:gateway@postgres:5432/gateway", "mqtt://mosquitto:1883"],
+    [
+        "postgresql://gateway:gateway@postgres:5432/gateway",
+        "mqtt://mosquitto:1883",
+        "nats://nats:4222",
+    ],
 )
 def test_compose_switches_layer_by_variable(layer: str) -> None:
     gateway = compose_config(GATEWAY_LAYER=layer)["services"]["gateway"]

@@ -154,6 +154,19 @@ def test_settings_and_secrets_reach_the_container() -> None:
     assert "replicas" not in objects["Deployment"]["spec"]  # the HPA owns the count
 
 
+def test_an_existing_nats_cluster_is_configured_by_its_seed_list() -> None:
+    layer = "nats://nats-0.nats:4222,nats-1.nats:4222,nats-2.nats:4222?replicas=3"
+    values = merged({"gateway": {"layer": layer}})
+    helm.Chart.load(CHART).validate_schema(values)
+    assert render({"gateway": {"layer": layer}})["ConfigMap"]["data"]["GATEWAY_LAYER"] == layer
+    notes = helm.Chart.load(CHART).render(
+        values={"gateway": {"layer": layer}}, name="gw", namespace="realtime", is_install=True
+    )
+    text = next(text for path, text in notes.items() if path.endswith("NOTES.txt"))
+    assert "on nats://" in text and "?replicas=3" in text
+    assert "nats-0.nats:4222" in (CHART / "values.yaml").read_text()
+
+
 def test_pods_are_hardened() -> None:
     objects = render()
     pod = objects["Deployment"]["spec"]["template"]["spec"]

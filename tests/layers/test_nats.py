@@ -1,0 +1,283 @@
+"""What is particular to `nats://`: the stream it keeps, its URL, gaps, and a server restart."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import anyio
+import pytest
+
+from layers import (
+    Channel,
+    Event,
+    Gap,
+    LayerConfigurationError,
+    LayerUnavailable,
+    Subscription,
+    create_layer,
+)
+from layers.nats_jetstream import NatsJetStreamLayer
+from tests.fixtures_nats import NatsServer
+
+pytestmark = [pytest.mark.anyio, pytest.mark.layer_quirk]
+
+TIMEOUT = 15
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _events(subscription: Subscription, count: int) -> list[Event]:
+    items: list[Event] = []
+    with anyio.fail_after(TIMEOUT):
+        while len(items) < count:
+            for item in await subscription.next_batch():
+                assert isinstance(item, Event), item
+                items.append(item)
+    return items
+
+
+async def _add_stream(url: str, **config: object) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().add_stream(**config)
+    finally:
+        await nc.close()
+
+
+async def _stream_config(url: str, name: str) -> object:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info(name)).config
+    finally:
+        await nc.close()
+
+
+def test_url_takes_a_seed_list_and_refuses_unknown_options() -> None:
+    layer = create_layer("nats://u:p@h1:4222,h2,h3:4223/?stream=S&subject_prefix=a.b&replicas=3")
+    assert isinstance(layer, NatsJetStreamLayer)
+    assert layer.servers == ["nats://u:p@h1:4222", "nats://u:p@h2:4222", "nats://u:p@h3:4223"]
+    assert (layer.stream, layer.prefix, layer.replicas) == ("S", "a.b", 3)
+    assert layer.where == "NATS at h1:4222,h2:4222,h3:4223"  # no password in messages
+    tls = create_layer("tls://h1:4222")
+    assert isinstance(tls, NatsJetStreamLayer) and tls.servers == ["tls://h1:4222"]
+    for bad, named in (
+        ("nats://h?stram=x", "unknown nats:// URL option(s) stram; known: connect_timeout"),
+        ("nats://h?stream=a.b", "invalid stream name 'a.b'"),
+        ("nats://h?subject_prefix=a..b", "invalid subject_prefix 'a..b'"),
+        ("nats://h?replicas=three", "invalid nats:// URL option"),
+    ):
+        with pytest.raises(LayerConfigurationError) as refused:
+            create_layer(bad)
+        assert named in refused.value.detail
+
+
+def test_patterns_become_the_narrowest_subject_filters() -> None:
+    layer = NatsJetStreamLayer("nats://h", subject_prefix="gw")
+    assert layer._filters(["a.b"], ["chat.rooms.*", "chat.rooms.x?", "*"]) == ["gw.>"]
+    assert layer._filters(["a.b", "chat.x"], ["chat.rooms.*", "chat.r?"]) == [
+        "gw.a.b",
+        "gw.chat.>",
+    ]
+    assert layer._filters(["chat.rooms.1"], ["chat.rooms.*"]) == ["gw.chat.rooms.>"]
+
+
+async def test_an_existing_stream_with_other_settings_is_refused(
+    nats_url: str, nats_stream: tuple[str, str]
+) -> None:
+    stream, prefix = nats_stream
+    await _add_stream(nats_url, name=stream, subjects=[f"{prefix}.other.>"], storage="memory")
+    layer = create_layer(nats_url, stream=stream, subject_prefix=prefix)
+    with pytest.raises(LayerConfigurationError) as refused:
+        async with Channel(layer):
+            pass
+    detail = refused.value.detail
+    assert f"the NATS stream {stream!r} exists with subjects" in detail
+    assert "storage" in detail
+    assert f"nats stream rm {stream}" in detail and "?stream=" in detail
+
+
+async def test_an_existing_stream_takes_the_new_history_limits(
+    nats_url: str, nats_stream: tuple[str, str]
+) -> None:
+    stream, prefix = nats_stream
+    async with Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)):
+        pass
+    url = f"{nats_url}?max_bytes=1000000"
+    layer = create_layer(url, stream=stream, subject_prefix=prefix, history_size=7, history_ttl=60)
+    async with Channel(layer):
+        config = await _stream_config(nats_url, stream)
+    assert config.max_msgs_per_subject == 7  # type: ignore[attr-defined]
+    assert config.max_age == 60  # type: ignore[attr-defined]
+    assert config.max_bytes == 1_000_000  # type: ignore[attr-defined]
+
+
+async def test_replicas_beyond_one_server_are_refused_with_the_fix(
+    nats_url: str, nats_stream: tuple[str, str]
+) -> None:
+    stream, prefix = nats_stream
+    layer = create_layer(f"{nats_url}?replicas=3", stream=stream, subject_prefix=prefix)
+    with pytest.raises(LayerConfigurationError) as refused:
+        async with Channel(layer):
+            pass
+    assert "replicas" in refused.value.detail
+
+
+async def test_a_trimmed_busy_channel_gives_a_gap_and_a_quiet_one_none(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    stream, prefix = nats_stream
+    layer = create_layer(nats_url, stream=stream, subject_prefix=prefix, history_size=3)
+    async with Channel(layer) as channel:
+        start = await channel.publish(f"{unique}.quiet", "q0")
+        quiet = await channel.publish(f"{unique}.quiet", "q1")
+        for n in range(10):
+            await channel.publish(f"{unique}.busy", n)
+        busy = await channel.history(f"{unique}.busy", after=start)
+        assert busy.gap and busy.reason == "evicted"
+        assert [e.data for e in busy.events] == [7, 8, 9]
+        calm = await channel.history(f"{unique}.quiet", after=start)
+        assert not calm.gap and [e.id for e in calm.events] == [quiet]
+        async with channel.subscribe(
+            f"{unique}.quiet", patterns=[f"{unique}.b*"], last_event_id=start
+        ) as sub:
+            items = await sub.next_batch()
+    assert isinstance(items[0], Gap) and items[0].reason == "evicted"
+    assert [i.data for i in items if isinstance(i, Event)] == ["q1", 7, 8, 9]
+
+
+async def test_ping_and_publish_fail_while_no_server_answers_then_recover(
+    nats_server: NatsServer, nats_names: tuple[str, str], unique: str
+) -> None:
+    stream, prefix = nats_names
+    url = f"{nats_server.url}?publish_timeout=1"
+    async with Channel(create_layer(url, stream=stream, subject_prefix=prefix)) as channel:
+        await channel.ping()
+        nats_server.stop(signal.SIGKILL)
+        with anyio.fail_after(TIMEOUT):
+            with pytest.raises(LayerUnavailable):
+                while True:
+                    await channel.ping()
+                    await anyio.sleep(0.05)  # until the client notices the server is gone
+            with pytest.raises(LayerUnavailable):
+                await channel.publish(unique, "nobody hears")
+        nats_server.start()
+        with anyio.fail_after(TIMEOUT):
+            while True:
+                try:
+                    await channel.ping()
+                    break
+                except LayerUnavailable:
+                    await anyio.sleep(0.1)  # the client reconnects on its own schedule
+            assert await channel.publish(unique, "back")
+
+
+async def test_a_server_killed_mid_stream_loses_nothing(
+    nats_server: NatsServer, nats_names: tuple[str, str], unique: str
+) -> None:
+    """JetStream keeps its file storage: every accepted message reaches the live subscriber
+    exactly once, in order, across the restart, and is in the history."""
+    stream, prefix = nats_names
+    url = f"{nats_server.url}?publish_timeout=0.3"
+    accepted: list[tuple[str, int]] = []
+    async with (
+        Channel(create_layer(url, stream=stream, subject_prefix=prefix)) as channel,
+        channel.subscribe(unique, max_backlog=10_000) as sub,
+    ):
+
+        async def publish(numbers: range) -> None:
+            for n in numbers:
+                # LayerUnavailable (a 503): the publisher knows it was not taken.
+                with contextlib.suppress(LayerUnavailable):
+                    accepted.append((await channel.publish(unique, n), n))
+
+        await publish(range(100))
+        nats_server.stop(signal.SIGKILL)
+        await publish(range(100, 103))  # refused while the server is down
+        nats_server.start()
+        with anyio.fail_after(TIMEOUT):
+            while True:
+                try:
+                    await channel.ping()
+                    break
+                except LayerUnavailable:
+                    await anyio.sleep(0.1)  # the client reconnects on its own schedule
+        await publish(range(110, 200))
+        received = await _events(sub, len(accepted))
+        with anyio.move_on_after(0.5):
+            extra = await sub.next_batch()
+            pytest.fail(f"delivered twice: {extra}")
+        history = await channel.history(unique)
+    assert [(e.id, e.data) for e in received] == accepted
+    assert [(e.id, e.data) for e in history.events] == accepted
+    assert len(accepted) >= 190  # only what was published while the server was down is missing
+
+
+async def test_start_up_without_a_server_fails_at_once_naming_the_url() -> None:
+    layer = create_layer("nats://127.0.0.1:1,127.0.0.1:2?connect_timeout=0.5")
+    with anyio.fail_after(TIMEOUT), pytest.raises(LayerUnavailable) as refused:
+        async with Channel(layer):
+            pass
+    assert "NATS at 127.0.0.1:1,127.0.0.1:2 is unavailable" in refused.value.detail
+    assert "-js" in refused.value.detail
+
+
+async def _publish_raw(url: str, subject: str, payload: bytes) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(subject, payload)
+    finally:
+        await nc.close()
+
+
+async def test_messages_the_gateway_did_not_write_are_skipped(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    stream, prefix = nats_stream
+    async with (
+        Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)) as channel,
+        channel.subscribe(unique) as live,
+        channel.subscribe(unique, group="g", consumer="c") as worker,
+    ):
+        await _publish_raw(nats_url, f"{prefix}.{unique}", b"not the gateway's")
+        kept = await channel.publish(unique, "ours")
+        assert [e.id for e in await _events(live, 1)] == [kept]
+        (work,) = await _events(worker, 1)
+        assert work.id == kept and await work.ack()
+        history = await channel.history(unique)
+    assert [e.id for e in history.events] == [kept]
+
+
+async def test_a_group_whose_consumer_vanished_is_created_again(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    import nats
+
+    stream, prefix = nats_stream
+    layer = create_layer(nats_url, stream=stream, subject_prefix=prefix)
+    async with Channel(layer) as channel, channel.subscribe(unique, group="g", consumer="c") as sub:
+        nc = await nats.connect(nats_url)
+        try:
+            (consumer,) = [
+                c.name for c in await nc.jetstream().consumers_info(stream) if c.config.durable_name
+            ]
+            await nc.jetstream().delete_consumer(stream, consumer)
+        finally:
+            await nc.close()
+        with anyio.fail_after(TIMEOUT):
+            while True:  # the pump notices at its next pull and creates the group again
+                message_id = await channel.publish(unique, "after")
+                with anyio.move_on_after(0.5):
+                    (event,) = await _events(sub, 1)
+                    break
+        assert event.data == "after"
+        assert int(event.id) >= int(message_id)
