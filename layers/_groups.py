@@ -1,29 +1,70 @@
 """Group consumers: the pump that feeds a consumer's backlog from the layer, and dead letters.
 
 Consumer groups are pulled: one pump task per group consumer reads new and timed-out messages
-from the layer, only as many as the consumer's backlog has room for, woken by live messages on
-the channel (through the router), by the consumer taking its queue, or by a timer. Redelivery
-timing and dead-lettering therefore work the same on every layer that can claim and ack.
+from the layer, woken by live messages on the channel (through the router), by the consumer taking
+its queue, or by a timer. Redelivery timing and dead-lettering therefore work the same on every
+layer that can claim and ack.
+
+A group is a work queue, so a pump reads no more than its consumer's `prefetch` allows: it keeps
+the ids it handed out and not yet seen settled (acked or nacked), each until its ack timeout
+passes (then the message is anyone's to claim). An ack or nack in this process settles ids at
+once; one in another process reaches the pump as a `GroupNotice` through the layer
+(`ChannelLayer.group_notify`), so the next message follows at once there too. A notice lost
+costs only time: the ids still leave the count when their ack timeout passes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import anyio
 import orjson
 from anyio.abc import TaskStatus
 
 from .base import ChannelLayer, ChannelObserver
-from .errors import LayerUnavailable
+from .errors import ChannelError, LayerUnavailable, UnknownGroup
 from .event import Event, Gap, Message
 
 logger = logging.getLogger("layers.core")
 
 DEAD_LETTER_SUFFIX = ".dead"
+NOTICE_IDS = 200  # ids per encoded notice, well inside PostgreSQL's 8,000-byte NOTIFY payload
+
+NoticeKind = Literal["settled", "extended", "deleted"]
+
+
+@dataclass(frozen=True)
+class GroupNotice:
+    """What one process tells the others of a group: ids acked or nacked (`settled`), ids whose
+    ack timeout restarts (`extended`), or the group deleted (`deleted`, no ids)."""
+
+    channel: str
+    group: str
+    kind: NoticeKind
+    ids: tuple[str, ...] = ()
+
+    def encode(self) -> list[str]:
+        """As JSON texts of at most `NOTICE_IDS` ids each (one for a deletion)."""
+        chunks = [self.ids[i : i + NOTICE_IDS] for i in range(0, len(self.ids), NOTICE_IDS)]
+        return [
+            orjson.dumps([self.channel, self.group, self.kind, list(chunk)]).decode()
+            for chunk in chunks or [()]
+        ]
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> GroupNotice | None:
+        """The notice `encode` wrote; None for anything else (another version's, or garbage)."""
+        try:
+            channel, group, kind, ids = orjson.loads(text)
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            return None
+        if kind not in ("settled", "extended", "deleted") or not isinstance(ids, list):
+            return None
+        return cls(str(channel), str(group), kind, tuple(str(id) for id in ids))
 
 
 class Backlog(Protocol):
@@ -36,9 +77,12 @@ class Backlog(Protocol):
 
     def when_space(self, callback: Callable[[], None]) -> None: ...
 
+    def close(self, *, release: bool = False, error: ChannelError | None = None) -> None: ...
+
 
 class GroupPump:
-    """Feeds one group consumer's backlog from the layer: new messages, then timed-out ones."""
+    """Feeds one group consumer's backlog from the layer: new messages, then timed-out ones, at
+    most `prefetch` unsettled at a time."""
 
     def __init__(
         self,
@@ -50,10 +94,14 @@ class GroupPump:
         *,
         ack_timeout: float,
         max_deliveries: int,
+        prefetch: int,
         observer: ChannelObserver,
         report_error: Callable[[BaseException], None],
     ) -> None:
         self.layer = layer
+        self.prefetch = prefetch
+        self._in_flight: dict[str, float] = {}  # id handed out -> when its ack timeout passes
+        self.ended = False
         self.subscriber = subscriber
         self.ack_timeout = ack_timeout
         self.max_deliveries = max_deliveries
@@ -70,6 +118,34 @@ class GroupPump:
     def wake(self, *, claim: bool = False) -> None:
         self._claim_now = self._claim_now or claim
         self._wakeup.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Messages handed to the consumer and neither settled nor past their ack timeout."""
+        now = time.monotonic()
+        for id in [id for id, until in self._in_flight.items() if until <= now]:
+            del self._in_flight[id]
+        return len(self._in_flight)
+
+    def settle(self, ids: Sequence[str]) -> None:
+        """`ids` were acked or nacked: their slots are free, the next messages follow now."""
+        freed = [id for id in ids if self._in_flight.pop(id, None) is not None]
+        if freed:
+            self._wakeup.set()
+
+    def extend(self, ids: Sequence[str]) -> None:
+        """The ack timeout of `ids` starts again: they keep their slots as long."""
+        until = time.monotonic() + self.ack_timeout
+        for id in ids:
+            if id in self._in_flight:
+                self._in_flight[id] = until
+
+    def end(self) -> None:
+        """The group was deleted: the consumer's stream ends and nothing more is read."""
+        self.ended = True
+        self.subscriber.close(
+            error=UnknownGroup(f"group {self.group!r} of {self.channel!r} was deleted")
+        )
 
     async def run(self, *, task_status: TaskStatus[anyio.CancelScope]) -> None:
         try:
@@ -92,6 +168,9 @@ class GroupPump:
                     self._claim_now = False
                     delivered = await self._fill(claim=claim)
                     backoff = 0.1
+                except UnknownGroup:  # deleted: the consumer's stream ends
+                    self.end()
+                    return
                 except LayerUnavailable as exc:
                     logger.warning("group %s on %s: %s", self.group, self.channel, exc.detail)
                     self.report_error(exc)
@@ -107,8 +186,8 @@ class GroupPump:
 
     async def _fill(self, *, claim: bool) -> int:
         layer = self.layer
-        room = self.subscriber.free_slots
-        if room == 0:
+        room = min(self.subscriber.free_slots, self.prefetch - self.in_flight)
+        if room <= 0 or self.ended:
             return 0
         events: list[Event] = []
         if claim:
@@ -129,14 +208,18 @@ class GroupPump:
             events += await layer.group_read(
                 self.channel, self.group, self.consumer, room - len(events)
             )
+        until = time.monotonic() + self.ack_timeout
         for event in events:
             event.bind_ack(self._acker(event.id))
+            self._in_flight[event.id] = until
             self.subscriber.push(event)
         return len(events)
 
     def _acker(self, id: str) -> Callable[[], Awaitable[bool]]:
         async def ack() -> bool:
-            return bool(await self.layer.group_ack(self.channel, self.group, [id]))
+            acked = await self.layer.group_ack(self.channel, self.group, [id])
+            self.settle(acked)
+            return bool(acked)
 
         return ack
 

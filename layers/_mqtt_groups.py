@@ -54,7 +54,11 @@ class MQTTGroups(MQTTConnections):
                 channel, group, scope=" in this process (MQTT groups are kept per process)"
             ) from None
 
-    async def group_join(self, channel: str, group: str, consumer: str) -> None:
+    async def group_join(
+        self, channel: str, group: str, consumer: str, *, start: str | None = None
+    ) -> None:
+        if start is not None:
+            raise self._lacks("history")  # a shared subscription starts at new messages
         async with self._groups_lock:
             session = self._groups.get((channel, group))
             if session is None:
@@ -94,6 +98,24 @@ class MQTTGroups(MQTTConnections):
     async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
         return self._group(channel, group).acknowledge(ids)
 
+    async def group_nack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        nacked = self._group(channel, group).nack(ids)
+        if nacked and self._sink is not None:
+            self._sink.wake(channel, released=True)
+        return nacked
+
+    async def group_extend(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        return self._group(channel, group).extend(ids)
+
+    async def group_delete(self, channel: str, group: str) -> None:
+        """This process's session of the group ends and the broker discards it (a clean start),
+        with the messages it held; other processes' sessions are theirs (groups are kept per
+        process)."""
+        async with self._groups_lock:
+            session = self._group(channel, group)
+            del self._groups[channel, group]
+            await session.discard()
+
     async def group_info(self, channel: str, group: str) -> GroupInfo:
         return self._group(channel, group).info()
 
@@ -119,11 +141,26 @@ class GroupSession(PendingTable[_Entry]):
         self.acked = RecentIds(2 * RECEIVE_MAXIMUM)
         self._paho: PahoClient | None = None
         self.connected = False
+        self._scope = anyio.CancelScope()
+        self._stopped = anyio.Event()
 
     async def run(self, *, task_status: TaskStatus[None]) -> None:
-        """Connected until the layer stops; the first connection's failure is the joiner's."""
+        """Connected until the layer stops or `discard`; the first connection's failure is the
+        joiner's."""
         supervisor = self.layer._supervisor(f"group {self.group} on {self.channel}", groups=True)
-        await supervisor.run(self._connect, task_status=task_status, fail_fast=True)
+        try:
+            with self._scope:
+                await supervisor.run(self._connect, task_status=task_status, fail_fast=True)
+        finally:
+            self._stopped.set()
+
+    async def discard(self) -> None:
+        """Disconnect, then connect once with a clean start: the broker drops the session."""
+        self._scope.cancel()
+        await self._stopped.wait()
+        client = self.layer._new_client(self.client_id, lambda *_: None, persistent=False)
+        async with self.layer._connection(client):
+            pass
 
     async def _connect(self, ready: Callable[[], None]) -> None:
         client = self.layer._new_client(self.client_id, self._on_message, persistent=True)

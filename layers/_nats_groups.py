@@ -19,6 +19,11 @@ Design decisions:
   and already delivered: JetStream does not say whether a single sequence is still pending.
 - Releasing (graceful shutdown) naks the consumer's messages held here, which JetStream redelivers
   at the next pull of any process.
+- Nacks and extends of messages held here go through their reply subjects (`-NAK`, `+WPI`); of
+  others by stream sequence, as acks. Acks, nacks, extends and deletions are announced on a core
+  NATS subject (`notices_subject`), so the pumps of every process settle their in-flight counts.
+  A group is deleted with its durable consumer; a pump elsewhere that pulls before the notice
+  reaches it finds the consumer gone and creates it afresh (from new messages), then ends.
 - The consumers listed by `group_info` are those that joined through this process since it
   started: JetStream knows pull requests, not who sent them.
 """
@@ -38,6 +43,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ._groups import GroupNotice
 from ._nats import NoSuchConsumer, decode
 from .base import ChannelLayer, ConsumerInfo, GroupInfo, Sink
 from .errors import UnknownGroup
@@ -77,6 +83,12 @@ class JetStreamGroups(ChannelLayer):
     def __init__(self) -> None:
         self._groups: dict[tuple[str, str], _Group] = {}
 
+    @property
+    def notices_subject(self) -> str:
+        """Where the processes of this stream tell each other of their groups (core NATS, not
+        in the stream)."""
+        return f"_gateway.{self.stream}.groups"
+
     # -- provided by the layer -------------------------------------------------------------------
 
     @abstractmethod
@@ -105,12 +117,22 @@ class JetStreamGroups(ChannelLayer):
             state = self._groups[key] = _Group(durable=f"group_{digest}")
         return state
 
-    async def group_join(self, channel: str, group: str, consumer: str) -> None:
+    async def group_join(
+        self, channel: str, group: str, consumer: str, *, start: str | None = None
+    ) -> None:
         state = self._group(channel, group)
-        await self._create(channel, group, state)
+        await self._create(channel, group, state, start=start)
         state.consumers[consumer] = time.monotonic()
 
-    async def _create(self, channel: str, group: str, state: _Group) -> None:
+    async def _create(
+        self, channel: str, group: str, state: _Group, *, start: str | None = None
+    ) -> None:
+        policy, first = DeliverPolicy.NEW, None
+        if start is not None:
+            after = _sequence(start) if start != "earliest" else None
+            policy, first = (
+                (DeliverPolicy.BY_START_SEQUENCE, after + 1) if after else (DeliverPolicy.ALL, None)
+            )
         js = self._jetstream()
         with self.unavailable():
             try:
@@ -124,7 +146,8 @@ class JetStreamGroups(ChannelLayer):
                     durable_name=state.durable,
                     description=f"channels-gateway group {group!r} on channel {channel!r}",
                     filter_subject=self.subject(channel),
-                    deliver_policy=DeliverPolicy.NEW,
+                    deliver_policy=policy,
+                    opt_start_seq=first,
                     ack_policy=AckPolicy.EXPLICIT,
                     ack_wait=state.ack_wait or DEFAULT_ACK_WAIT,
                     max_deliver=-1,
@@ -230,25 +253,70 @@ class JetStreamGroups(ChannelLayer):
     # -- acknowledging ---------------------------------------------------------------------------
 
     async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        return await self._reply(channel, group, ids, b"+ACK")
+
+    async def group_nack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        nacked = await self._reply(channel, group, ids, b"-NAK")
+        if nacked and self._sink is not None:
+            self._sink.wake(channel, released=True)
+        return nacked
+
+    async def group_extend(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        extended = await self._reply(channel, group, ids, b"+WPI", keep=True)
+        state = self._group(channel, group)
+        now = time.monotonic()
+        for id in extended:
+            if (held := state.held.get(id)) is not None:
+                held.pulled_at = now
+        return extended
+
+    async def group_delete(self, channel: str, group: str) -> None:
+        state = self._group(channel, group)
+        with self.unavailable():
+            try:
+                await self._jetstream().delete_consumer(self.stream, state.durable)
+            except nats.js.errors.NotFoundError:
+                raise UnknownGroup.named(channel, group) from None
+            finally:
+                self._groups.pop((channel, group), None)
+
+    async def group_notify(self, notice: GroupNotice) -> None:
+        nc = self._client()
+        with self.unavailable():
+            for text in notice.encode():
+                await nc.publish(self.notices_subject, text.encode())
+
+    async def _on_notice(self, msg: Msg) -> None:
+        notice = GroupNotice.decode(msg.data)
+        if notice is not None and self._sink is not None:
+            self._sink.group_notice(notice)
+
+    async def _reply(
+        self, channel: str, group: str, ids: Sequence[str], reply: bytes, *, keep: bool = False
+    ) -> list[str]:
+        """Ack, nak or extend (`reply`) the messages of `ids`; those it reached."""
         state = self._group(channel, group)
         nc = self._client()
         done: set[str] = set()
         elsewhere: list[int] = []
         with self.unavailable():
             for id in ids:
-                held = state.held.pop(id, None)
+                held = state.held.get(id) if keep else state.held.pop(id, None)
                 if held is not None:
-                    await nc.request(held.msg.reply, b"+ACK", timeout=REQUEST_TIMEOUT)
+                    await nc.request(held.msg.reply, reply, timeout=REQUEST_TIMEOUT)
                     done.add(id)
-                elif id.isascii() and id.isdigit() and str(int(id)) == id:
-                    elsewhere.append(int(id))
+                elif (seq := _sequence(id)) is not None:
+                    elsewhere.append(seq)
             if elsewhere:
                 done.update(
-                    str(seq) for seq in await self._ack_by_sequence(channel, state, elsewhere)
+                    str(seq)
+                    for seq in await self._ack_by_sequence(channel, state, elsewhere, reply)
                 )
         return [id for id in dict.fromkeys(ids) if id in done]
 
-    async def _ack_by_sequence(self, channel: str, state: _Group, seqs: list[int]) -> list[int]:
+    async def _ack_by_sequence(
+        self, channel: str, state: _Group, seqs: list[int], reply: bytes
+    ) -> list[int]:
         js, nc = self._jetstream(), self._client()
         try:
             info = await js.consumer_info(self.stream, state.durable)
@@ -272,7 +340,7 @@ class JetStreamGroups(ChannelLayer):
             # message was no longer pending.
             await nc.request(
                 f"$JS.ACK.{self.stream}.{state.durable}.1.{seq}.0.0.0",
-                b"+ACK",
+                reply,
                 timeout=REQUEST_TIMEOUT,
             )
             acked.append(seq)
@@ -320,6 +388,13 @@ class JetStreamGroups(ChannelLayer):
                 else None
             ),
         )
+
+
+def _sequence(id: str) -> int | None:
+    """The stream sequence of an id of this layer (canonical decimal), or None."""
+    if not (id.isascii() and id.isdigit()) or len(id) > 20 or str(int(id)) != id:
+        return None
+    return int(id)
 
 
 def _epoch(timestamp: object) -> float:

@@ -69,6 +69,23 @@ class PendingTable(Generic[Entry]):
             if entry.consumer == consumer:
                 entry.handed_out_at = float("-inf")  # idle long enough for any claim
 
+    def nack(self, ids: Sequence[str]) -> list[str]:
+        """Make pending `ids` claimable by any consumer now; return those that were pending."""
+        return self._touch(ids, float("-inf"))
+
+    def extend(self, ids: Sequence[str]) -> list[str]:
+        """Restart the ack timeout of pending `ids`; return those that were pending."""
+        return self._touch(ids, time.monotonic())
+
+    def _touch(self, ids: Sequence[str], handed_out_at: float) -> list[str]:
+        touched = []
+        for id in ids:
+            entry = self.pending.get(id)
+            if entry is not None:
+                entry.handed_out_at = handed_out_at
+                touched.append(id)
+        return touched
+
     def ack(self, ids: Sequence[str]) -> list[Entry]:
         """Remove the pending entries of `ids`; return those that were pending."""
         return [entry for id in ids if (entry := self.pending.pop(id, None)) is not None]

@@ -11,6 +11,9 @@ Design decisions (the SQL is in `layers._postgres_sql`):
 - A pending message whose row the history bound already deleted is dropped when claimed, as
   Redis Streams does. Consumers the core named for one subscription are deleted when they
   leave; consumers idle for an hour with nothing pending are forgotten by the cleanup.
+- A nack sets a pending row's delivery time to '-infinity' (claimable by any claim), an extend to
+  now. Acks, nacks, extends and deletions are announced with NOTIFY ("group <notice>"), so the
+  pumps of every process settle their in-flight counts at once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 
 import asyncpg  # type: ignore[import-untyped]
 
+from ._groups import GroupNotice
 from ._postgres import PostgresConnections, event_of, parse_id
 from .base import ConsumerInfo, GroupInfo
 from .errors import UnknownGroup
@@ -37,9 +41,12 @@ class PostgresGroups(PostgresConnections):
         except asyncpg.NoDataFoundError:
             raise UnknownGroup.named(channel, group) from None
 
-    async def group_join(self, channel: str, group: str, consumer: str) -> None:
+    async def group_join(
+        self, channel: str, group: str, consumer: str, *, start: str | None = None
+    ) -> None:
+        position = None if start is None else 0 if start == "earliest" else parse_id(start) or 0
         async with self._connection() as connection, connection.transaction():
-            await connection.execute(self._sql.create_group, channel, group)
+            await connection.execute(self._sql.create_group, channel, group, position)
             await connection.execute(self._sql.touch_consumer, channel, group, consumer)
 
     async def group_leave(
@@ -83,13 +90,35 @@ class PostgresGroups(PostgresConnections):
         ]
 
     async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        return await self._pending_ids(self._sql.ack, channel, group, ids)
+
+    async def group_nack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        return await self._pending_ids(self._sql.nack, channel, group, ids)
+
+    async def group_extend(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        return await self._pending_ids(self._sql.extend, channel, group, ids)
+
+    async def _pending_ids(
+        self, statement: str, channel: str, group: str, ids: Sequence[str]
+    ) -> list[str]:
+        """Run an ack, nack or extend over the pending rows of `ids`; the ids it found."""
         numbers = {number: id for id in ids if (number := parse_id(id)) is not None}
         async with self._connection() as connection:
-            acked = await connection.fetch(self._sql.ack, channel, group, list(numbers))
-            if not acked and not await connection.fetchval(self._sql.group_exists, channel, group):
+            rows = await connection.fetch(statement, channel, group, list(numbers))
+            if not rows and not await connection.fetchval(self._sql.group_exists, channel, group):
                 raise UnknownGroup.named(channel, group)
-        done = {numbers[row["message_id"]] for row in acked}
+        done = {numbers[row["message_id"]] for row in rows}
         return [id for id in ids if id in done]
+
+    async def group_delete(self, channel: str, group: str) -> None:
+        async with self._connection() as connection:
+            if await connection.fetchval(self._sql.delete_group, channel, group) is None:
+                raise UnknownGroup.named(channel, group)
+
+    async def group_notify(self, notice: GroupNotice) -> None:
+        async with self._connection() as connection:
+            for text in notice.encode():
+                await connection.execute(self._sql.notify, text)
 
     async def group_info(self, channel: str, group: str) -> GroupInfo:
         async with (

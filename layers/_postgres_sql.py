@@ -12,6 +12,7 @@ import zlib
 SCHEMA_VERSION = 2  # bump when the schema or a function changes; migration re-runs it all
 LOCK_CLASS = 0x67617465  # first key of every advisory lock this layer takes ("gate")
 RELEASED = "released"  # notification "released <channel>": a consumer gave its messages back
+GROUP_NOTICE = "group"  # notification "group <GroupNotice JSON>": acks, nacks, extends, deletes
 
 
 def schema(p: str, publish_lock: int) -> str:
@@ -225,11 +226,11 @@ class Statements:
                 RETURNING channel, id
             ), {note_trimmed}
             SELECT count(*) FROM gone"""
-        # A new group starts after the newest committed message: ids are visible in order, so
-        # everything committed later has a higher id.
+        # A new group starts after the newest committed message (ids are visible in order, so
+        # everything committed later has a higher id), or after the position $3.
         self.create_group = f"""
             INSERT INTO {p}groups (channel, group_name, last_id)
-            VALUES ($1, $2, (SELECT coalesce(max(id), 0) FROM {p}messages))
+            VALUES ($1, $2, coalesce($3::bigint, (SELECT coalesce(max(id), 0) FROM {p}messages)))
             ON CONFLICT (channel, group_name) DO NOTHING"""
         self.touch_consumer = f"SELECT {p}touch_consumer($1, $2, $3)"
         self.forget_consumers = f"""
@@ -252,6 +253,29 @@ class Statements:
             )
             SELECT pg_notify('{p}messages', '{RELEASED} ' || $1)
             WHERE EXISTS (SELECT 1 FROM released)"""
+        # A nack: claimable by the next claim whatever its idle time, and every process is told.
+        self.nack = f"""
+            WITH nacked AS (
+                UPDATE {p}pending SET delivered_at = '-infinity'
+                WHERE channel = $1 AND group_name = $2 AND message_id = ANY($3::bigint[])
+                RETURNING message_id
+            ), told AS (
+                SELECT pg_notify('{p}messages', '{RELEASED} ' || $1)
+                WHERE EXISTS (SELECT 1 FROM nacked)
+            )
+            SELECT message_id FROM nacked, (SELECT count(*) FROM told) t"""
+        self.extend = f"""
+            UPDATE {p}pending SET delivered_at = now()
+            WHERE channel = $1 AND group_name = $2 AND message_id = ANY($3::bigint[])
+            RETURNING message_id"""
+        self.delete_group = f"""
+            WITH pending AS (
+                DELETE FROM {p}pending WHERE channel = $1 AND group_name = $2
+            ), consumers AS (
+                DELETE FROM {p}consumers WHERE channel = $1 AND group_name = $2
+            )
+            DELETE FROM {p}groups WHERE channel = $1 AND group_name = $2 RETURNING 1"""
+        self.notify = f"SELECT pg_notify('{p}messages', '{GROUP_NOTICE} ' || $1)"
         self.group_read = f"SELECT * FROM {p}group_read($1, $2, $3, $4)"
         self.group_claim = f"SELECT * FROM {p}group_claim($1, $2, $3, $4, $5)"
         self.group_exists = (

@@ -15,6 +15,13 @@ Design decisions:
 - Releasing (graceful shutdown) marks the consumer's pending entries as idle for ages, so any
   consumer's next claim takes them, and announces it in the control stream, where every process's
   listener wakes its group consumers of that channel.
+- Nack and extend are XCLAIMs to the entry's own consumer (JUSTID: no delivery counted): a nack
+  with an idle time of ages, as releasing does, an extend with none. Acks, nacks, extends and
+  deletions are announced in the control stream (`group` entries: a `GroupNotice`), so the
+  pumps of every process settle their in-flight counts at once.
+- Deleting destroys the group and leaves a tombstone for `TOMBSTONE_MS`, so a pump elsewhere
+  reading at that moment does not take the vanished group for a Redis restart and create it
+  again from the start of the stream.
 - Named consumers stay listed after leaving, with their pending entries, as Redis keeps them.
   Consumers the core named for one subscription are deleted when they leave; their pending
   entries go to a holder consumer first (not listed), since deleting a consumer drops its
@@ -29,6 +36,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from ._groups import GroupNotice
 from ._redis import LUA_CLOCK, RedisLayer, decode_entries, format_id, parse_id
 from .base import ConsumerInfo, GroupInfo
 from .errors import LayerUnavailable, UnknownGroup
@@ -76,6 +84,51 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return #pending
 """
 
+# KEYS[1] = stream; ARGV = group, idle ms ('' for none: an extend), ids...
+# The ids still pending, each claimed to its own consumer without counting a delivery.
+TOUCH_LUA = """
+local touched = {}
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if pending[1] then
+    if ARGV[2] == '' then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], pending[1][2], 0, ARGV[i], 'JUSTID')
+    else
+      redis.call('XCLAIM', KEYS[1], ARGV[1], pending[1][2], 0, ARGV[i], 'IDLE', ARGV[2], 'JUSTID')
+    end
+    touched[#touched + 1] = ARGV[i]
+  end
+end
+return touched
+"""
+
+# KEYS[1] = id clock, KEYS[2] = control stream; ARGV = kind, value...: one control entry each
+ANNOUNCE_LUA = (
+    LUA_CLOCK
+    + """
+local now, ms, seq = clock(KEYS[1])
+local id
+for i = 2, #ARGV do
+  seq = seq + 1
+  id = string.format('%d-%d', ms, seq)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, id, ARGV[1], ARGV[i])
+end
+redis.call('SET', KEYS[1], id)
+return #ARGV - 1
+"""
+)
+
+# KEYS[1] = stream, KEYS[2] = the group's tombstone; ARGV = group, tombstone ms
+DELETE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local destroyed = redis.call('XGROUP', 'DESTROY', KEYS[1], ARGV[1])
+if destroyed == 1 then redis.call('SET', KEYS[2], 1, 'PX', ARGV[2]) end
+return destroyed
+"""
+
+TOMBSTONE_MS = 60_000
+GROUP_NOTICE = b"group"  # the control entries' kind of a GroupNotice
+
 # Not a valid consumer name, so never a real consumer's; not listed as a consumer.
 DEPARTED = "#departed"
 
@@ -94,9 +147,13 @@ class StreamGroups(RedisLayer):
         super().__init__(url, key_prefix=key_prefix)
         self._claim_from: dict[tuple[str, str], bytes] = {}  # where XAUTOCLAIM goes on
 
-    async def group_join(self, channel: str, group: str, consumer: str) -> None:
+    async def group_join(
+        self, channel: str, group: str, consumer: str, *, start: str | None = None
+    ) -> None:
         key = self.keys.key(channel)
-        await self._create_group(key, group, "$")
+        position = parse_id(start) if start is not None and start != "earliest" else None
+        origin = "$" if start is None else format_id(position) if position else "0"
+        await self._create_group(key, group, origin)
         with self.unavailable():
             await self.redis.xgroup_createconsumer(key, group, consumer)
 
@@ -138,6 +195,8 @@ class StreamGroups(RedisLayer):
             except ResponseError as exc:
                 if not is_missing_group(exc):
                     raise
+                if await self.redis.exists(self._tombstone(channel, group)):
+                    raise UnknownGroup.named(channel, group) from None  # deleted, not lost
                 await self._create_group(key, group, "0")
                 reply = await self.redis.xreadgroup(group, consumer, {key: ">"}, count=count)
         streams: Any = reply.values() if isinstance(reply, dict) else [e for _, e in reply or ()]
@@ -178,6 +237,52 @@ class StreamGroups(RedisLayer):
             if isinstance(reply, ResponseError):
                 raise self._refused(channel, group, reply)
         return [id for id, acked in zip(valid, replies, strict=True) if acked]
+
+    async def group_nack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        nacked = await self._touch(channel, group, ids, idle_ms=1_000_000_000_000)
+        if nacked:
+            keys = [self.keys.seq, self.control]
+            await self.script("announce", keys, ["released", channel])
+        return nacked
+
+    async def group_extend(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        return await self._touch(channel, group, ids, idle_ms=None)
+
+    async def _touch(
+        self, channel: str, group: str, ids: Sequence[str], *, idle_ms: int | None
+    ) -> list[str]:
+        valid = [id for id in ids if parse_id(id) is not None]
+        key = self.keys.key(channel)
+        try:
+            if not valid:
+                await self.group_info(channel, group)  # UnknownGroup when absent
+                return []
+            args: list[str | bytes | int] = [group, "" if idle_ms is None else idle_ms, *valid]
+            touched = await self.script("touch", [key], args)
+        except LayerUnavailable as exc:
+            if isinstance(exc.__cause__, ResponseError):
+                raise self._refused(channel, group, exc.__cause__) from None
+            raise
+        return [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in touched]
+
+    async def group_delete(self, channel: str, group: str) -> None:
+        keys = [self.keys.key(channel), self._tombstone(channel, group)]
+        try:
+            destroyed = await self.script("delete", keys, [group, TOMBSTONE_MS])
+        except LayerUnavailable as exc:
+            if is_missing_group(exc.__cause__):
+                raise UnknownGroup.named(channel, group) from None
+            raise
+        if not destroyed:
+            raise UnknownGroup.named(channel, group)
+        self._claim_from.pop((keys[0], group), None)
+
+    async def group_notify(self, notice: GroupNotice) -> None:
+        keys = [self.keys.seq, self.control]
+        await self.script("announce", keys, [GROUP_NOTICE.decode(), *notice.encode()])
+
+    def _tombstone(self, channel: str, group: str) -> str:
+        return f"{self.keys.prefix}#deleted#{group}#{channel}"
 
     async def group_info(self, channel: str, group: str) -> GroupInfo:
         key = self.keys.key(channel)

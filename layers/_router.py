@@ -6,9 +6,10 @@ is linear in the channel name whatever the pattern.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from ._groups import GroupNotice
 from .base import ChannelObserver
 from .event import Event, Gap
 from .names import compile_pattern
@@ -24,8 +25,19 @@ class Pump(Protocol):
     """A group consumer's pump, as the router sees it (`layers._groups.GroupPump`)."""
 
     group: str
+    consumer: str
+    prefetch: int
+
+    @property
+    def in_flight(self) -> int: ...
 
     def wake(self, *, claim: bool = False) -> None: ...
+
+    def settle(self, ids: Sequence[str]) -> None: ...
+
+    def extend(self, ids: Sequence[str]) -> None: ...
+
+    def end(self) -> None: ...
 
 
 class Router:
@@ -57,6 +69,17 @@ class Router:
         if pumps:
             for pump in pumps:
                 pump.wake(claim=released)
+
+    def group_notice(self, notice: GroupNotice) -> None:
+        for pump in list(self.pumps.get(notice.channel, ())):
+            if pump.group != notice.group:
+                continue
+            if notice.kind == "settled":
+                pump.settle(notice.ids)
+            elif notice.kind == "extended":
+                pump.extend(notice.ids)
+            else:
+                pump.end()
 
     def reconnected(self) -> None:
         self.observer.reconnected(self.scheme)

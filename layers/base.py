@@ -12,13 +12,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from anyio.abc import TaskStatus
 
 from .errors import CapabilityNotSupported
 from .event import Event, Message
 from .registry import layers_with
+
+if TYPE_CHECKING:
+    from ._groups import GroupNotice
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class Sink(Protocol):
         `released=True`: pending messages were released (`group_release`), so group consumers
         claim them now instead of at their next timed claim.
         """
+
+    def group_notice(self, notice: GroupNotice) -> None:
+        """Another process acked, nacked or extended a group's messages, or deleted the group
+        (what `ChannelLayer.group_notify` sent): the consumers here holding them are told."""
 
     def reconnected(self) -> None:
         """The layer lost its broker connection and has it back (counted in the metrics).
@@ -91,8 +98,12 @@ class Replay:
 @dataclass(frozen=True)
 class ConsumerInfo:
     name: str
-    pending: int
+    pending: int  # unacked messages the layer counts as the consumer's
     idle_seconds: float | None = None
+    # Of consumers connected to the process that answers (the core fills them in): the unacked
+    # messages its pump counts against `prefetch` (nacked ones leave at once), and `prefetch`.
+    in_flight: int | None = None
+    prefetch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,8 +169,16 @@ class ChannelLayer(ABC):
         """
         raise self._lacks("history")
 
-    async def group_join(self, channel: str, group: str, consumer: str) -> None:
-        """Create the group (starting at new messages) if needed and register the consumer."""
+    async def group_join(
+        self, channel: str, group: str, consumer: str, *, start: str | None = None
+    ) -> None:
+        """Create the group if needed and register the consumer.
+
+        A group created here starts at new messages (`start=None`), at the oldest retained one
+        (`start="earliest"`), or after the id `start` (an id this layer did not issue: the oldest
+        retained). `start` is ignored when the group exists. A layer without history raises
+        `CapabilityNotSupported` for any `start` but None.
+        """
         raise self._lacks("groups")
 
     async def group_leave(
@@ -198,8 +217,39 @@ class ChannelLayer(ABC):
         """Acknowledge; return the ids that were pending (the rest are unknown)."""
         raise self._lacks("groups")
 
+    async def group_nack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        """Hand pending messages back to the group now; return the ids that were pending.
+
+        They stay pending, claimable by the next `group_claim` of any consumer in any process
+        whatever its `min_idle`, which counts the delivery up (so `max_deliveries` applies as
+        for a timeout). Wake the group's consumers as `group_release` does: `sink.wake(channel,
+        released=True)` in every process. `UnknownGroup` if the group is absent.
+        """
+        raise self._lacks("groups")
+
+    async def group_extend(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        """Restart the ack timeout of pending messages (idle from now, same consumer, same
+        delivery count); return the ids that were pending. `UnknownGroup` if absent."""
+        raise self._lacks("groups")
+
+    async def group_delete(self, channel: str, group: str) -> None:
+        """Remove the group, its consumers and its pending messages; `UnknownGroup` if absent.
+
+        A group joined again with that name starts afresh (new messages, no pending ones).
+        """
+        raise self._lacks("groups")
+
+    async def group_notify(self, notice: GroupNotice) -> None:  # noqa: B027 - see its docstring
+        """Tell every other process of the layer, whose listener calls `sink.group_notice`.
+
+        The core calls it after an ack, nack, extend or delete, having told this process's
+        consumers itself; a notice may reach this process too (it changes nothing twice). A
+        layer whose groups are seen by one process only needs nothing here: this default.
+        """
+
     async def group_info(self, channel: str, group: str) -> GroupInfo:
-        """Pending count, consumers and oldest unacked message; `UnknownGroup` if absent."""
+        """Pending count, consumers (each with its pending count) and oldest unacked message;
+        `UnknownGroup` if absent."""
         raise self._lacks("groups")
 
     def _lacks(self, capability: str) -> CapabilityNotSupported:

@@ -24,6 +24,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -40,9 +41,9 @@ import anyio.lowlevel
 import sniffio
 from anyio.abc import TaskGroup
 
-from ._groups import GroupPump
+from ._groups import GroupNotice, GroupPump, NoticeKind
 from ._router import Router
-from .base import ChannelLayer, ChannelObserver, GroupInfo, Replay
+from .base import ChannelLayer, ChannelObserver, ConsumerInfo, GroupInfo, Replay
 from .errors import (
     ChannelClosed,
     ChannelError,
@@ -69,6 +70,8 @@ class BacklogPolicy(StrEnum):
     DISCONNECT = "disconnect"
 
 
+MAX_PREFETCH = 1000  # unacked messages one group consumer may hold, at most
+MAX_NACK_DELAY = 3600.0  # seconds a nacked message may wait before it is redelivered
 QUEUED_PUBLISH_BATCH = 100  # messages queued by publish_nowait, at most, in one layer call
 FLUSH_ON_CLOSE_SECONDS = 10.0  # closing waits this long for queued messages to be published
 
@@ -107,6 +110,7 @@ class Subscription:
         self._woken = False
         self._overflowed = False
         self._closed = False
+        self._ending: ChannelError | None = None  # why the stream ended, when not a close
         self._handoff: _Handoff | None = None  # replayed ids that may still arrive live
         self._on_space: Callable[[], None] | None = None  # a group pump's wake-up (see below)
         self.releases_group = False  # on leaving its group, release its unacked messages
@@ -172,9 +176,11 @@ class Subscription:
             lost += 1
         queue.appendleft(Gap("dropped", dropped=lost))
 
-    def close(self, *, release: bool = False) -> None:
-        """End the stream; `release=True` also releases a group consumer's unacked messages."""
+    def close(self, *, release: bool = False, error: ChannelError | None = None) -> None:
+        """End the stream; `release=True` also releases a group consumer's unacked messages;
+        `error` is what `next_batch` raises then (instead of `ChannelClosed`)."""
         self.releases_group = self.releases_group or release
+        self._ending = self._ending or error
         self._closed = True
         if self._waiter is not None:
             self._waiter.set()
@@ -251,8 +257,9 @@ class Subscription:
         """Wait for at least one item and return every item queued, in order; an empty list
         after a `wake` with nothing queued.
 
-        Raises `SubscriberOverflow` when the `disconnect` policy ended the subscription, and
-        `ChannelClosed` when the `Channel` was closed.
+        Raises `SubscriberOverflow` when the `disconnect` policy ended the subscription,
+        `UnknownGroup` when a group consumer's group was deleted, and `ChannelClosed` when the
+        `Channel` was closed.
         """
         while True:
             if self._head:
@@ -273,7 +280,7 @@ class Subscription:
                     "reconnect with the last event id to resume"
                 )
             if self._closed:
-                raise ChannelClosed("the channel was closed")
+                raise self._ending or ChannelClosed("the channel was closed")
             if self._woken:
                 self._woken = False
                 return []
@@ -358,9 +365,11 @@ class Channel:
         max_deliveries: int = 5,
         observer: ChannelObserver | None = None,
         max_backlog_bytes: int | None = None,
+        prefetch: int = 10,
     ) -> None:
         if max_backlog < 1:
             raise InvalidArgument("max_backlog must be at least 1")
+        self.prefetch = _checked_prefetch(prefetch)
         self.layer = layer
         self.max_backlog = max_backlog
         self.max_backlog_bytes = max_backlog_bytes
@@ -394,16 +403,24 @@ class Channel:
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
 
-    def local_groups(self) -> dict[tuple[str, str], int]:
-        """(channel, group) -> consumers subscribed through this `Channel` right now.
+    def local_groups(self) -> dict[tuple[str, str], list[ConsumerInfo]]:
+        """(channel, group) -> its consumers subscribed through this `Channel` right now, each
+        with its in-flight count and prefetch.
 
         Only what this process sees: the layer is the authority on a group's other consumers.
         """
-        counts: Counter[tuple[str, str]] = Counter()
+        groups: dict[tuple[str, str], list[ConsumerInfo]] = {}
         for channel, pumps in self._router.pumps.items():
             for pump in pumps:
-                counts[channel, pump.group] += 1
-        return dict(counts)
+                groups.setdefault((channel, pump.group), []).append(
+                    ConsumerInfo(
+                        pump.consumer,
+                        pump.in_flight,
+                        in_flight=pump.in_flight,
+                        prefetch=pump.prefetch,
+                    )
+                )
+        return groups
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -576,12 +593,17 @@ class Channel:
         consumer: str | None = None,
         max_backlog: int | None = None,
         backlog_policy: BacklogPolicy | str | None = None,
+        prefetch: int | None = None,
+        start: str | None = None,
     ) -> AsyncIterator[Subscription]:
         """Subscribe to channels and glob patterns; the subscription ends with the block.
 
         `last_event_id` replays every retained event after it before going live; `history=N`
         replays the last N. With `group`, the single channel's messages are shared among the
-        group's consumers and each event must be acknowledged with `event.ack()`.
+        group's consumers and each event must be acknowledged with `event.ack()` (or `ack`,
+        `nack`); the consumer holds at most `prefetch` unacknowledged events (default: the
+        Channel's). `start` places a group created by this subscription: None for new messages,
+        `"earliest"` or an id (layers with history).
         """
         self._running()
         subscription = Subscription(
@@ -595,10 +617,20 @@ class Channel:
         try:
             if group is not None:
                 async with self._group_consumer(
-                    subscription, channels, patterns, last_event_id, history, group, consumer
+                    subscription,
+                    channels,
+                    patterns,
+                    last_event_id,
+                    history,
+                    group,
+                    consumer,
+                    _checked_prefetch(prefetch if prefetch is not None else self.prefetch),
+                    start,
                 ):
                     yield subscription
             else:
+                if prefetch is not None or start is not None:
+                    raise InvalidArgument("prefetch and start are options of a group subscription")
                 await self._attach(subscription, list(channels), patterns, last_event_id, history)
                 yield subscription
         finally:
@@ -701,6 +733,8 @@ class Channel:
         history: int | None,
         group: str,
         consumer: str | None,
+        prefetch: int,
+        start: str | None,
     ) -> AsyncIterator[None]:
         if len(channels) != 1 or patterns:
             raise InvalidArgument("a group subscription takes exactly one channel and no patterns")
@@ -712,7 +746,9 @@ class Channel:
         validate_group_name(group)
         generated = consumer is None  # named for this subscription alone: forgotten on leaving
         consumer = validate_group_name(consumer or uuid.uuid4().hex, what="consumer")
-        await self.layer.group_join(channel, group, consumer)
+        if start is not None and not start:
+            raise InvalidArgument("start is 'earliest' or a message id")
+        await self.layer.group_join(channel, group, consumer, start=start)
         await self._listen([channel], [])  # live messages on the channel wake the pump
         pump = GroupPump(
             self.layer,
@@ -722,6 +758,7 @@ class Channel:
             consumer,
             ack_timeout=self.ack_timeout,
             max_deliveries=self.max_deliveries,
+            prefetch=prefetch,
             observer=self.observer,
             report_error=self._router.layer_error,
         )
@@ -768,16 +805,107 @@ class Channel:
         validate_group_name(group)
         await self.layer.group_info(channel, group)  # UnknownGroup when absent
         acked = await self.layer.group_ack(channel, group, list(dict.fromkeys(ids)))
+        await self._settled(channel, group, acked, "settled")
         done = set(acked)
         return acked, [i for i in dict.fromkeys(ids) if i not in done]
 
-    async def group_info(self, channel: str, group: str) -> GroupInfo:
+    async def nack(
+        self, channel: str, group: str, ids: Sequence[str], *, delay: float = 0.0
+    ) -> tuple[list[str], list[str]]:
+        """Hand pending group deliveries back for redelivery to any consumer, now or after
+        `delay` seconds; return (nacked, unknown) ids. Their consumers' slots are free at once.
+
+        A delayed nack is kept by this process: until the delay passes the messages stay
+        pending with their ack timeout restarted (again every half ack timeout), so if this
+        process stops first they are redelivered when their ack timeout passes, as ever.
+        """
         validate_channel(channel)
         validate_group_name(group)
-        return await self.layer.group_info(channel, group)
+        if not 0 <= delay <= MAX_NACK_DELAY:
+            raise InvalidArgument(f"delay_seconds must be from 0 to {MAX_NACK_DELAY:g}")
+        unique = list(dict.fromkeys(ids))
+        await self.layer.group_info(channel, group)  # UnknownGroup when absent
+        if delay:
+            nacked = await self.layer.group_extend(channel, group, unique)
+            if nacked:
+                self._running().start_soon(self._nack_later, channel, group, nacked, delay)
+        else:
+            nacked = await self.layer.group_nack(channel, group, unique)
+        await self._settled(channel, group, nacked, "settled")
+        done = set(nacked)
+        return nacked, [i for i in unique if i not in done]
+
+    async def _nack_later(self, channel: str, group: str, ids: list[str], delay: float) -> None:
+        until = time.monotonic() + delay
+        try:
+            while (left := until - time.monotonic()) > 0:
+                await anyio.sleep(min(left, self.ack_timeout / 2))
+                if until - time.monotonic() > 0:
+                    ids = await self.layer.group_extend(channel, group, ids)
+            if ids:
+                await self.layer.group_nack(channel, group, ids)
+        except ChannelError as exc:  # the group went away, or the broker: the ack timeout remains
+            logger.warning("delayed nack in group %s of %s failed: %s", group, channel, exc.detail)
+
+    async def extend(
+        self, channel: str, group: str, ids: Sequence[str]
+    ) -> tuple[list[str], list[str]]:
+        """Restart the ack timeout of pending group deliveries; return (extended, unknown)."""
+        validate_channel(channel)
+        validate_group_name(group)
+        unique = list(dict.fromkeys(ids))
+        await self.layer.group_info(channel, group)  # UnknownGroup when absent
+        extended = await self.layer.group_extend(channel, group, unique)
+        await self._settled(channel, group, extended, "extended")
+        done = set(extended)
+        return extended, [i for i in unique if i not in done]
+
+    async def delete_group(self, channel: str, group: str) -> None:
+        """Remove a group with its consumers and pending messages; `UnknownGroup` if absent.
+
+        Its consumers' streams end, in this process and (through the layer) in the others.
+        """
+        validate_channel(channel)
+        validate_group_name(group)
+        notice = GroupNotice(channel, group, "deleted")
+        self._router.group_notice(notice)  # stop this process's consumers reading it first
+        await self.layer.group_delete(channel, group)
+        await self.layer.group_notify(notice)
+
+    async def _settled(self, channel: str, group: str, ids: list[str], kind: NoticeKind) -> None:
+        if not ids:
+            return
+        notice = GroupNotice(channel, group, kind, tuple(ids))
+        self._router.group_notice(notice)
+        await self.layer.group_notify(notice)
+
+    async def group_info(self, channel: str, group: str) -> GroupInfo:
+        """The layer's view of the group; consumers connected here also show their prefetch and
+        their in-flight count as this process counts it."""
+        validate_channel(channel)
+        validate_group_name(group)
+        info = await self.layer.group_info(channel, group)
+        local = {c.name: c for c in self.local_groups().get((channel, group), [])}
+        if not local:
+            return info
+        consumers = [
+            dataclasses.replace(
+                c, in_flight=local[c.name].in_flight, prefetch=local[c.name].prefetch
+            )
+            if c.name in local
+            else c
+            for c in info.consumers
+        ]
+        return dataclasses.replace(info, consumers=consumers)
 
     async def ping(self) -> None:
         await self.layer.ping()
+
+
+def _checked_prefetch(prefetch: int) -> int:
+    if not 1 <= prefetch <= MAX_PREFETCH:
+        raise InvalidArgument(f"prefetch must be from 1 to {MAX_PREFETCH}")
+    return prefetch
 
 
 __all__ = ["BacklogPolicy", "Channel", "Item", "Subscription", "make_message"]

@@ -144,12 +144,17 @@ class InMemoryChannelLayer(ChannelLayer):
         except KeyError:
             raise UnknownGroup.named(channel, group) from None
 
-    async def group_join(self, channel: str, group: str, consumer: str) -> None:
+    async def group_join(
+        self, channel: str, group: str, consumer: str, *, start: str | None = None
+    ) -> None:
         state = self._groups.get((channel, group))
         if state is None:
             log = self._logs.setdefault(channel, deque())
-            last = log[-1][0] if log else 0
-            state = self._groups[channel, group] = _Group(channel, group, last)
+            if start is None:
+                cursor = log[-1][0] if log else 0
+            else:  # "earliest" and ids not issued here: the oldest retained
+                cursor = (self._parse(start) if start != "earliest" else None) or 0
+            state = self._groups[channel, group] = _Group(channel, group, cursor)
         state.seen(consumer)
 
     async def group_leave(
@@ -185,6 +190,19 @@ class InMemoryChannelLayer(ChannelLayer):
 
     async def group_ack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
         return [entry.event.id for entry in self._group(channel, group).ack(ids)]
+
+    async def group_nack(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        nacked = self._group(channel, group).nack(ids)
+        if nacked and self._sink is not None:
+            self._sink.wake(channel, released=True)
+        return nacked
+
+    async def group_extend(self, channel: str, group: str, ids: Sequence[str]) -> list[str]:
+        return self._group(channel, group).extend(ids)
+
+    async def group_delete(self, channel: str, group: str) -> None:
+        self._group(channel, group)
+        del self._groups[channel, group]
 
     async def group_info(self, channel: str, group: str) -> GroupInfo:
         return self._group(channel, group).info()

@@ -139,6 +139,8 @@ class NatsJetStreamLayer(JetStreamGroups):
             self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT)
             info = await self._ensure_stream()
             await self._follow(info.state.last_seq)
+            with self.unavailable():
+                await nc.subscribe(self.notices_subject, cb=self._on_notice)
             task_status.started()
             await anyio.sleep_forever()
         finally:

@@ -42,9 +42,10 @@ import anyio
 import asyncpg  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
+from ._groups import GroupNotice
 from ._postgres import event_of, parse_id
 from ._postgres_groups import PostgresGroups
-from ._postgres_sql import RELEASED, Statements, like, lock_key
+from ._postgres_sql import GROUP_NOTICE, RELEASED, Statements, like, lock_key
 from ._supervisor import Supervisor
 from .base import Capabilities, Replay, Sink
 from .errors import LayerConfigurationError, LayerUnavailable
@@ -239,6 +240,10 @@ class PostgresLayer(PostgresGroups):
         if kind == RELEASED:
             if self._sink is not None:
                 self._sink.wake(argument, released=True)
+        elif kind == GROUP_NOTICE:
+            notice = GroupNotice.decode(argument)
+            if notice is not None and self._sink is not None:
+                self._sink.group_notice(notice)
         elif kind.isdigit():
             self._advance(int(kind))
 

@@ -43,6 +43,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
+from ._groups import GroupNotice
 from ._redis import (
     COMMAND_TIMEOUT,
     LUA_CLOCK,
@@ -52,7 +53,16 @@ from ._redis import (
     format_id,
     parse_id,
 )
-from ._redis_groups import CLAIM_LUA, FORGET_LUA, RELEASE_LUA, StreamGroups
+from ._redis_groups import (
+    ANNOUNCE_LUA,
+    CLAIM_LUA,
+    DELETE_LUA,
+    FORGET_LUA,
+    GROUP_NOTICE,
+    RELEASE_LUA,
+    TOUCH_LUA,
+    StreamGroups,
+)
 from .base import Capabilities, Replay
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Event, Message
@@ -101,7 +111,15 @@ class RedisStreamsLayer(StreamGroups):
     capabilities = Capabilities(cross_process=True, history=True, groups=True)
     command_connections = 8  # publishes, replays and group pumps run side by side
     listener_timeout = BLOCK_SECONDS + COMMAND_TIMEOUT
-    lua = {"publish": PUBLISH_LUA, "claim": CLAIM_LUA, "release": RELEASE_LUA, "forget": FORGET_LUA}
+    lua = {
+        "publish": PUBLISH_LUA,
+        "claim": CLAIM_LUA,
+        "release": RELEASE_LUA,
+        "forget": FORGET_LUA,
+        "touch": TOUCH_LUA,
+        "announce": ANNOUNCE_LUA,
+        "delete": DELETE_LUA,
+    }
 
     def __init__(
         self,
@@ -282,7 +300,8 @@ class RedisStreamsLayer(StreamGroups):
                 self._sink.deliver(event)
 
     def _read_control(self, entries: list[Any], limit: IdTuple | None) -> IdTuple | None:
-        """Follow new streams matching a pattern; pass on releases. Returns the new limit."""
+        """Follow new streams matching a pattern; pass on releases and group notices. Returns
+        the new limit."""
         first_new: IdTuple | None = None
         for raw_id, (kind, value) in entries:
             id = _id(raw_id)
@@ -296,6 +315,10 @@ class RedisStreamsLayer(StreamGroups):
                     first_new = first_new or id
             elif kind == b"released" and self._sink is not None:
                 self._sink.wake(value.decode(), released=True)
+            elif kind == GROUP_NOTICE and self._sink is not None:
+                notice = GroupNotice.decode(value)
+                if notice is not None:
+                    self._sink.group_notice(notice)
         if first_new is None:
             return limit
         # The new stream's first entry has the announcement's id: stop just before it.

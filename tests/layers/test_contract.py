@@ -674,3 +674,229 @@ async def test_group_subscription_arguments_are_checked(
             async with channel.subscribe(unique, group="bad group"):
                 pass
         assert channel.subscriber_count == 0
+
+
+# -- consumer groups as work queues: prefetch, nack, extend, start, delete --
+
+
+async def drain(subscription: Subscription, within: float = 0.3) -> list[Event]:
+    """Whatever arrives until nothing has for `within` seconds."""
+    got: list[Event] = []
+    while True:
+        with anyio.move_on_after(within) as waited:
+            got += [e for e in await subscription.next_batch() if isinstance(e, Event)]
+        if waited.cancelled_caught:
+            return got
+
+
+async def test_a_stalled_consumer_holds_no_more_than_its_prefetch(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    """The bug: the pump filled a consumer's whole backlog, so whoever read first took all."""
+    async with open_channel(ack_timeout=60, prefetch=3) as channel:
+        need(channel, "groups")
+        async with (
+            channel.subscribe(unique, group="g", consumer="stalled") as stalled,
+            channel.subscribe(unique, group="g", consumer="worker") as worker,
+        ):
+            for n in range(20):
+                await channel.publish(unique, n)
+            held = await events(stalled, 3)
+            done: list[Event] = []
+            with anyio.fail_after(TIMEOUT):
+                while len(done) < 17:
+                    for event in [e for e in await worker.next_batch() if isinstance(e, Event)]:
+                        assert await event.ack()
+                        done.append(event)
+            assert await drain(stalled) == []  # nothing past its prefetch
+            assert sorted(e.data for e in held + done) == list(range(20))
+            info = await channel.group_info(unique, "g")
+            by_name = {c.name: c for c in info.consumers}
+            assert (by_name["stalled"].in_flight, by_name["stalled"].prefetch) == (3, 3)
+            assert by_name["worker"].in_flight == 0
+            for event in held:
+                assert await event.ack()
+
+
+async def test_two_idle_consumers_share_a_burst(open_channel: OpenChannel, unique: str) -> None:
+    async with open_channel(ack_timeout=60) as channel:
+        need(channel, "groups")
+        async with (
+            channel.subscribe(unique, group="g", consumer="a", prefetch=5) as a,
+            channel.subscribe(unique, group="g", consumer="b", prefetch=5) as b,
+        ):
+            for n in range(20):
+                await channel.publish(unique, n)
+            got = {"a": await events(a, 5), "b": await events(b, 5)}
+            assert await drain(a) == [] and await drain(b) == []
+            for held in got.values():
+                for event in held:
+                    assert await event.ack()
+            got["a"] += await events(a, 5)  # acks free the slots: the rest follows
+            got["b"] += await events(b, 5)
+        assert sorted(e.data for held in got.values() for e in held) == list(range(20))
+
+
+async def test_an_ack_through_the_channel_lets_the_next_message_follow_at_once(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    """Not at the next claim tick (the ack timeout is 60 s): at once."""
+    async with open_channel(ack_timeout=60) as channel:
+        need(channel, "groups")
+        async with channel.subscribe(unique, group="g", consumer="c", prefetch=1) as sub:
+            for n in range(3):
+                await channel.publish(unique, n)
+            for n in range(3):
+                with anyio.fail_after(2):
+                    (event,) = await events(sub, 1)
+                assert event.data == n
+                assert await drain(sub, 0.1) == []
+                assert await channel.ack(unique, "g", [event.id]) == ([event.id], [])
+
+
+async def test_prefetch_is_checked(open_channel: OpenChannel, unique: str) -> None:
+    async with open_channel() as channel:
+        need(channel, "groups")
+        for prefetch in (0, 1001):
+            with pytest.raises(InvalidArgument, match="prefetch"):
+                async with channel.subscribe(unique, group="g", prefetch=prefetch):
+                    pass
+        with pytest.raises(InvalidArgument, match="group"):
+            async with channel.subscribe(unique, prefetch=5):
+                pass
+
+
+async def test_nack_redelivers_to_the_group_with_deliveries_counted(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    async with open_channel(ack_timeout=60, max_deliveries=2) as channel:
+        need(channel, "groups")
+        async with (
+            channel.subscribe(f"{unique}.dead") as dead,
+            channel.subscribe(unique, group="g", consumer="c", prefetch=1) as sub,
+        ):
+            message_id = await channel.publish(unique, "try again")
+            (first,) = await events(sub, 1)
+            assert await channel.nack(unique, "g", [first.id, "0-1"]) == ([first.id], ["0-1"])
+            with anyio.fail_after(5):  # far below the ack timeout
+                (second,) = await events(sub, 1)
+            assert (second.id, second.deliveries) == (message_id, 2)
+            assert await channel.nack(unique, "g", [second.id]) == ([second.id], [])
+            (letter,) = await events(dead, 1)  # past max_deliveries, as after a timeout
+            assert letter.data["message"]["id"] == message_id
+            assert letter.data["deliveries"] == 2
+            await eventually_pending(channel, unique, 0)
+        with pytest.raises(UnknownGroup):
+            await channel.nack(unique, "nobody", ["1"])
+
+
+async def eventually_pending(channel: Channel, name: str, pending: int) -> None:
+    with anyio.fail_after(TIMEOUT):
+        while (await channel.group_info(name, "g")).pending != pending:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+
+
+async def test_nack_with_a_delay_redelivers_after_it(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    async with open_channel(ack_timeout=60) as channel:
+        need(channel, "groups")
+        async with channel.subscribe(unique, group="g", consumer="c", prefetch=1) as sub:
+            message_id = await channel.publish(unique, "later")
+            following = await channel.publish(unique, "next")
+            (first,) = await events(sub, 1)
+            nacked_at = anyio.current_time()
+            assert await channel.nack(unique, "g", [first.id], delay=1.0) == ([first.id], [])
+            (other,) = await events(sub, 1)  # the slot is free at once
+            assert other.id == following and await other.ack()
+            with anyio.fail_after(TIMEOUT):
+                (again,) = await events(sub, 1)
+            assert anyio.current_time() - nacked_at >= 0.9
+            assert (again.id, again.deliveries) == (message_id, 2)
+            assert await again.ack()
+        with pytest.raises(InvalidArgument, match="delay"):
+            await channel.nack(unique, "g", [message_id], delay=-1)
+
+
+async def test_extend_restarts_the_ack_timeout(open_channel: OpenChannel, unique: str) -> None:
+    async with open_channel(ack_timeout=0.8) as channel:
+        need(channel, "groups")
+        async with channel.subscribe(unique, group="g", consumer="c") as sub:
+            message_id = await channel.publish(unique, "long job")
+            (event,) = await events(sub, 1)
+            for _ in range(4):  # 1.6 s in all, twice the ack timeout
+                await anyio.sleep(0.4)
+                assert await channel.extend(unique, "g", [event.id, "0-1"]) == (
+                    [event.id],
+                    ["0-1"],
+                )
+            assert await drain(sub, 0.05) == []  # not redelivered while extended
+            with anyio.fail_after(TIMEOUT):  # no more extends: redelivered after the timeout
+                (again,) = await events(sub, 1)
+            assert (again.id, again.deliveries) == (message_id, 2)
+            assert await again.ack()
+            assert await channel.extend(unique, "g", [message_id]) == ([], [message_id])
+        with pytest.raises(UnknownGroup):
+            await channel.extend(unique, "nobody", ["1"])
+
+
+async def test_a_new_group_starts_where_start_says(open_channel: OpenChannel, unique: str) -> None:
+    async with open_channel() as channel:
+        need(channel, "groups")
+        if not channel.capabilities.history:
+            with pytest.raises(CapabilityNotSupported):
+                async with channel.subscribe(unique, group="g", start="earliest"):
+                    pass
+            return
+        first = await channel.publish(unique, "one")
+        await channel.publish(unique, "two")
+        async with channel.subscribe(unique, group="all", start="earliest") as sub:
+            assert data_of(await take(sub, 2)) == ["one", "two"]
+        async with channel.subscribe(unique, group="after", start=first) as sub:
+            assert data_of(await take(sub, 1)) == ["two"]
+        async with channel.subscribe(unique, group="new") as sub:
+            await channel.publish(unique, "three")
+            assert data_of(await take(sub, 1)) == ["three"]
+        # only when the group is created: an existing group goes on where it was
+        async with channel.subscribe(unique, group="new", start="earliest") as sub:
+            assert await drain(sub) == []
+
+
+async def test_a_deleted_group_is_gone_and_starts_afresh(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    async with open_channel(ack_timeout=60) as channel:
+        need(channel, "groups")
+        with pytest.raises(UnknownGroup):
+            await channel.delete_group(unique, "g")
+        async with channel.subscribe(unique, group="g", consumer="c") as sub:
+            await channel.publish(unique, "pending")
+            await events(sub, 1)
+            await channel.delete_group(unique, "g")
+            with anyio.fail_after(TIMEOUT), pytest.raises(UnknownGroup, match="deleted"):
+                await sub.next_batch()
+        with pytest.raises(UnknownGroup):
+            await channel.group_info(unique, "g")
+        await channel.publish(unique, "while deleted")
+        async with channel.subscribe(unique, group="g", consumer="c") as sub:
+            info = await channel.group_info(unique, "g")
+            assert info.pending == 0
+            await channel.publish(unique, "afresh")
+            (event,) = await events(sub, 1)
+            assert (event.data, event.deliveries) == ("afresh", 1)
+            assert await event.ack()
+
+
+async def test_layers_without_groups_refuse_every_group_operation(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    async with open_channel() as channel:
+        if channel.capabilities.groups:
+            pytest.skip(f"{channel.layer.scheme}:// has groups")
+        for call in (
+            channel.nack(unique, "g", ["1"]),
+            channel.extend(unique, "g", ["1"]),
+            channel.delete_group(unique, "g"),
+        ):
+            with pytest.raises(CapabilityNotSupported):
+                await call
