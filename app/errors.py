@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -104,6 +105,8 @@ def install(app: FastAPI) -> None:
         response = error_response(exc.status_code, codes.get(exc.status_code, "http_error"), detail)
         for name, value in (exc.headers or {}).items():
             response.headers[name] = value
+        if exc.status_code == 405:  # one path, several routes (a group's GET and DELETE): all
+            response.headers["Allow"] = ", ".join(_allowed(request))
         return response
 
     async def on_client_gone(request: Request, exc: Exception) -> Response:
@@ -116,3 +119,12 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ChannelError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
+
+
+def _allowed(request: Request) -> list[str]:
+    """The methods of every route matching the request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(request.url.path):
+            methods |= route.methods or set()
+    return sorted(methods)

@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             backlog_policy=settings.backlog_policy,
             ack_timeout=settings.ack_timeout_seconds,
             max_deliveries=settings.max_deliveries,
+            prefetch=settings.group_prefetch,
             observer=gateway.metrics,
             max_backlog_bytes=settings.max_backlog_bytes,
         ) as channel:

@@ -39,11 +39,21 @@ WEBSOCKET: dict[str, Any] = {
             "last_event_id": "optional: resume after this id",
             "group": "optional: join this consumer group (one channel)",
             "consumer": "optional: consumer name in the group",
+            "prefetch": "optional: unacked group messages held at most, 1-1000",
+            "start": "optional: where a group it creates starts: earliest or after an id",
             "ref": 1,
         },
         "unsubscribe": {"op": "unsubscribe", "channels": ["chat"], "patterns": [], "ref": 2},
         "publish": {"op": "publish", "channel": "chat", "data": {"text": "hi"}, "event": "message"},
         "ack": {"op": "ack", "channel": "jobs", "group": "workers", "ids": ["<message id>"]},
+        "nack": {
+            "op": "nack",
+            "channel": "jobs",
+            "group": "workers",
+            "ids": ["<message id>"],
+            "delay_seconds": "optional: redeliver after this many seconds (0-3600)",
+        },
+        "extend": {"op": "extend", "channel": "jobs", "group": "workers", "ids": ["<message id>"]},
     },
     "server_frames": {
         "message": {

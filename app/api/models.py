@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
 from app.errors import ApiError
+from layers.core import MAX_NACK_DELAY
 from layers.errors import InvalidArgument
 from layers.names import (
     CHANNEL_REGEX,
@@ -158,10 +159,41 @@ class AckReply(BaseModel):
     unknown: list[str] = Field(description="Ids the group had no pending delivery for")
 
 
+class NackRequest(RequestBody):
+    problems: ClassVar[dict[str, str]] = {
+        **AckRequest.problems,
+        "delay_seconds": f"delay_seconds must be a number from 0 to {MAX_NACK_DELAY:g}",
+    }
+    ids: list[str] = Field(max_length=MAX_ACK_IDS)
+    delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=MAX_NACK_DELAY,
+        description="Redeliver after this many seconds (0: now)",
+        json_schema_extra={"examples": [0, 30]},
+    )
+
+
+class NackReply(BaseModel):
+    nacked: int
+    unknown: list[str] = Field(description="Ids the group had no pending delivery for")
+
+
+class ExtendReply(BaseModel):
+    extended: int
+    unknown: list[str] = Field(description="Ids the group had no pending delivery for")
+
+
 class ConsumerReply(BaseModel):
     name: str
-    pending: int
+    pending: int = Field(description="Unacked messages the layer counts as this consumer's")
     idle_seconds: float | None
+    in_flight: int = Field(
+        description="Unacked messages counted against its prefetch (by the process holding it)"
+    )
+    prefetch: int | None = Field(
+        description="Its prefetch; null for a consumer not connected to the answering process"
+    )
 
 
 class GroupReply(BaseModel):
@@ -179,10 +211,17 @@ class PerTransport(BaseModel):
     ws: int = Field(description="WebSocket")
 
 
+class LocalConsumer(BaseModel):
+    name: str
+    in_flight: int = Field(description="Unacked messages it holds")
+    prefetch: int = Field(description="Unacked messages it may hold, at most")
+
+
 class LocalGroup(BaseModel):
     channel: str
     group: str
     consumers: int = Field(description="Consumers of the group connected to this process")
+    members: list[LocalConsumer] = Field(description="Those consumers, by name")
 
 
 class StatsReply(BaseModel):

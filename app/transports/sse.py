@@ -15,7 +15,8 @@ Design decisions, so nobody "fixes" them:
   delivery. One `Keepalives` timer for all streams (`app.timers`) wakes those that wrote nothing
   lately, and a stream with an expiring token gets one timer task that wakes it at the expiry.
 - Gap notices carry no `id:` field, so the browser's last event id stays on the last real event.
-- A stream ends with `event: error` (`token_expired`) when its token expires.
+- A stream ends with `event: error` (`token_expired`) when its token expires, and a group
+  consumer's with `event: error` (`unknown_group`) when its group is deleted.
 - A write stuck past `GATEWAY_SEND_TIMEOUT_SECONDS` (a client that stopped reading) ends the
   stream and frees its subscription, whatever the backlog policy (`app.timers.SendWatchdog`);
   what was queued for it counts as dropped. The response cannot be finished (the final write
@@ -36,7 +37,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app.errors import error_body
 from app.gateway import Gateway
 from app.logs import STREAM_CUT
-from layers import ChannelClosed, Event, Gap, SubscriberOverflow, Subscription
+from layers import ChannelClosed, Event, Gap, SubscriberOverflow, Subscription, UnknownGroup
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -155,6 +156,9 @@ class EventStream(Response):
             except SubscriberOverflow as exc:
                 dropped.inc()
                 ending = error_frame(exc.code, exc.detail) + b"retry: %d\n\n" % settings.retry_ms
+                break
+            except UnknownGroup as exc:  # the group was deleted
+                ending = error_frame(exc.code, exc.detail)
                 break
             except ChannelClosed:
                 # shutting down: reconnect soon, to another instance if there is one

@@ -1,10 +1,12 @@
-"""The WebSocket protocol: JSON text frames `subscribe`, `unsubscribe`, `publish`, `ack`.
+"""The WebSocket protocol: JSON text frames `subscribe`, `unsubscribe`, `publish`, `ack`, `nack`,
+`extend`.
 
 One writer task owns the socket's send side; subscription forwarders and replies queue frames for
 it in a bounded outbox, so frames never interleave and a slow socket pushes back: on the
 subscription backlog, where the backlog policy applies, and on the frame reader, which stops
 reading while its reply cannot be queued. A bad frame is answered with an error frame and the
-socket stays open.
+socket stays open; so is a group subscription whose group was deleted (`unknown_group`), which
+ends.
 
 The token is checked at the handshake (header, query parameter or cookie, as for HTTP); a refused
 handshake is accepted and then closed with an error frame and code 1008, because a browser sees
@@ -37,6 +39,7 @@ from layers import (
     Event,
     SubscriberOverflow,
     Subscription,
+    UnknownGroup,
     make_message,
 )
 
@@ -210,10 +213,14 @@ class WebSocketSession:
                 "unsubscribe": self._unsubscribe,
                 "publish": self._publish,
                 "ack": self._ack,
+                "nack": self._nack,
+                "extend": self._extend,
             }.get(op if isinstance(op, str) else "")
             if handler is None:
                 raise ApiError(
-                    422, "unknown_op", f"op {op!r} is not subscribe, unsubscribe, publish or ack"
+                    422,
+                    "unknown_op",
+                    f"op {op!r} is not subscribe, unsubscribe, publish, ack, nack or extend",
                 )
             fields = await handler(frame)
             # The reply goes out before any event of a new subscription: queue it, then start
@@ -241,6 +248,10 @@ class WebSocketSession:
         history = _optional(frame, "history", int)
         group = _optional(frame, "group", str)
         consumer = _optional(frame, "consumer", str)
+        group_options = {
+            "prefetch": _optional(frame, "prefetch", int),
+            "start": _optional(frame, "start", str),
+        }
         if not channels and not patterns:  # as over SSE; adding nothing to a live one is a mistake
             raise ApiError(422, "invalid_argument", "name at least one channel or pattern")
         gateway = self.gateway
@@ -261,8 +272,10 @@ class WebSocketSession:
                     "(GATEWAY_MAX_CHANNELS_PER_SUBSCRIPTION)",
                 )
             self.groups[key] = await self._feed(
-                *channels, patterns=patterns, group=group, consumer=consumer
+                *channels, patterns=patterns, group=group, consumer=consumer, **group_options
             )
+        elif any(value is not None for value in group_options.values()):
+            raise ApiError(422, "invalid_argument", "prefetch and start need a group")
         elif self.live is None:
             self.grant.require_subscribe(channels, patterns)
             gateway.check_subscription(channels, patterns)
@@ -305,6 +318,12 @@ class WebSocketSession:
                         else:
                             dropped.inc(item.dropped)
                             await self._send('{"type":"gap",' + item.to_json()[1:].decode())
+            except UnknownGroup as exc:  # the group was deleted: this feed ends, the socket stays
+                await self._error(None, exc)
+                for key, feed in list(self.groups.items()):
+                    if feed.subscription is subscription:
+                        del self.groups[key]
+                        await feed.cleanup.aclose()
             except (SubscriberOverflow, ChannelClosed) as exc:
                 if isinstance(exc, SubscriberOverflow):
                     dropped.inc()
@@ -352,6 +371,31 @@ class WebSocketSession:
             raise ApiError(422, "invalid_argument", "ids must be a list of strings")
         acked, unknown = await self.gateway.channel.ack(channel, frame["group"], ids)
         return {"acked": len(acked), "unknown": unknown}
+
+    async def _nack(self, frame: dict[str, Any]) -> dict[str, Any]:
+        check_fields(frame, {"channel", "group", "ids"}, {"delay_seconds", "op", "ref"})
+        channel, ids = self._group_ids(frame)
+        delay = frame.get("delay_seconds", 0)
+        if not isinstance(delay, int | float) or isinstance(delay, bool):
+            raise ApiError(422, "invalid_argument", "delay_seconds must be a number")
+        nacked, unknown = await self.gateway.channel.nack(
+            channel, frame["group"], ids, delay=float(delay)
+        )
+        return {"nacked": len(nacked), "unknown": unknown}
+
+    async def _extend(self, frame: dict[str, Any]) -> dict[str, Any]:
+        check_fields(frame, {"channel", "group", "ids"}, {"op", "ref"})
+        channel, ids = self._group_ids(frame)
+        extended, unknown = await self.gateway.channel.extend(channel, frame["group"], ids)
+        return {"extended": len(extended), "unknown": unknown}
+
+    def _group_ids(self, frame: dict[str, Any]) -> tuple[str, list[str]]:
+        channel = self.gateway.check_channel(frame["channel"])
+        self.grant.require_group(channel)
+        ids = frame["ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ApiError(422, "invalid_argument", "ids must be a list of strings")
+        return channel, ids
 
 
 def _ref(frame: dict[str, Any]) -> Any:

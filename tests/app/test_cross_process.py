@@ -158,3 +158,107 @@ async def test_a_group_spread_over_both_processes_gets_each_message_once(
     if layer.round_robin:
         assert received[0]
         assert received[1]
+
+
+async def test_a_burst_is_shared_across_processes_within_prefetch(
+    layer: Layer, tmp_path: Path, unique: str
+) -> None:
+    """Two consumers of one group on two processes: both get work, neither ever holds more than
+    its prefetch unacked, and each message is delivered once. Acks go through the other process
+    where the layer allows, so the next message must follow a remote ack."""
+    if not layer.groups:
+        pytest.skip("this layer has no consumer groups by design")
+    count, prefetch = 16, 3  # within Mosquitto's 20 unacknowledged messages per session
+    with ExitStack() as stack:
+        processes = [
+            stack.enter_context(
+                gateway_process(
+                    layer.url,
+                    tmp_path / f"{n}.log",
+                    GATEWAY_GROUP_PREFETCH=str(prefetch),
+                    GATEWAY_ACK_TIMEOUT_SECONDS="60",  # no redelivery timer helps
+                )
+            )
+            for n in range(2)
+        ]
+        for process in processes:
+            await process.wait_ready()
+        received: list[list[str]] = [[], []]
+        most_held = [0, 0]
+        done = anyio.Event()
+
+        async def consume(index: int, sse: SSEStream) -> None:
+            acker = processes[1 - index] if layer.acks_anywhere else processes[index]
+            held = 0
+            async with acker.client() as http:
+                async for event in sse:
+                    held += 1
+                    most_held[index] = max(most_held[index], held)
+                    received[index].append(event.last_event_id)
+                    await anyio.sleep(0.02)  # some work
+                    held -= 1  # before the ack: the next may arrive before its reply
+                    path = f"/channels/{unique}/groups/workers/ack"
+                    reply = await http.post(path, json={"ids": [event.last_event_id]})
+                    assert reply.json()["acked"] == 1, reply.text
+                    if sum(map(len, received)) >= count:
+                        done.set()
+
+        path = f"/channels/{unique}/events?group=workers&consumer=c"
+        async with (
+            processes[0].sse(path + "0") as first,
+            processes[1].sse(path + "1") as second,
+            processes[0].client() as http,
+            anyio.create_task_group() as tasks,
+        ):
+            tasks.start_soon(consume, 0, first)
+            tasks.start_soon(consume, 1, second)
+            with anyio.fail_after(TIMEOUT):
+                replies = [
+                    await http.post(f"/channels/{unique}/publish", json={"data": n})
+                    for n in range(count)
+                ]
+                await done.wait()
+            tasks.cancel_scope.cancel()
+    assert sorted(received[0] + received[1]) == sorted(r.json()["id"] for r in replies)
+    assert received[0] and received[1], received  # both got work
+    assert max(most_held) <= prefetch
+
+
+async def test_a_stalled_consumer_holds_its_prefetch_while_another_process_drains_the_rest(
+    layer: Layer, tmp_path: Path, unique: str
+) -> None:
+    if not layer.acks_anywhere or not layer.groups:
+        pytest.skip("the broker deals this layer's group messages to each process's session")
+    count, prefetch = 20, 3
+    with ExitStack() as stack:
+        processes = [
+            stack.enter_context(
+                gateway_process(layer.url, tmp_path / f"{n}.log", GATEWAY_ACK_TIMEOUT_SECONDS="60")
+            )
+            for n in range(2)
+        ]
+        for process in processes:
+            await process.wait_ready()
+        stalled_path = f"/channels/{unique}/events?group=g&consumer=stalled&prefetch={prefetch}"
+        worker_path = f"/channels/{unique}/events?group=g&consumer=worker"
+        async with (
+            processes[0].sse(stalled_path) as stalled,
+            processes[1].sse(worker_path) as worker,
+            processes[0].client() as http,
+        ):
+            with anyio.fail_after(TIMEOUT):
+                for n in range(count):
+                    await http.post(f"/channels/{unique}/publish", json={"data": n})
+                held = await stalled.take(prefetch)
+                drained = []
+                while len(drained) < count - prefetch:  # acked through the stalled one's process
+                    event = await worker.next()
+                    drained.append(event)
+                    path = f"/channels/{unique}/groups/g/ack"
+                    await http.post(path, json={"ids": [event.last_event_id]})
+                info = (await http.get(f"/channels/{unique}/groups/g")).json()
+    assert sorted(e.json["data"] for e in held + drained) == list(range(count))
+    consumers = {c["name"]: c for c in info["consumers"]}
+    assert consumers["stalled"]["in_flight"] == prefetch
+    assert consumers["stalled"]["prefetch"] == prefetch  # it is connected to the answering one
+    assert info["pending"] == prefetch

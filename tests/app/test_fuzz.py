@@ -33,14 +33,14 @@ STREAM_READ_SECONDS = 0.05
 
 def parameters_depend_on_each_other(case: schemathesis.Case) -> bool:
     """Requests OpenAPI cannot call invalid, which the gateway refuses (422) as it should:
-    `/events` with neither a channel nor a pattern, a `consumer` without its `group`, a `group`
-    asked for `history` (a group resumes from its pending messages)."""
+    `/events` with neither a channel nor a pattern, a `consumer`, `prefetch` or `start` without
+    its `group`, a `group` asked for `history` (a group resumes from its pending messages)."""
     query = case.query or {}
     if case.path == "/events":
         return not query.get("channel") and not query.get("pattern")
     if "group" in query:
         return query.get("history") is not None
-    return "consumer" in query
+    return any(name in query for name in ("consumer", "prefetch", "start"))
 
 
 @schema.parametrize()

@@ -38,7 +38,8 @@ def test_every_operation_has_summary_bodies_and_errors() -> None:
     for path, method, operation in found:
         where = f"{method.upper()} {path}"
         assert operation.get("summary"), where
-        for media in operation["responses"]["200"]["content"].values():
+        success = operation["responses"].get("200") or operation["responses"]["204"]
+        for media in success.get("content", {}).values():
             assert media.get("schema"), where
         if method == "post":
             for media in operation["requestBody"]["content"].values():
@@ -55,7 +56,14 @@ def test_every_operation_has_summary_bodies_and_errors() -> None:
 def test_websocket_protocol_is_described() -> None:
     websocket = orjson.loads(export())["x-websocket"]
     assert websocket["path"] == "/ws"
-    assert set(websocket["client_frames"]) == {"subscribe", "unsubscribe", "publish", "ack"}
+    assert set(websocket["client_frames"]) == {
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "ack",
+        "nack",
+        "extend",
+    }
     assert set(websocket["server_frames"]) == {"message", "gap", "ok", "error"}
 
 

@@ -42,7 +42,14 @@ async def test_stats_count_subscribers_messages_and_groups(gateway: RunningGatew
             stats = (await http.get("/stats")).json()
             assert stats["published"] == 4
             assert stats["delivered"] == {"sse": 4, "ws": 0}
-            assert stats["groups"] == [{"channel": "jobs", "group": "workers", "consumers": 1}]
+            assert stats["groups"] == [
+                {
+                    "channel": "jobs",
+                    "group": "workers",
+                    "consumers": 1,
+                    "members": [{"name": "w1", "in_flight": 1, "prefetch": 10}],
+                }
+            ]
         await until_stats(http, lambda stats: stats["subscribers"] == {"sse": 0, "ws": 0})
         assert (await http.get("/stats")).json()["groups"] == []
 
@@ -67,7 +74,12 @@ async def test_groups_are_listed_only_for_channels_whose_groups_the_token_may_co
         ):
             await until_stats(http, lambda stats: stats["subscribers"]["sse"] == 2)
             assert (await http.get("/stats")).json()["groups"] == [
-                {"channel": "jobs", "group": "w", "consumers": 1}
+                {
+                    "channel": "jobs",
+                    "group": "w",
+                    "consumers": 1,
+                    "members": [{"name": "c", "in_flight": 0, "prefetch": 10}],
+                }
             ]
             async with secured.client() as without_token:
                 anonymous = await without_token.get("/stats")

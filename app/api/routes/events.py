@@ -13,6 +13,7 @@ from app.auth import Grant, GrantDep
 from app.errors import ApiError
 from app.gateway import Gateway
 from app.transports.sse import EventStream
+from layers.core import MAX_PREFETCH
 from layers.event import GapReason
 
 router = APIRouter(tags=["subscribe"])
@@ -89,6 +90,8 @@ async def open_stream(
     history: int | None,
     group: str | None = None,
     consumer: str | None = None,
+    prefetch: int | None = None,
+    start: str | None = None,
 ) -> EventStream:
     """Open the subscription now, so refusals are JSON errors; the stream owns it afterwards."""
     if consumer is not None and group is None:
@@ -112,6 +115,8 @@ async def open_stream(
                 history=history,
                 group=group,
                 consumer=consumer,
+                prefetch=prefetch,
+                start=start,
             )
         )
     except BaseException:
@@ -141,6 +146,25 @@ async def channel_events(
         str | None,
         Query(description="Consumer name within the group", json_schema_extra=GROUP_RULE),
     ] = None,
+    prefetch: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=MAX_PREFETCH,
+            description="Unacked messages this group consumer holds, at most "
+            "(default `GATEWAY_GROUP_PREFETCH`)",
+        ),
+    ] = None,
+    start: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            description="Where a group created by this request starts: `earliest` (the oldest "
+            "retained message) or after a message id; new messages without it. 501 on layers "
+            "without history.",
+        ),
+    ] = None,
 ) -> EventStream:
     return await open_stream(
         gateway,
@@ -151,6 +175,8 @@ async def channel_events(
         history,
         group,
         consumer,
+        prefetch,
+        start,
     )
 
 

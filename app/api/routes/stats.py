@@ -48,7 +48,15 @@ async def stats(gateway: GatewayDep, grant: GrantDep) -> Response:
             "delivered": _per_transport(gateway, "gateway_messages_delivered_total"),
             "dropped": _per_transport(gateway, "gateway_messages_dropped_total"),
             "groups": [
-                {"channel": channel, "group": group, "consumers": consumers}
+                {
+                    "channel": channel,
+                    "group": group,
+                    "consumers": len(consumers),
+                    "members": [
+                        {"name": c.name, "in_flight": c.in_flight, "prefetch": c.prefetch}
+                        for c in sorted(consumers, key=lambda c: c.name)
+                    ],
+                }
                 for (channel, group), consumers in sorted(visible.items())
             ],
         }
