@@ -721,7 +721,8 @@ async function groupInfo(channel, group) {
       const oldest = info.oldest_unacked
         ? `; oldest unacked ${info.oldest_unacked.id} (${Math.round(info.oldest_unacked.age_seconds)} s)`
         : "";
-      const consumers = info.consumers.map((c) => `${c.name} (${c.pending})`).join(", ") || "none";
+      const held = (c) => (c.prefetch === null ? `${c.in_flight} in flight` : `${c.in_flight}/${c.prefetch} in flight`);
+      const consumers = info.consumers.map((c) => `${c.name} (${held(c)})`).join(", ") || "none";
       $("group-info").textContent = `${info.pending} pending; consumers: ${consumers}${oldest}`;
     }
   } catch (error) {
@@ -745,29 +746,43 @@ function renderGroupView() {
       const body = messageItem(envelope);
       const wrapper = document.createElement("div");
       wrapper.append(...body.childNodes);
-      const button = document.createElement("button");
-      button.type = "button";
-      button.textContent = "Ack";
-      button.onclick = () => ack(channel, group, [envelope.id]);
+      const button = (label, settle) => {
+        const element = document.createElement("button");
+        element.type = "button";
+        element.textContent = label;
+        element.onclick = () => settle(channel, group, [envelope.id]);
+        return element;
+      };
       item.dataset.id = envelope.id;
-      item.append(wrapper, button);
+      item.append(wrapper, button("Ack", ack), button("Nack", nack));
       return item;
     })
     : [];
   $("group-pending").replaceChildren(...items);
   $("group-ack-all").hidden = !items.length;
+  $("group-nack-all").hidden = !items.length;
   if (!entry || entry.live) groupInfo(channel, group);
 }
 
-async function ack(channel, group, ids) {
+const ack = (channel, group, ids) => settle(channel, group, "ack", { ids });
+
+// Nacked messages come back (now or after the delay) with their delivery counted up.
+const nack = (channel, group, ids) =>
+  settle(channel, group, "nack", { ids, delay_seconds: Number($("nack-delay").value) || 0 });
+
+async function settle(channel, group, how, body) {
+  const entry = joined.get(keyOf(channel, group));
+  const held = new Map(body.ids.map((id) => [id, entry?.pending.get(id)]));
   try {
     const reply = await api(
       "POST",
-      `/channels/${encodeURIComponent(channel)}/groups/${encodeURIComponent(group)}/ack`,
-      { ids },
+      `/channels/${encodeURIComponent(channel)}/groups/${encodeURIComponent(group)}/${how}`,
+      body,
     );
-    const entry = joined.get(keyOf(channel, group));
-    if (entry) ids.forEach((id) => entry.pending.delete(id));
+    // a nacked message may be delivered again before the reply: that delivery stays shown
+    for (const [id, envelope] of held) {
+      if (entry && entry.pending.get(id) === envelope) entry.pending.delete(id);
+    }
     if (reply.unknown.length) notify(`not pending in ${group}: ${reply.unknown.join(", ")}`);
   } catch (error) {
     notify(error.message);
@@ -810,6 +825,16 @@ function start() {
     ack(entry.channel, entry.group, [...entry.pending.keys()]);
   });
   $("auth-form").addEventListener("submit", (event) => event.preventDefault());
+  $("group-nack-all").addEventListener("click", () => {
+    const entry = joined.get(selected);
+    nack(entry.channel, entry.group, [...entry.pending.keys()]);
+  });
+  $("group-nack").addEventListener("click", () => {
+    const [channel, group] = selected.split("/");
+    const ids = list($("ack-ids").value);
+    if (ids.length) nack(channel, group, ids);
+    $("ack-ids").value = "";
+  });
   $("ack-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const [channel, group] = selected.split("/");

@@ -187,7 +187,7 @@ async def test_reload_resumes_after_the_last_seen_id(
         assert await shown_ids(page) == [*missed, live]
 
 
-async def test_group_pending_messages_are_acked_by_hand(
+async def test_group_pending_messages_are_acked_and_nacked_by_hand(
     gateway: RunningGateway, console: ConsolePage
 ) -> None:
     page = console.page
@@ -205,15 +205,34 @@ async def test_group_pending_messages_are_acked_by_hand(
         await page.locator(f'#group-pending li[data-id="{ids[-1]}"]').wait_for()
         assert await pending.evaluate_all("items => items.map((i) => i.dataset.id)") == ids
         await page.locator("#group-info", has_text="3 pending").wait_for()
-        await pending.first.get_by_role("button", name="Ack").click()
+        await page.locator("#group-info", has_text="console (3/10 in flight)").wait_for()
+        await pending.first.get_by_role("button", name="Ack", exact=True).click()
         await page.locator("#group-info", has_text="2 pending").wait_for()
+        second = page.locator(f'#group-pending li[data-id="{ids[1]}"]')
+        await second.get_by_role(
+            "button", name="Nack", exact=True
+        ).click()  # back at once, delivered again
+        await page.locator("#group-info", has_text="console (2/10 in flight)").wait_for()
+        await second.wait_for()
+        await page.fill("#nack-delay", "1")
+        await second.get_by_role("button", name="Nack", exact=True).click()
+        await page.locator("#group-info", has_text="console (1/10 in flight)").wait_for()
+        await second.wait_for(state="detached")
+        await second.wait_for()  # after the delay
         await page.click("#group-ack-all")
         await page.locator("#group-info", has_text="0 pending").wait_for()
         async with gateway.client() as http:
             info = (await http.get("/channels/jobs/groups/workers")).json()
             stats = (await http.get("/stats")).json()
         assert info["pending"] == 0
-        assert stats["groups"] == [{"channel": "jobs", "group": "workers", "consumers": 1}]
+        assert stats["groups"] == [
+            {
+                "channel": "jobs",
+                "group": "workers",
+                "consumers": 1,
+                "members": [{"name": "console", "in_flight": 0, "prefetch": 10}],
+            }
+        ]
         # the table shows the pending count and that the consumer is on this process
         await row.locator("td", has_text="0").first.wait_for()
     assert console.errors == []
