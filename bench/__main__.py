@@ -1,7 +1,8 @@
 """`python -m bench`: run the scenarios, write bench/results/latest.{jsonl,md,png}.
 
 Options: `--scenarios S1,S2`, `--rates 10,50`, `--subscribers N`, `--idle N`, `--step-seconds S`,
-`--out DIR`, `--render` (redraw the table and plot from the JSON lines). A partial run writes the
+`--out DIR`, `--render` (redraw the table and plot from the JSON lines); G1 (consumer groups,
+not run by default) takes `--g1-messages N` and `--g1-prefetch N`. A partial run writes the
 same files, so the table and plot are always one run's output.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import orjson
 
+from bench.groups import G1Config
 from bench.report import markdown, plot
 from bench.run import Config, Record, run, stamp
 
@@ -29,6 +31,8 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--storm", type=int, default=1000)
     parser.add_argument("--step-seconds", type=float, default=5.0)
+    parser.add_argument("--g1-messages", type=int, default=10_000)
+    parser.add_argument("--g1-prefetch", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
     parser.add_argument(
         "--render", action="store_true", help="only redraw latest.md and latest.png from .jsonl"
@@ -48,6 +52,7 @@ def main() -> None:
         storm=args.storm,
         throughput_seconds=args.step_seconds,
         scenarios=args.scenarios.upper().split(","),
+        g1=G1Config(messages=args.g1_messages, prefetch=args.g1_prefetch),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[Record] = []

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.groups import markdown as groups_markdown
+
 Record = dict[str, Any]
 
 
@@ -125,6 +127,7 @@ def markdown(records: list[Record]) -> str:
                 f"{r['server_cpu_s']} | {r['loadavg']} |"
             )
         lines.append("")
+    lines += groups_markdown(records)
     checks = targets(records)
     if checks:
         lines += ["**Targets** (this run)", "", "| target | measured | met |", "|---|---|---|"]

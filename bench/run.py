@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from bench import servers
+from bench.groups import G1Config, g1
 from bench.load import Subscribers, connect, post_request, publish_at_rate, publish_flood
 from bench.servers import Server
 
@@ -41,6 +42,10 @@ class Config:
     scenarios: list[str] = field(default_factory=lambda: ["S1", "S2", "S3", "S4", "S5"])
     redis_url: str = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
     nats_url: str = os.environ.get("BENCH_NATS_URL", "nats://127.0.0.1:4222")
+    postgres_url: str = os.environ.get(
+        "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/gateway_test"
+    )
+    g1: G1Config = field(default_factory=G1Config)
 
 
 Record = dict[str, Any]
@@ -379,6 +384,15 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
             with attempt("S4", scheme), servers.gateway(layer=url) as server:
                 fields = {"scenario": "S4", "target": scheme}
                 await fanout(server, config, f"s4-{int(time.time())}", emitter(fields))
+
+    if "G1" in config.scenarios:
+        group_layers = {
+            "redis+streams": config.redis_url.replace("redis://", "redis+streams://", 1)
+            + f"?key_prefix=bench-g1-{int(time.time())}:",
+            "postgresql": f"{config.postgres_url}?table_prefix=bench_",
+        }
+        with attempt("G1", "gateway"):
+            await g1(group_layers, config.g1, lambda record: emit(stamp(record)))
 
     if "S5" in config.scenarios:
         for name, make in targets:

@@ -10,12 +10,13 @@ import os
 import anyio
 import pytest
 
+from bench.groups import G1Config, work_queue
 from bench.load import Subscribers, publish_at_rate
 from bench.report import markdown
 from bench.run import Config, broker_layers, fanout_step, storm
 from bench.servers import Server
 from layers import create_layer
-from tests.app.conftest import RunningGateway
+from tests.app.conftest import RunningGateway, serve
 
 pytestmark = pytest.mark.anyio
 
@@ -75,3 +76,20 @@ def test_broker_layers_include_nats_with_a_stream_of_their_own() -> None:
     assert missing is None  # the dev extra installs nats-py
     layer = create_layer(url)
     assert (layer.scheme, getattr(layer, "stream", None)) == ("nats", "BENCH")
+
+
+async def test_work_queue_acks_every_message_once_across_two_gateways(
+    redis_url: str, redis_prefix: str, unique: str
+) -> None:
+    """G1 in small: two gateways on one Redis (in this process), four consumers, 60 messages."""
+    layer = redis_url.replace("redis://", "redis+streams://", 1) + f"?key_prefix={redis_prefix}"
+    config = G1Config(messages=60, prefetch=3, within=30)
+    with serve(layer=layer) as first, serve(layer=layer) as second:
+        with anyio.fail_after(60):
+            record = await work_queue([first.url, second.url], config, unique)
+    assert record["complete"], record
+    assert (record["acked"], record["acked_once"], record["lost"]) == (60, 60, 0)
+    assert record["acked_twice_or_more"] == record["ack_failures"] == 0
+    assert record["min_per_consumer"] > 0  # every consumer got work
+    table = markdown([{"scenario": "G1", "target": "redis+streams", "loadavg": 0.0, **record}])
+    assert "| redis+streams | 60 | 4 / 2 | 3 |" in table
