@@ -69,7 +69,7 @@ def test_url_takes_a_seed_list_and_refuses_unknown_options() -> None:
     tls = create_layer("tls://h1:4222")
     assert isinstance(tls, NatsJetStreamLayer) and tls.servers == ["tls://h1:4222"]
     for bad, named in (
-        ("nats://h?stram=x", "unknown nats:// URL option(s) stram; known: connect_timeout"),
+        ("nats://h?stram=x", "unknown nats:// URL option stram; use stream, subject_prefix"),
         ("nats://h?stream=a.b", "invalid stream name 'a.b'"),
         ("nats://h?subject_prefix=a..b", "invalid subject_prefix 'a..b'"),
         ("nats://h?replicas=three", "invalid nats:// URL option"),
