@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from ._nats import NoSuchConsumer, decode
+from ._nats import NoSuchConsumer, decode, parse_id
 from .base import ChannelLayer, ConsumerInfo, GroupInfo, Sink
 from .errors import UnknownGroup
 from .event import Event
@@ -240,8 +240,8 @@ class JetStreamGroups(ChannelLayer):
                 if held is not None:
                     await nc.request(held.msg.reply, b"+ACK", timeout=REQUEST_TIMEOUT)
                     done.add(id)
-                elif id.isascii() and id.isdigit() and str(int(id)) == id:
-                    elsewhere.append(int(id))
+                elif (sequence := parse_id(id)) is not None:
+                    elsewhere.append(sequence)
             if elsewhere:
                 done.update(
                     str(seq) for seq in await self._ack_by_sequence(channel, state, elsewhere)
