@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -14,6 +14,7 @@ from nats.js.api import StorageType
 
 from .errors import LayerConfigurationError
 from .event import Event
+from .urls import split_options
 
 logger = logging.getLogger("layers.nats")
 
@@ -62,13 +63,7 @@ class NatsOptions:
             if ":" not in host.rpartition("]")[2]:
                 host += ":4222"
             servers.append(f"{scheme}://{auth + '@' if auth else ''}{host}")
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        unknown = sorted(set(query) - set(URL_OPTIONS))
-        if unknown:
-            raise LayerConfigurationError(
-                f"unknown nats:// URL option(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(URL_OPTIONS))}"
-            )
+        _, query = split_options(url, URL_OPTIONS)
         options = {**URL_OPTIONS, **query}
         if options["randomize"] not in ("true", "false"):
             raise LayerConfigurationError("randomize must be 'true' or 'false'")

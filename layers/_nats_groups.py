@@ -44,7 +44,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ._groups import GroupNotice
-from ._nats import NoSuchConsumer, decode
+from ._nats import NoSuchConsumer, decode, parse_id
 from .base import ChannelLayer, ConsumerInfo, GroupInfo, Sink
 from .errors import UnknownGroup
 from .event import Event
@@ -129,7 +129,7 @@ class JetStreamGroups(ChannelLayer):
     ) -> None:
         policy, first = DeliverPolicy.NEW, None
         if start is not None:
-            after = _sequence(start) if start != "earliest" else None
+            after = parse_id(start) if start != "earliest" else None
             policy, first = (
                 (DeliverPolicy.BY_START_SEQUENCE, after + 1) if after else (DeliverPolicy.ALL, None)
             )
@@ -305,8 +305,8 @@ class JetStreamGroups(ChannelLayer):
                 if held is not None:
                     await nc.request(held.msg.reply, reply, timeout=REQUEST_TIMEOUT)
                     done.add(id)
-                elif (seq := _sequence(id)) is not None:
-                    elsewhere.append(seq)
+                elif (sequence := parse_id(id)) is not None:
+                    elsewhere.append(sequence)
             if elsewhere:
                 done.update(
                     str(seq)
@@ -388,13 +388,6 @@ class JetStreamGroups(ChannelLayer):
                 else None
             ),
         )
-
-
-def _sequence(id: str) -> int | None:
-    """The stream sequence of an id of this layer (canonical decimal), or None."""
-    if not (id.isascii() and id.isdigit()) or len(id) > 20 or str(int(id)) != id:
-        return None
-    return int(id)
 
 
 def _epoch(timestamp: object) -> float:

@@ -40,7 +40,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,6 +64,7 @@ from nats.js.api import (
 
 from ._nats import UNAVAILABLE, NatsOptions, NoSuchConsumer, check_names, decode, parse_id
 from ._nats_groups import JetStreamGroups
+from ._supervisor import Supervisor
 from .base import Capabilities, Replay, Sink
 from .errors import InvalidArgument, LayerConfigurationError, LayerUnavailable
 from .event import Event, Message
@@ -128,12 +129,21 @@ class NatsJetStreamLayer(JetStreamGroups):
         self._delivered = 0  # the live consumer has handed on every sequence up to this one
         self._progress = anyio.Event()  # set (and replaced) whenever `_delivered` moves
         self._connected = False
+        self._closing = False
         self._lost = anyio.Event()  # set when the connection drops, replaced when it is back
 
     # -- lifetime --------------------------------------------------------------------------------
 
     async def run(self, sink: Sink, *, task_status: TaskStatus[None]) -> None:
+        # The supervisor makes the first connection (a seed list that answers nothing at
+        # start-up is retried, readiness red meanwhile); after it, nats-py reconnects by itself.
         self._sink = sink
+        try:
+            await Supervisor(self.where, sink, logger).run(self._serve, task_status=task_status)
+        finally:
+            self._sink = None
+
+    async def _serve(self, ready: Callable[[], None]) -> None:
         nc = await self._connect()
         try:
             self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT)
@@ -141,20 +151,26 @@ class NatsJetStreamLayer(JetStreamGroups):
             await self._follow(info.state.last_seq)
             with self.unavailable():
                 await nc.subscribe(self.notices_subject, cb=self._on_notice)
-            task_status.started()
+            ready()
             await anyio.sleep_forever()
         finally:
-            self._sink = None
             self._nc = self._js = None
+            await self._close(nc)
+
+    async def _close(self, nc: Client) -> None:
+        self._closing = True  # what the client reports while closing is no lost connection
+        try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await nc.close()
+        finally:
+            self._closing = False
 
     async def _connect(self) -> Client:
         async def disconnected() -> None:
             self._connected = False
             self._lost.set()
-            if self._sink is None:
-                return  # closing
+            if self._sink is None or self._closing:
+                return
             logger.warning("%s: connection lost; reconnecting", self.where)
 
         async def reconnected() -> None:
@@ -195,14 +211,13 @@ class NatsJetStreamLayer(JetStreamGroups):
                     name=f"channels-gateway:{uuid.uuid4().hex[:8]}",
                 )
         except UNAVAILABLE as exc:
-            self._sink = None  # quiet: this is no lost connection
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                await nc.close()
+            await self._close(nc)
             raise LayerUnavailable(
                 f"{self.where} is unavailable ({type(exc).__name__}: {str(exc) or 'timed out'}); "
                 "check that nats-server is running with JetStream (-js) and the nats:// URL"
             ) from None
         self._connected = True
+        self._lost = anyio.Event()  # an attempt that failed before this one had set it
         return nc
 
     async def _ensure_stream(self) -> StreamInfo:
@@ -286,6 +301,8 @@ class NatsJetStreamLayer(JetStreamGroups):
 
     def _client(self) -> Client:
         if self._nc is None:
+            if self._sink is not None:
+                raise LayerUnavailable(f"{self.where}: no server answers; connecting")
             raise LayerUnavailable(
                 "the nats:// layer is not running; use it inside 'async with Channel(layer)'"
             )

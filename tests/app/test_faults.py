@@ -2,16 +2,19 @@
 
 - The fault matrix: while two publishers and a subscriber are in flight, the gateway's broker
   connections are cut from the broker's side (Redis `CLIENT KILL`, PostgreSQL
-  `pg_terminate_backend`, a Mosquitto restart). Every answer is 200 or 503, never a 500; the log
-  has no traceback; the subscriber resumes with nothing lost where the layer keeps history, and
-  is told of a gap where it does not; `/readyz` is red while the broker is away (where that lasts
-  long enough to see) and green after. A layer joins the matrix with one line in `FAULTS`.
+  `pg_terminate_backend`, a Mosquitto restart, a nats-server killed and started again). Every
+  answer is 200 or 503, never a 500; the log has no traceback; the subscriber resumes with nothing
+  lost where the layer keeps history, and is told of a gap where it does not; `/readyz` is red
+  while the broker is away (where that lasts long enough to see) and green after. A layer joins
+  the matrix with one line in `FAULTS`.
 - A broker down at start-up: the gateway starts, `/readyz` answers 503, requests get 503 naming
   the broker with every secret of its URL masked, and the gateway connects once the broker is up.
 """
 
 from __future__ import annotations
 
+import functools
+import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
@@ -25,6 +28,7 @@ import pytest
 
 from tests.app.processes import GatewayProcess, gateway_process
 from tests.fixtures_mqtt import Mosquitto
+from tests.fixtures_nats import NatsServer
 from tests.fixtures_postgres import execute, forget_channels
 from tests.fixtures_redis import THROWAWAY_PORTS, ThrowawayRedis, _port_is_free
 from tests.sse import SSEEvent, SSEStream
@@ -68,8 +72,9 @@ def assert_clean_log(process: GatewayProcess) -> None:
         "redis+streams://127.0.0.1:{port}/0?password={secret}",
         "postgresql://gw:{secret}@127.0.0.1:{port}/gw?sslpassword={secret}",
         "mqtt://gw:{secret}@127.0.0.1:{port}",
+        "nats://gw:{secret}@127.0.0.1:{port}",
     ],
-    ids=["redis", "redis+streams", "postgresql", "mqtt"],
+    ids=["redis", "redis+streams", "postgresql", "mqtt", "nats"],
 )
 async def test_a_broker_down_at_start_up_is_a_503_without_secrets(
     url: str, tmp_path: Path, unique: str
@@ -149,6 +154,24 @@ async def test_the_gateway_connects_when_redis_comes_up_after_it(
     assert_clean_log(process)
 
 
+async def test_the_gateway_connects_when_nats_comes_up_after_it(
+    tmp_path: Path, unique: str
+) -> None:
+    server = NatsServer(tmp_path / "nats")  # its port is chosen, nothing listens there yet
+    url = f"{server.url}/?stream=S{unique}&subject_prefix={unique}&connect_timeout=0.5"
+    with gateway_process(url, tmp_path / "gateway.log") as process:
+        await started(process)
+        async with process.client() as http:
+            assert (await http.get("/readyz")).status_code == 503
+        await anyio.to_thread.run_sync(server.start)
+        try:
+            await wait_ready(process)
+            await serves_a_message(process, unique)
+        finally:
+            server.stop()
+    assert_clean_log(process)
+
+
 # -- the fault matrix -----------------------------------------------------------------------------
 
 
@@ -214,11 +237,26 @@ async def mqtt_fault(request: pytest.FixtureRequest, unique: str) -> AsyncIterat
     yield Fault(url, False, cut, red_while_cut=True)
 
 
+@asynccontextmanager
+async def nats_fault(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Fault]:
+    """A throwaway nats-server with JetStream on file storage, killed and started again."""
+    server: NatsServer = request.getfixturevalue("nats_server")
+
+    async def cut() -> None:
+        await anyio.to_thread.run_sync(functools.partial(server.stop, signal.SIGKILL))
+        await anyio.sleep(0.3)  # long enough for /readyz to see it
+        await anyio.to_thread.run_sync(server.start)
+
+    url = f"{server.url}/?stream=F{unique}&subject_prefix={unique}"
+    yield Fault(url, True, cut, red_while_cut=True)
+
+
 FAULTS: dict[str, FaultCase] = {
     "redis": lambda request, unique: redis_fault(request, unique, "redis"),
     "redis+streams": lambda request, unique: redis_fault(request, unique, "redis+streams"),
     "postgresql": postgres_fault,
     "mqtt": mqtt_fault,
+    "nats": nats_fault,
 }
 
 PUBLISHES = 60  # per publisher

@@ -45,6 +45,7 @@ def test_errors_naming_a_url_mask_its_secrets() -> None:
         "redis://h/0?key_prefx=gw:",
         "redis+streams://h/0?histroy_size=5",
         "mqtt://h:1883?topic_prefx=gw/",
+        "nats://h:4222?subject_prefx=gw",
     ],
 )
 def test_unknown_url_options_are_refused_naming_the_known_ones(url: str) -> None:
@@ -52,4 +53,5 @@ def test_unknown_url_options_are_refused_naming_the_known_ones(url: str) -> None
         create_layer(url)
     option = url.rpartition("?")[2].partition("=")[0]
     assert f"unknown {url.partition(':')[0]}:// URL option {option}; use " in refused.value.detail
-    assert ("key_prefix" if url.startswith("redis") else "topic_prefix") in refused.value.detail
+    known = {"redis": "key_prefix", "mqtt": "topic_prefix", "nats": "subject_prefix"}
+    assert known[url.partition(":")[0].partition("+")[0]] in refused.value.detail
