@@ -25,6 +25,7 @@ import httpx
 import orjson
 
 from bench import servers
+from bench.load import HttpConnection, connect, post_request
 
 Record = dict[str, Any]
 HOST = "127.0.0.1"
@@ -65,21 +66,25 @@ async def work_queue(urls: list[str], config: G1Config, channel: str) -> Record:
             f"/channels/{channel}/events?group=workers&consumer={consumer.name}"
             f"&prefetch={config.prefetch}"
         )
-        limits = httpx.Limits(max_connections=config.prefetch + 2)
+        port = int(consumer.url.rsplit(":", 1)[1])
+        # Acks on raw keep-alive connections (bench.load): httpx would cost the client more CPU
+        # per ack than the gateway spends on it. One connection per message it may hold.
+        ackers = await connect(HOST, port, config.prefetch)
+        ack_path = f"/channels/{channel}/groups/workers/ack"
         async with (
-            httpx.AsyncClient(base_url=consumer.url, timeout=30, limits=limits) as http,
+            httpx.AsyncClient(base_url=consumer.url, timeout=30) as http,
             http.stream("GET", path) as stream,
         ):
             ready.set()
             working: set[asyncio.Task[None]] = set()
+            turn = 0
 
-            async def work_and_ack(message_id: str, seq: int) -> None:
+            async def work_and_ack(message_id: str, seq: int, acker: HttpConnection) -> None:
                 nonlocal acked_total
                 await asyncio.sleep(random.uniform(*config.work_ms) / 1000)
-                reply = await http.post(
-                    f"/channels/{channel}/groups/workers/ack", json={"ids": [message_id]}
-                )
-                if reply.status_code == 200 and reply.json()["acked"] == 1:
+                body = orjson.dumps({"ids": [message_id]})
+                status, reply = await acker.request(post_request(HOST, port, ack_path, body))
+                if status == 200 and orjson.loads(reply)["acked"] == 1:
                     consumer.acked[seq] += 1
                     acked_total += 1
                     if acked_total >= total:
@@ -88,16 +93,23 @@ async def work_queue(urls: list[str], config: G1Config, channel: str) -> Record:
                     consumer.ack_failures += 1
 
             message_id = ""
-            async for line in stream.aiter_lines():
-                if line.startswith("id: "):
-                    message_id = line[4:]
-                elif line.startswith("data: ") and message_id:
-                    consumer.deliveries += 1
-                    seq = orjson.loads(line[6:])["data"]["seq"]
-                    task = asyncio.create_task(work_and_ack(message_id, seq))
-                    working.add(task)
-                    task.add_done_callback(working.discard)
-                    message_id = ""
+            try:
+                async for line in stream.aiter_lines():
+                    if line.startswith("id: "):
+                        message_id = line[4:]
+                    elif line.startswith("data: ") and message_id:
+                        consumer.deliveries += 1
+                        seq = orjson.loads(line[6:])["data"]["seq"]
+                        turn += 1
+                        acker = ackers[turn % len(ackers)]
+                        task = asyncio.create_task(work_and_ack(message_id, seq, acker))
+                        working.add(task)
+                        task.add_done_callback(working.discard)
+                        message_id = ""
+            finally:
+                for acker in ackers:
+                    if acker.transport is not None:
+                        acker.transport.close()
 
     async def publish(http: httpx.AsyncClient) -> None:
         for start in range(0, total, PUBLISH_BATCH):
