@@ -489,29 +489,24 @@ class Channel:
         self._running()
         if not messages:
             return []
-        if keyed(messages):
+        replayable = keyed(messages)
+        if replayable:
             if not self.layer.capabilities.idempotency:
                 raise self.layer._lacks("idempotency")
             check_distinct(messages)
         started = time.perf_counter()
         ids = await self.layer.publish(messages)
-        fresh = sum(1 for id in ids if not isinstance(id, Replayed))
-        self.observer.published(fresh, time.perf_counter() - started)
+        fresh = sum(not isinstance(id, Replayed) for id in ids) if replayable else len(ids)
+        self.observer.published(fresh, time.perf_counter() - started)  # replays published nothing
         return ids
 
-    def publish_threadsafe(
-        self,
-        channel: str,
-        data: Any,
-        *,
-        event: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> str:
+    def publish_threadsafe(self, channel: str, data: Any, *, event: str | None = None) -> str:
         """`publish` from a thread that is not running the event loop."""
         if self._token is None:
             raise ChannelClosed("the channel is not open")
-        message = make_message(channel, data, event, idempotency_key)
-        return anyio.from_thread.run(self.publish_messages, [message], token=self._token)[0]
+        return anyio.from_thread.run(
+            self.publish_messages, [make_message(channel, data, event)], token=self._token
+        )[0]
 
     def publish_nowait(self, channel: str, data: Any, *, event: str | None = None) -> None:
         """Queue one JSON value to publish and return at once, without its id.
