@@ -30,7 +30,8 @@ def test_a_missing_capability_names_the_layers_that_have_it() -> None:
     assert isinstance(lacks, CapabilityNotSupported)
     assert lacks.detail == (
         "the forgetful:// layer has no history; configure a layer that keeps it: "
-        "memory://, redis+streams:// or postgresql://"
+        "memory://, redis+streams://, postgresql:// or nats://"
     )
-    assert layers_with("groups") == ["memory", "redis+streams", "postgresql", "mqtt"]
+    assert layers_with("groups") == ["memory", "redis+streams", "postgresql", "mqtt", "nats"]
+    assert layers_with("idempotency") == ["memory", "redis", "redis+streams", "postgresql", "nats"]
     assert "consumer groups" in Forgetful()._lacks("groups").detail
