@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.layer,
             history_size=settings.history_size,
             history_ttl=settings.history_ttl_seconds,
+            idempotency_ttl=settings.idempotency_ttl_seconds,
         )
         async with Channel(
             layer,

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     history_ttl_seconds: float | None = Field(
         86400.0, gt=0, description="Age after which retained messages expire (empty: never)"
     )
+    idempotency_ttl_seconds: float = Field(
+        300.0, gt=0, description="How long a publish's idempotency key is remembered"
+    )
     ack_timeout_seconds: float = Field(30.0, gt=0, description="Redelivery after this")
     max_deliveries: int = Field(5, ge=1, description="Deliveries before `<channel>.dead`")
     group_prefetch: int = Field(

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from bench import servers
+from bench import idempotency, servers
 from bench.groups import G1Config, g1
 from bench.load import Subscribers, connect, post_request, publish_at_rate, publish_flood
 from bench.servers import Server
@@ -93,11 +93,11 @@ def stamp(record: Record) -> Record:
 # -- S1: publish throughput --------------------------------------------------------------------
 
 
-async def throughput(server: Server, seconds: float) -> Record:
+async def throughput(server: Server, seconds: float, script: Path | None = None) -> Record:
     path = "/channels/s1/publish"
     with measured(server) as m:
         if shutil.which("wrk"):
-            requests, failed = await _wrk(server.port, path, seconds)
+            requests, failed = await _wrk(server.port, path, seconds, script or WRK_SCRIPT)
             tool = "wrk"
         else:
             requests, failed = await publish_flood(HOST, server.port, path, duration=seconds)
@@ -110,10 +110,10 @@ async def throughput(server: Server, seconds: float) -> Record:
     }
 
 
-async def _wrk(port: int, path: str, seconds: float) -> tuple[int, int]:
+async def _wrk(port: int, path: str, seconds: float, script: Path) -> tuple[int, int]:
     process = await asyncio.create_subprocess_exec(
         "taskset", "-c", str(LOAD_CPU),
-        "wrk", "-t1", "-c64", f"-d{seconds:g}s", "-s", str(WRK_SCRIPT),
+        "wrk", "-t1", "-c64", f"-d{seconds:g}s", "-s", str(script),
         f"http://{HOST}:{port}{path}",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -361,6 +361,11 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
                 await asyncio.sleep(0.5)
                 result = await throughput(server, config.throughput_seconds)
                 emit(stamp({"scenario": "S1", "target": name, **info(server), **result}))
+
+    if "S1K" in config.scenarios:
+        await idempotency.run(
+            config.redis_url, config.nats_url, throughput, stamp, emit, config.throughput_seconds
+        )
 
     if "S2" in config.scenarios:
         for name, make in targets:

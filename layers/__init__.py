@@ -7,6 +7,7 @@ async with Channel(create_layer("memory://")) as channel:
             ...
 """
 
+from ._idempotency import Replayed
 from .base import (
     Capabilities,
     ChannelLayer,
@@ -21,6 +22,7 @@ from .errors import (
     CapabilityNotSupported,
     ChannelClosed,
     ChannelError,
+    IdempotencyKeyReused,
     InvalidArgument,
     InvalidPayload,
     LayerConfigurationError,
@@ -46,6 +48,7 @@ __all__ = [
     "Event",
     "Gap",
     "GroupInfo",
+    "IdempotencyKeyReused",
     "InMemoryChannelLayer",
     "InvalidArgument",
     "InvalidPayload",
@@ -55,6 +58,7 @@ __all__ = [
     "Message",
     "PublishQueueFull",
     "Replay",
+    "Replayed",
     "Sink",
     "SubscriberOverflow",
     "Subscription",

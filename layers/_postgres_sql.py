@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 
-SCHEMA_VERSION = 2  # bump when the schema or a function changes; migration re-runs it all
+SCHEMA_VERSION = 3  # bump when the schema or a function changes; migration re-runs it all
 LOCK_CLASS = 0x67617465  # first key of every advisory lock this layer takes ("gate")
 RELEASED = "released"  # notification "released <channel>": a consumer gave its messages back
 GROUP_NOTICE = "group"  # notification "group <GroupNotice JSON>": acks, nacks, extends, deletes
@@ -65,15 +65,36 @@ CREATE TABLE IF NOT EXISTS {p}pending (
     PRIMARY KEY (channel, group_name, message_id)
 );
 
+CREATE TABLE IF NOT EXISTS {p}idempotency_keys (
+    channel text COLLATE "C" NOT NULL,
+    key text COLLATE "C" NOT NULL,
+    message_id bigint NOT NULL,
+    fingerprint text NOT NULL,
+    expires_at double precision NOT NULL,
+    PRIMARY KEY (channel, key)
+);
+CREATE INDEX IF NOT EXISTS {p}idempotency_keys_by_expiry ON {p}idempotency_keys (expires_at);
+
+DROP FUNCTION IF EXISTS {p}publish(text[], text[], text[], double precision[], double precision[]);
+
+-- With `keys`, a message whose key is recorded (unexpired) on its channel is not published: its
+-- id comes back negated. A recorded key with another fingerprint publishes nothing and returns
+-- {{0, <index of the message>, <recorded id>}} (ids are never 0).
 CREATE OR REPLACE FUNCTION {p}publish(
     channels text[], events text[], payloads text[],
-    published double precision[], expires double precision[]
+    published double precision[], expires double precision[],
+    keys text[] DEFAULT NULL, fingerprints text[] DEFAULT NULL,
+    key_ttl double precision DEFAULT NULL
 ) RETURNS bigint[] LANGUAGE plpgsql AS $$
 DECLARE
     ids bigint[];
 BEGIN
     -- Held until commit, so ids become visible in the order they are taken.
     PERFORM pg_advisory_xact_lock({LOCK_CLASS}, {publish_lock});
+    IF keys IS NOT NULL THEN
+        RETURN {p}publish_keyed(channels, events, payloads, published, expires, keys,
+                                 fingerprints, key_ttl);
+    END IF;
     FOR i IN 1 .. cardinality(channels) LOOP
         ids[i] := nextval('{p}message_ids');
     END LOOP;
@@ -81,6 +102,52 @@ BEGIN
         SELECT * FROM unnest(ids, channels, events, payloads, published, expires);
     -- The id, not the message: NOTIFY payloads are limited to 8,000 bytes.
     PERFORM pg_notify('{p}messages', ids[cardinality(ids)]::text);
+    RETURN ids;
+END $$;
+
+-- Called by {p}publish under its lock, which serialises every publish: a key looked up here
+-- cannot be recorded by another transaction before this one commits.
+CREATE OR REPLACE FUNCTION {p}publish_keyed(
+    channels text[], events text[], payloads text[], published double precision[],
+    expires double precision[], keys text[], fingerprints text[], key_ttl double precision
+) RETURNS bigint[] LANGUAGE plpgsql AS $$
+DECLARE
+    ids bigint[] := array_fill(NULL::bigint, ARRAY[cardinality(channels)]);
+    fresh integer[] := '{{}}';
+    recorded record;
+BEGIN
+    FOR i IN 1 .. cardinality(channels) LOOP
+        IF keys[i] IS NOT NULL THEN
+            SELECT k.message_id, k.fingerprint INTO recorded FROM {p}idempotency_keys k
+                WHERE k.channel = channels[i] AND k.key = keys[i]
+                  AND k.expires_at > published[i];
+            IF FOUND THEN
+                IF recorded.fingerprint <> fingerprints[i] THEN
+                    RETURN ARRAY[0, i, recorded.message_id];
+                END IF;
+                ids[i] := -recorded.message_id;
+            END IF;
+        END IF;
+    END LOOP;
+    FOR i IN 1 .. cardinality(channels) LOOP
+        IF ids[i] IS NULL THEN
+            ids[i] := nextval('{p}message_ids');
+            fresh := fresh || i;
+        END IF;
+    END LOOP;
+    IF cardinality(fresh) = 0 THEN
+        RETURN ids;
+    END IF;
+    INSERT INTO {p}messages (id, channel, event, data, published_at, expires_at)
+        SELECT ids[i], channels[i], events[i], payloads[i], published[i], expires[i]
+        FROM unnest(fresh) AS i;
+    INSERT INTO {p}idempotency_keys AS k (channel, key, message_id, fingerprint, expires_at)
+        SELECT channels[i], keys[i], ids[i], fingerprints[i], published[i] + key_ttl
+        FROM unnest(fresh) AS i WHERE keys[i] IS NOT NULL
+        ON CONFLICT (channel, key) DO UPDATE  -- an expired record the cleanup has not deleted
+        SET message_id = excluded.message_id, fingerprint = excluded.fingerprint,
+            expires_at = excluded.expires_at;
+    PERFORM pg_notify('{p}messages', ids[fresh[cardinality(fresh)]]::text);
     RETURN ids;
 END $$;
 
@@ -170,6 +237,8 @@ class Statements:
     def __init__(self, p: str) -> None:
         subscribed = "(m.channel = ANY($2::text[]) OR m.channel LIKE ANY($3::text[]))"
         self.publish = f"SELECT {p}publish($1, $2, $3, $4, $5)"
+        self.publish_keyed = f"SELECT {p}publish($1, $2, $3, $4, $5, $6, $7, $8)"
+        self.expire_keys = f"DELETE FROM {p}idempotency_keys WHERE expires_at <= $1"
         self.max_id = f"SELECT coalesce(max(id), 0) FROM {p}messages"
         self.last_issued = (
             f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {p}message_ids"

@@ -29,6 +29,7 @@ class Capabilities:
     cross_process: bool
     history: bool
     groups: bool
+    idempotency: bool = False  # records idempotency keys for every process on the broker
 
 
 class Sink(Protocol):
@@ -128,7 +129,17 @@ class ChannelLayer(ABC):
 
     @abstractmethod
     async def publish(self, messages: Sequence[Message]) -> list[str]:
-        """Store or send `messages` in order; return their ids once the broker accepted them."""
+        """Store or send `messages` in order; return their ids once the broker accepted them.
+
+        A layer with `capabilities.idempotency` records each message's `idempotency_key` (with its
+        `layers._idempotency.fingerprint`) for its `idempotency_ttl`, for every process that
+        shares the broker, atomically with the publish where the broker allows it. A message
+        whose key on its channel is still recorded is not published: its id is the recorded one,
+        as a `Replayed`. If the fingerprint differs, nothing of the call is published where the
+        broker allows it, and `IdempotencyKeyReused` is raised. No two messages of one call
+        share a channel and key (the core checks). The core never hands a keyed message to a
+        layer without the capability: it raises `CapabilityNotSupported` instead.
+        """
 
     @abstractmethod
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
@@ -255,7 +266,9 @@ class ChannelLayer(ABC):
     def _lacks(self, capability: str) -> CapabilityNotSupported:
         keepers = [f"{scheme}://" for scheme in layers_with(capability)]
         choice = ", ".join(keepers[:-1]) + f" or {keepers[-1]}" if len(keepers) > 1 else keepers[0]
-        what = "consumer groups" if capability == "groups" else capability
+        what = {"groups": "consumer groups", "idempotency": "record of idempotency keys"}.get(
+            capability, capability
+        )
         return CapabilityNotSupported(
             f"the {self.scheme}:// layer has no {what}; configure a layer that keeps it: {choice}"
         )

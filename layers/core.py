@@ -42,6 +42,7 @@ import sniffio
 from anyio.abc import TaskGroup
 
 from ._groups import GroupNotice, GroupPump, NoticeKind
+from ._idempotency import Replayed, check_distinct, keyed, validate_key
 from ._router import Router
 from .base import ChannelLayer, ChannelObserver, ConsumerInfo, GroupInfo, Replay
 from .errors import (
@@ -76,13 +77,16 @@ QUEUED_PUBLISH_BATCH = 100  # messages queued by publish_nowait, at most, in one
 FLUSH_ON_CLOSE_SECONDS = 10.0  # closing waits this long for queued messages to be published
 
 
-def make_message(channel: str, data: Any, event: str | None = None) -> Message:
-    """Validate and encode one message to publish."""
+def make_message(
+    channel: str, data: Any, event: str | None = None, idempotency_key: str | None = None
+) -> Message:
+    """Validate and encode one message to publish; with a key, it is published once per key."""
     return Message(
         validate_channel(channel),
         encode_data(data),
         validate_event_type(event) if event is not None else DEFAULT_EVENT_TYPE,
         time.time(),
+        validate_key(idempotency_key) if idempotency_key is not None else None,
     )
 
 
@@ -475,19 +479,42 @@ class Channel:
 
     # -- publishing ------------------------------------------------------------------------------
 
-    async def publish(self, channel: str, data: Any, *, event: str | None = None) -> str:
-        """Publish one JSON value; return its id once the layer accepted it."""
-        (message_id,) = await self.publish_messages([make_message(channel, data, event)])
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        event: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Publish one JSON value; return its id once the layer accepted it.
+
+        With `idempotency_key`, a publish to the same channel with the same key within the
+        layer's `idempotency_ttl` publishes nothing and returns the first one's id, as a
+        `Replayed` (`isinstance(id, Replayed)`); the same key with other data or event type raises
+        `IdempotencyKeyReused`.
+        """
+        message = make_message(channel, data, event, idempotency_key)
+        (message_id,) = await self.publish_messages([message])
         return message_id
 
     async def publish_messages(self, messages: Sequence[Message]) -> list[str]:
-        """Publish messages built with `make_message`, in order, in one layer call."""
+        """Publish messages built with `make_message`, in order, in one layer call.
+
+        The id of a keyed message answered from an earlier publish is a `Replayed`.
+        """
         self._running()
         if not messages:
             return []
+        replayable = keyed(messages)
+        if replayable:
+            if not self.layer.capabilities.idempotency:
+                raise self.layer._lacks("idempotency")
+            check_distinct(messages)
         started = time.perf_counter()
         ids = await self.layer.publish(messages)
-        self.observer.published(len(ids), time.perf_counter() - started)
+        fresh = sum(not isinstance(id, Replayed) for id in ids) if replayable else len(ids)
+        self.observer.published(fresh, time.perf_counter() - started)  # replays published nothing
         return ids
 
     def publish_threadsafe(self, channel: str, data: Any, *, event: str | None = None) -> str:

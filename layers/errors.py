@@ -25,6 +25,12 @@ class InvalidPayload(InvalidArgument):
     code = "invalid_payload"
 
 
+class IdempotencyKeyReused(InvalidArgument):
+    """An idempotency key still remembered for another message on the same channel."""
+
+    code = "idempotency_key_reused"
+
+
 class CapabilityNotSupported(ChannelError):
     """The configured layer lacks a capability (history, groups) by design."""
 

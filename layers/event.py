@@ -36,6 +36,7 @@ class Message:
     raw: bytes
     event: str = DEFAULT_EVENT_TYPE
     published_at: float = 0.0
+    idempotency_key: str | None = None  # publish it once per key (see `layers._idempotency`)
 
     def to_wire(self) -> bytes:
         """One self-contained blob for brokers that carry a single payload per message."""

@@ -14,10 +14,12 @@ if TYPE_CHECKING:
     from .base import ChannelLayer
 
 HISTORY_OPTIONS = ("history_size", "history_ttl")
+IDEMPOTENCY_OPTIONS = ("idempotency_ttl",)
 
 
 def create_layer(url: str = "memory://", **options: Any) -> ChannelLayer:
-    """Build the layer for `url`; `options` (history_size, history_ttl, ...) go to its constructor.
+    """Build the layer for `url`; `options` (history_size, history_ttl, idempotency_ttl, ...) go
+    to its constructor.
 
     Layers other than memory take the URL as their first argument.
     """
@@ -42,6 +44,8 @@ def create_layer(url: str = "memory://", **options: Any) -> ChannelLayer:
     if not layer_class.capabilities.history:
         # The gateway passes its history settings to any layer; one that keeps none takes none.
         options = {key: value for key, value in options.items() if key not in HISTORY_OPTIONS}
+    if not layer_class.capabilities.idempotency:
+        options = {k: v for k, v in options.items() if k not in IDEMPOTENCY_OPTIONS}
     if scheme == "memory":
         return layer_class(**options)
     return layer_class(url, **options)  # type: ignore[call-arg]

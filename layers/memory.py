@@ -16,6 +16,7 @@ from collections.abc import Collection, Sequence
 import anyio
 from anyio.abc import TaskStatus
 
+from ._idempotency import DEFAULT_TTL, KeyTable
 from ._ids import epoch
 from ._pending import PendingEntry, PendingTable
 from .base import Capabilities, ChannelLayer, GroupInfo, Replay, Sink
@@ -32,11 +33,18 @@ class _Group(PendingTable[PendingEntry]):
 
 class InMemoryChannelLayer(ChannelLayer):
     scheme = "memory"
-    capabilities = Capabilities(cross_process=False, history=True, groups=True)
+    capabilities = Capabilities(cross_process=False, history=True, groups=True, idempotency=True)
 
-    def __init__(self, history_size: int = 1000, history_ttl: float | None = None) -> None:
+    def __init__(
+        self,
+        history_size: int = 1000,
+        history_ttl: float | None = None,
+        idempotency_ttl: float = DEFAULT_TTL,
+    ) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self._keys = KeyTable(idempotency_ttl)  # `publish` never awaits: a check and its record
+        # happen in one step, so concurrent duplicates publish once
         self._epoch = epoch()
         self._sequence = itertools.count(1)
         self._issued = 0  # the last sequence number handed out
@@ -58,8 +66,12 @@ class InMemoryChannelLayer(ChannelLayer):
 
     async def publish(self, messages: Sequence[Message]) -> list[str]:
         sink = self._sink
-        ids = []
-        for message in messages:
+        replayed = self._keys.recall(messages)
+        ids: list[str] = []
+        for index, message in enumerate(messages):
+            if index in replayed:
+                ids.append(replayed[index])
+                continue
             sequence = self._issued = next(self._sequence)
             event = Event.from_message(message, f"{self._epoch}-{sequence}")
             log = self._logs.get(message.channel)
@@ -68,6 +80,7 @@ class InMemoryChannelLayer(ChannelLayer):
             log.append((sequence, event))
             self._trim(message.channel)
             ids.append(event.id)
+            self._keys.remember(message, event.id)
             if sink is not None:
                 sink.deliver(event)
         return ids

@@ -29,6 +29,12 @@ Design decisions:
   as a gap), or, with a TTL or `max_bytes`, if the stream's oldest message is newer than P + 1.
 - Publishing waits for the PubAck. Each message carries a `Nats-Msg-Id`, so a publish retried after
   a timeout (a node failing, a leader being elected) within `publish_timeout` is stored once.
+- Idempotent publish is JetStream's own deduplication: a keyed message's `Nats-Msg-Id` is its
+  channel and key, and the stream's duplicate window is the idempotency TTL (at least
+  `publish_timeout`, at most `max_age`).
+  A duplicate's PubAck carries the first message's sequence, the id to answer; the first
+  message, which carries the fingerprint of its body in a header, is the record against which
+  a different body is refused.
 - Consumer groups: see `layers._nats_groups`.
 """
 
@@ -62,6 +68,7 @@ from nats.js.api import (
     StreamInfo,
 )
 
+from ._idempotency import DEFAULT_TTL, Replayed, fingerprint, reused
 from ._nats import UNAVAILABLE, NatsOptions, NoSuchConsumer, check_names, decode, parse_id
 from ._nats_groups import JetStreamGroups
 from ._supervisor import Supervisor
@@ -75,13 +82,14 @@ logger = logging.getLogger("layers.nats")
 HEARTBEAT = 1.0  # the live consumer's idle heartbeat; two missed ones recreate it
 REQUEST_TIMEOUT = 2.0  # one JetStream API request
 PULL_BATCH = 500
+FINGERPRINT = "Gw-Fingerprint"  # header of a keyed message: `layers._idempotency.fingerprint`
 
 
 class NatsJetStreamLayer(JetStreamGroups):
     """Cross-process channels with history and consumer groups on NATS JetStream."""
 
     scheme = "nats"
-    capabilities = Capabilities(cross_process=True, history=True, groups=True)
+    capabilities = Capabilities(cross_process=True, history=True, groups=True, idempotency=True)
 
     def __init__(
         self,
@@ -92,6 +100,7 @@ class NatsJetStreamLayer(JetStreamGroups):
         stream: str | None = None,
         subject_prefix: str | None = None,
         replicas: int | None = None,
+        idempotency_ttl: float = DEFAULT_TTL,
     ) -> None:
         """`url` is `nats://[user:password@]host:port[,host2:port,...][?option=value&...]`.
 
@@ -118,6 +127,7 @@ class NatsJetStreamLayer(JetStreamGroups):
         super().__init__()
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self.idempotency_ttl = idempotency_ttl
         self.where = "NATS at " + ",".join(
             urlsplit(s).netloc.rpartition("@")[2] for s in self.servers
         )
@@ -225,6 +235,10 @@ class NatsJetStreamLayer(JetStreamGroups):
         js = self._jetstream()
         subjects = [f"{self.prefix}.>"]
         ttl = self.history_ttl or 0.0
+        # JetStream remembers each Nats-Msg-Id this long: the idempotency TTL, but at least as long
+        # as the layer's own retries of a publish go on, and within the stream's max_age.
+        window = max(self.idempotency_ttl, self.publish_timeout)
+        window = min(window, ttl) if ttl else window
         config = StreamConfig(
             name=self.stream,
             description="channels-gateway: every channel, one subject each",
@@ -236,7 +250,7 @@ class NatsJetStreamLayer(JetStreamGroups):
             max_age=ttl,
             max_bytes=self.max_bytes,
             discard=DiscardPolicy.OLD,
-            duplicate_window=min(120.0, ttl) if ttl else 120.0,
+            duplicate_window=window,
         )
         with self.unavailable():
             try:
@@ -253,6 +267,7 @@ class NatsJetStreamLayer(JetStreamGroups):
                     or current.max_msgs_per_subject != self.history_size
                     or (current.max_age or 0.0) != ttl
                     or (current.max_bytes or -1) != self.max_bytes
+                    or current.duplicate_window != window
                 ):
                     return await js.update_stream(config)
                 return existing
@@ -381,7 +396,11 @@ class NatsJetStreamLayer(JetStreamGroups):
         return [await self._publish_one(message) for message in messages]
 
     async def _publish_one(self, message: Message) -> str:
-        headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+        key = message.idempotency_key
+        if key is None:
+            headers = {"Nats-Msg-Id": uuid.uuid4().hex}
+        else:  # a channel name holds no space, so this never equals another channel's id
+            headers = {"Nats-Msg-Id": f"{message.channel} {key}", FINGERPRINT: fingerprint(message)}
         subject, payload = self.subject(message.channel), message.to_wire()
         deadline = time.monotonic() + self.publish_timeout
         while True:
@@ -393,7 +412,10 @@ class NatsJetStreamLayer(JetStreamGroups):
                 if time.monotonic() + 0.1 >= deadline:
                     raise
             if seq is not None:
-                return seq
+                if isinstance(seq, Replayed) and key is not None:
+                    await self._check_fingerprint(message, headers[FINGERPRINT], seq)
+                    return seq
+                return str(seq)  # a duplicate of an unkeyed message is this call's own retry
             # Sent again with the same Nats-Msg-Id, a publish that did reach the stream is not
             # stored twice: retrying through a failover is safe.
             if time.monotonic() + 0.1 >= deadline:
@@ -425,13 +447,27 @@ class NatsJetStreamLayer(JetStreamGroups):
                     ack = await js.publish(
                         subject, payload, timeout=wait, stream=self.stream, headers=headers
                     )
-                done.append(str(ack.seq))
+                done.append(Replayed(str(ack.seq)) if ack.duplicate else str(ack.seq))
             except LayerUnavailable as exc:
                 failed.append(exc)
             tasks.cancel_scope.cancel()
         if failed:
             raise failed[0]
         return done[0] if done else None
+
+    async def _check_fingerprint(self, message: Message, expected: str, seq: str) -> None:
+        """The stream already holds a message with this key: refuse another body.
+
+        The stored message is the record of the key. One that limits have removed meanwhile can
+        no longer be compared, and the duplicate is answered as a replay.
+        """
+        with self.unavailable():
+            try:
+                stored = await self._jetstream().get_msg(self.stream, seq=int(seq))
+            except nats.js.errors.NotFoundError:
+                return
+        if (stored.headers or {}).get(FINGERPRINT, expected) != expected:
+            raise reused(message, seq)
 
     # -- history ---------------------------------------------------------------------------------
 

@@ -19,7 +19,9 @@ Design decisions:
   after the replay (see `ChannelLayer.replay`).
 - A publish (one message or a batch) is one round trip: a plpgsql function takes the lock,
   inserts and notifies. Pooled connections keep no session state, so their reset on release, a
-  second round trip, is skipped.
+  second round trip, is skipped. A keyed publish checks and writes its idempotency keys (table
+  `<prefix>idempotency_keys`) in the same function call, under the same lock; the cleanup deletes
+  expired keys.
 - History bounds are applied by readers (the newest `history_size` per channel; `expires_at` is
   set at publish from the publisher's `history_ttl`), so a background cleanup can delete late
   without being in the publish path. Each deletion records the channel's highest deleted id,
@@ -43,6 +45,7 @@ import asyncpg  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
 from ._groups import GroupNotice
+from ._idempotency import DEFAULT_TTL, Replayed, fingerprint, keyed, reused
 from ._postgres import event_of, parse_id
 from ._postgres_groups import PostgresGroups
 from ._postgres_sql import GROUP_NOTICE, RELEASED, Statements, like, lock_key
@@ -75,7 +78,7 @@ class PostgresLayer(PostgresGroups):
     """Cross-process channels with history and consumer groups on PostgreSQL."""
 
     scheme = "postgresql"
-    capabilities = Capabilities(cross_process=True, history=True, groups=True)
+    capabilities = Capabilities(cross_process=True, history=True, groups=True, idempotency=True)
 
     def __init__(
         self,
@@ -89,6 +92,7 @@ class PostgresLayer(PostgresGroups):
         cleanup_interval: float | None = None,
         keepalive_interval: float = 10.0,
         application_name: str | None = None,
+        idempotency_ttl: float = DEFAULT_TTL,
     ) -> None:
         """`url` is `postgresql://[user[:password]@]host[:port]/database[?option=value&...]`.
 
@@ -123,6 +127,7 @@ class PostgresLayer(PostgresGroups):
         self.url = url
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self.idempotency_ttl = idempotency_ttl
         self.table_prefix = table_prefix
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
@@ -328,20 +333,41 @@ class PostgresLayer(PostgresGroups):
 
     async def publish(self, messages: Sequence[Message]) -> list[str]:
         ttl = self.history_ttl
+        keys = keyed(messages)
         async with self._connection() as connection:
             ids: list[int] = await connection.fetchval(
-                self._sql.publish,
+                self._sql.publish_keyed if keys else self._sql.publish,
                 [m.channel for m in messages],
                 [m.event for m in messages],
                 [m.raw.decode() for m in messages],
                 [m.published_at for m in messages],
                 [m.published_at + ttl if ttl else None for m in messages],
+                *(self._key_args(messages) if keys else ()),
             )
+        if keys:
+            return self._keyed_ids(ids, messages)
         self._dirty.update(m.channel for m in messages)
         self._published_since_cleanup += len(messages)
         if self._published_since_cleanup >= _CLEANUP_AFTER_PUBLISHES:
             self._cleanup_due.set()
         return [str(id) for id in ids]
+
+    def _key_args(self, messages: Sequence[Message]) -> tuple[list[str | None], list[str], float]:
+        return (
+            [m.idempotency_key for m in messages],
+            [fingerprint(m) if m.idempotency_key is not None else "" for m in messages],
+            self.idempotency_ttl,
+        )
+
+    def _keyed_ids(self, ids: list[int], messages: Sequence[Message]) -> list[str]:
+        """`{p}publish`'s reply to a keyed call: negated ids were recorded, `{0, i, id}` is a
+        mismatch on message i."""
+        if ids[0] == 0:
+            raise reused(messages[ids[1] - 1], str(ids[2]))
+        fresh = [m for m, id in zip(messages, ids, strict=True) if id > 0]
+        self._dirty.update(m.channel for m in fresh)
+        self._published_since_cleanup += len(fresh)
+        return [Replayed(str(-id)) if id < 0 else str(id) for id in ids]
 
     # -- history ---------------------------------------------------------------------------------
 
@@ -395,7 +421,7 @@ class PostgresLayer(PostgresGroups):
         A background task runs this every `cleanup_interval` seconds. Readers already leave out
         evicted messages, so running it late only costs disk space. Size is enforced on the
         channels this process published to; expiry on every channel. Group consumers idle for an
-        hour with nothing pending are forgotten too.
+        hour with nothing pending, and expired idempotency keys, are deleted too.
         """
         dirty, self._dirty = self._dirty, set()
         self._published_since_cleanup = 0
@@ -415,6 +441,7 @@ class PostgresLayer(PostgresGroups):
                     if expired < _EXPIRE_BATCH:
                         break
                 await connection.execute(self._sql.forget_consumers, _FORGET_CONSUMERS_AFTER)
+                await connection.execute(self._sql.expire_keys, time.time())
         except BaseException:
             self._dirty |= dirty
             raise

@@ -7,7 +7,8 @@ Design decisions:
   listening connection, which keeps reading, so other channels' messages keep flowing; a call
   returns once Redis confirmed it, so a message published afterwards is received.
 - A publish is one Lua script call (one round trip for a whole batch) that assigns the ids from
-  the shared clock (see `layers._redis`) and PUBLISHes `<id> <wire blob>`.
+  the shared clock (see `layers._redis`) and PUBLISHes `<id> <wire blob>`; the same call checks
+  and writes idempotency records (`layers._redis_keys`).
 - Redis sends a message once per matching subscription (`message` for the channel, `pmessage` for
   each pattern). Those copies are written back to back, so the listener drops a message whose id
   equals the previous one and the core sees every message exactly once.
@@ -24,26 +25,42 @@ from collections.abc import Callable, Collection, Sequence
 import anyio
 from redis.asyncio.connection import AbstractConnection
 
+from ._idempotency import DEFAULT_TTL
 from ._redis import LUA_CLOCK, RedisLayer, decode_event
+from ._redis_keys import LUA_RECORDS, read_ids, record_args
 from .base import Capabilities
 from .errors import LayerUnavailable
 from .event import Message
 
 CONFIRM_TIMEOUT = 5.0
 
-# KEYS[1] = id clock; ARGV = channel key, blob, channel key, blob, ...
+# KEYS[1] = id clock; ARGV[1] = n, ARGV[2j], ARGV[2j + 1] = channel key and blob of message j;
+# then the idempotency records of a keyed publish from ARGV[2n + 2] (see `layers._redis_keys`)
 PUBLISH_LUA = (
     LUA_CLOCK
+    + LUA_RECORDS
     + """
-local now, ms, seq = clock(KEYS[1])
-local ids = {}
-for i = 1, #ARGV, 2 do
-  seq = seq + 1
-  local id = string.format('%d-%d', ms, seq)
-  redis.call('PUBLISH', ARGV[i], id .. ' ' .. ARGV[i + 1])
-  ids[#ids + 1] = id
+local n = tonumber(ARGV[1])
+local found, conflict = recall(2 * n + 2, n)
+if conflict then
+  return conflict
 end
-redis.call('SET', KEYS[1], ids[#ids])
+local now, ms, seq = clock(KEYS[1])
+local ids, last = {}, nil
+for j = 1, n do
+  if found[j] then
+    ids[j] = found[j]
+  else
+    seq = seq + 1
+    local id = string.format('%d-%d', ms, seq)
+    redis.call('PUBLISH', ARGV[2 * j], id .. ' ' .. ARGV[2 * j + 1])
+    remember(2 * n + 2, j, id)
+    ids[j], last = id, id
+  end
+end
+if last then
+  redis.call('SET', KEYS[1], last)
+end
 return ids
 """
 )
@@ -53,15 +70,17 @@ Reply = tuple[bytes, bytes]  # (kind of confirmation, channel key or glob)
 
 class RedisPubSubLayer(RedisLayer):
     scheme = "redis"
-    capabilities = Capabilities(cross_process=True, history=False, groups=False)
+    capabilities = Capabilities(cross_process=True, history=False, groups=False, idempotency=True)
 
     def __init__(
         self,
         url: str,
         *,
         key_prefix: str = "gw:",
+        idempotency_ttl: float = DEFAULT_TTL,
     ) -> None:
         super().__init__(url, key_prefix=key_prefix)
+        self.idempotency_ttl = idempotency_ttl
         self._channels: set[bytes] = set()  # keys wanted on the listener connection
         self._globs: set[bytes] = set()
         self._connection: AbstractConnection | None = None  # set while listening
@@ -75,11 +94,12 @@ class RedisPubSubLayer(RedisLayer):
     # -- publishing ------------------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> list[str]:
-        args: list[str | bytes | int] = []
+        args: list[str | bytes | int] = [len(messages)]
         for message in messages:
             args += (self.keys.key(message.channel), message.to_wire())
+        args += record_args(self.keys.prefix, messages, self.idempotency_ttl)
         ids = await self.script("publish", [self.keys.seq], args)
-        return [id.decode() for id in ids]
+        return read_ids(ids, messages)
 
     # -- subscribing -----------------------------------------------------------------------------
 

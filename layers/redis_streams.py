@@ -9,7 +9,7 @@ Design decisions:
   group and its pending messages live as long as Redis does.
 - A publish is one Lua script call, also for a batch: it assigns the ids from the shared clock
   (see `layers._redis`), appends, trims, and notes each stream it creates in the control stream
-  `<prefix>#events`.
+  `<prefix>#events`; the same call checks and writes idempotency records (`layers._redis_keys`).
 - Live delivery: one listener connection per process runs a blocking XREAD over the control stream
   and every subscribed stream, each from its own cursor. A newly subscribed channel starts at the
   clock's current id, so nothing old is replayed, and the listener is interrupted (CLIENT UNBLOCK)
@@ -44,6 +44,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
 from ._groups import GroupNotice
+from ._idempotency import DEFAULT_TTL
 from ._redis import (
     COMMAND_TIMEOUT,
     LUA_CLOCK,
@@ -63,6 +64,7 @@ from ._redis_groups import (
     TOUCH_LUA,
     StreamGroups,
 )
+from ._redis_keys import LUA_RECORDS, read_ids, record_args
 from .base import Capabilities, Replay
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Event, Message
@@ -76,31 +78,44 @@ EXACT_TRIM_BELOW = 1000  # history sizes trimmed exactly: "~" would keep up to 1
 
 # KEYS[1] = id clock, KEYS[2] = control stream, KEYS[3..] = channel streams
 # ARGV[1] = MAXLEN, ARGV[2] = '~' or '=', ARGV[3] = ttl in ms (0: none),
-# ARGV[i + 1] = the entry for KEYS[i]
+# ARGV[i + 1] = the entry for KEYS[i]; then the idempotency records of a keyed publish from
+# ARGV[#KEYS + 2] (see `layers._redis_keys`)
 PUBLISH_LUA = (
     LUA_CLOCK
+    + LUA_RECORDS
     + """
+local found, conflict = recall(#KEYS + 2, #KEYS - 2)
+if conflict then
+  return conflict
+end
 local now, ms, seq = clock(KEYS[1])
 local ttl = tonumber(ARGV[3])
-local ids = {}
+local ids, last = {}, nil
 for i = 3, #KEYS do
-  local key = KEYS[i]
-  seq = seq + 1
-  local id = string.format('%d-%d', ms, seq)
-  local pttl = redis.call('PTTL', key)
-  redis.call('XADD', key, 'MAXLEN', ARGV[2], ARGV[1], id, 'm', ARGV[i + 1])
-  if ttl > 0 then
-    redis.call('XTRIM', key, 'MINID', '~', string.format('%d-0', now - ttl))
-    if pttl ~= -1 then  -- -1: made persistent because it holds a group
-      redis.call('PEXPIRE', key, ttl)
+  if found[i - 2] then
+    ids[#ids + 1] = found[i - 2]
+  else
+    local key = KEYS[i]
+    seq = seq + 1
+    local id = string.format('%d-%d', ms, seq)
+    local pttl = redis.call('PTTL', key)
+    redis.call('XADD', key, 'MAXLEN', ARGV[2], ARGV[1], id, 'm', ARGV[i + 1])
+    if ttl > 0 then
+      redis.call('XTRIM', key, 'MINID', '~', string.format('%d-0', now - ttl))
+      if pttl ~= -1 then  -- -1: made persistent because it holds a group
+        redis.call('PEXPIRE', key, ttl)
+      end
     end
+    if pttl == -2 then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, id, 'new', key)
+    end
+    remember(#KEYS + 2, i - 2, id)
+    ids[#ids + 1], last = id, id
   end
-  if pttl == -2 then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, id, 'new', key)
-  end
-  ids[#ids + 1] = id
 end
-redis.call('SET', KEYS[1], ids[#ids])
+if last then
+  redis.call('SET', KEYS[1], last)
+end
 return ids
 """
 )
@@ -108,7 +123,7 @@ return ids
 
 class RedisStreamsLayer(StreamGroups):
     scheme = "redis+streams"
-    capabilities = Capabilities(cross_process=True, history=True, groups=True)
+    capabilities = Capabilities(cross_process=True, history=True, groups=True, idempotency=True)
     command_connections = 8  # publishes, replays and group pumps run side by side
     listener_timeout = BLOCK_SECONDS + COMMAND_TIMEOUT
     lua = {
@@ -128,8 +143,10 @@ class RedisStreamsLayer(StreamGroups):
         history_size: int = 1000,
         history_ttl: float | None = None,
         key_prefix: str = "gw:",
+        idempotency_ttl: float = DEFAULT_TTL,
     ) -> None:
         super().__init__(url, key_prefix=key_prefix)
+        self.idempotency_ttl = idempotency_ttl
         if history_size < 1:
             raise InvalidArgument("history_size must be at least 1: live delivery reads history")
         self.history_size = history_size
@@ -154,8 +171,9 @@ class RedisStreamsLayer(StreamGroups):
         for message in messages:
             keys.append(self.keys.key(message.channel))
             args.append(message.to_wire())
+        args += record_args(self.keys.prefix, messages, self.idempotency_ttl)
         ids = await self.script("publish", keys, args)
-        return [id.decode() for id in ids]
+        return read_ids(ids, messages)
 
     async def _clock(self) -> IdTuple:
         """The last id handed out (0-0 if none): anything published later has a greater one."""

@@ -14,29 +14,31 @@ class LayerEntry(NamedTuple):
     module: str
     class_name: str
     extra: str | None  # the pip extra that installs the driver
-    capabilities: frozenset[str]  # which of history, groups the class has (a test checks it)
+    capabilities: frozenset[str]  # which of history, groups, idempotency the class has (tested)
 
 
-_HG = frozenset({"history", "groups"})
+_KEYS = frozenset({"idempotency"})
+_HGK = frozenset({"history", "groups", "idempotency"})
 
 # scheme -> layer; the first scheme of a class is the one hints name.
 LAYERS: dict[str, LayerEntry] = {
-    "memory": LayerEntry("layers.memory", "InMemoryChannelLayer", None, _HG),
-    "redis": LayerEntry("layers.redis_pubsub", "RedisPubSubLayer", "redis", frozenset()),
-    "rediss": LayerEntry("layers.redis_pubsub", "RedisPubSubLayer", "redis", frozenset()),
-    "redis+streams": LayerEntry("layers.redis_streams", "RedisStreamsLayer", "redis", _HG),
-    "rediss+streams": LayerEntry("layers.redis_streams", "RedisStreamsLayer", "redis", _HG),
-    "postgresql": LayerEntry("layers.postgres", "PostgresLayer", "postgres", _HG),
-    "postgres": LayerEntry("layers.postgres", "PostgresLayer", "postgres", _HG),
+    "memory": LayerEntry("layers.memory", "InMemoryChannelLayer", None, _HGK),
+    "redis": LayerEntry("layers.redis_pubsub", "RedisPubSubLayer", "redis", _KEYS),
+    "rediss": LayerEntry("layers.redis_pubsub", "RedisPubSubLayer", "redis", _KEYS),
+    "redis+streams": LayerEntry("layers.redis_streams", "RedisStreamsLayer", "redis", _HGK),
+    "rediss+streams": LayerEntry("layers.redis_streams", "RedisStreamsLayer", "redis", _HGK),
+    "postgresql": LayerEntry("layers.postgres", "PostgresLayer", "postgres", _HGK),
+    "postgres": LayerEntry("layers.postgres", "PostgresLayer", "postgres", _HGK),
     "mqtt": LayerEntry("layers.mqtt", "MQTTLayer", "mqtt", frozenset({"groups"})),
     "mqtts": LayerEntry("layers.mqtt", "MQTTLayer", "mqtt", frozenset({"groups"})),
-    "nats": LayerEntry("layers.nats_jetstream", "NatsJetStreamLayer", "nats", _HG),
-    "tls": LayerEntry("layers.nats_jetstream", "NatsJetStreamLayer", "nats", _HG),
+    "nats": LayerEntry("layers.nats_jetstream", "NatsJetStreamLayer", "nats", _HGK),
+    "tls": LayerEntry("layers.nats_jetstream", "NatsJetStreamLayer", "nats", _HGK),
 }
 
 
 def layers_with(capability: str) -> list[str]:
-    """The schemes (one per layer) of the layers that have `capability` ("history", "groups")."""
+    """The schemes (one per layer) of the layers that have `capability` ("history", "groups",
+    "idempotency")."""
     seen: set[tuple[str, str]] = set()
     schemes = []
     for scheme, entry in LAYERS.items():

@@ -196,10 +196,22 @@ class SyncChannel:
 
     # -- publishing ------------------------------------------------------------------------------
 
-    def publish(self, channel: str, data: Any, event: str | None = None) -> str:
-        """Publish one JSON value from any thread; return its id once the layer accepted it."""
+    def publish(
+        self,
+        channel: str,
+        data: Any,
+        event: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Publish one JSON value from any thread; return its id once the layer accepted it.
+
+        `idempotency_key`: as `Channel.publish` (a retry with the key answers the first id).
+        """
         _, core = self._open()
-        message_id: str = self._call(core.publish, channel, data, event=event)
+        message_id: str = self._call(
+            core.publish, channel, data, event=event, idempotency_key=idempotency_key
+        )
         return message_id
 
     def publish_nowait(self, channel: str, data: Any, event: str | None = None) -> None:

@@ -20,7 +20,7 @@ from tests.conftest import LayerFactory, require_service
 POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/gateway_test"
 )
-TABLES = ("messages", "trimmed", "groups", "consumers", "pending", "schema")
+TABLES = ("messages", "trimmed", "groups", "consumers", "pending", "idempotency_keys", "schema")
 
 T = TypeVar("T")
 
@@ -76,7 +76,13 @@ async def drop_tables(url: str, prefix: str) -> None:
         await connection.execute(
             "".join(
                 f"DROP FUNCTION IF EXISTS {prefix}{function};"
-                for function in ("publish", "group_read", "group_claim", "touch_consumer")
+                for function in (
+                    "publish",
+                    "publish_keyed",
+                    "group_read",
+                    "group_claim",
+                    "touch_consumer",
+                )
             )
             + "".join(f"DROP TABLE IF EXISTS {prefix}{table};" for table in TABLES)
             + f"DROP SEQUENCE IF EXISTS {prefix}message_ids;"
@@ -92,7 +98,14 @@ async def forget_channels(url: str, name_prefix: str, table_prefix: str = "gatew
     connection = await asyncpg.connect(url, timeout=5)
     try:
         if await connection.fetchval("SELECT to_regclass($1)", f"{table_prefix}schema"):
-            for table in ("messages", "trimmed", "groups", "consumers", "pending"):
+            for table in (
+                "messages",
+                "trimmed",
+                "groups",
+                "consumers",
+                "pending",
+                "idempotency_keys",
+            ):
                 await connection.execute(
                     f"DELETE FROM {table_prefix}{table} WHERE channel LIKE $1 || '%'", name_prefix
                 )

@@ -44,7 +44,13 @@ WEBSOCKET: dict[str, Any] = {
             "ref": 1,
         },
         "unsubscribe": {"op": "unsubscribe", "channels": ["chat"], "patterns": [], "ref": 2},
-        "publish": {"op": "publish", "channel": "chat", "data": {"text": "hi"}, "event": "message"},
+        "publish": {
+            "op": "publish",
+            "channel": "chat",
+            "data": {"text": "hi"},
+            "event": "message",
+            "idempotency_key": "optional: a retry with the key publishes nothing",
+        },
         "ack": {"op": "ack", "channel": "jobs", "group": "workers", "ids": ["<message id>"]},
         "nack": {
             "op": "nack",
@@ -66,7 +72,13 @@ WEBSOCKET: dict[str, Any] = {
             "deliveries": "group subscriptions only",
         },
         "gap": {"type": "gap", "reason": " | ".join(GapReason)},
-        "ok": {"type": "ok", "ref": 1, "op": "subscribe", "id": "publish replies only"},
+        "ok": {
+            "type": "ok",
+            "ref": 1,
+            "op": "subscribe",
+            "id": "publish replies only",
+            "replayed": "publish replies only, true when the idempotency key was seen",
+        },
         "error": {"type": "error", "ref": 1, "error": "<code>", "detail": "...", "status": 422},
     },
 }

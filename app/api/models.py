@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Self
 
-from fastapi import Path, Query
+from fastapi import Header, Path, Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
 from app.errors import ApiError
+from app.idempotency import HEADER, REPLAYED_HEADER
+from layers._idempotency import KEY_REGEX, KEY_RULE, MAX_KEY_LENGTH, validate_key
 from layers.core import MAX_NACK_DELAY
 from layers.errors import InvalidArgument
 from layers.names import (
@@ -33,10 +35,20 @@ CHANNEL_RULE: dict[str, Any] = {"pattern": CHANNEL_REGEX, "maxLength": MAX_NAME_
 PATTERN_RULE: dict[str, Any] = {"pattern": PATTERN_REGEX, "maxLength": MAX_NAME_LENGTH}
 EVENT_TYPE_RULE: dict[str, Any] = {"pattern": EVENT_TYPE_REGEX}
 GROUP_RULE: dict[str, Any] = {"pattern": r"^[A-Za-z0-9_\-:@.]{1,100}$"}
+IDEMPOTENCY_KEY_RULE: dict[str, Any] = {"pattern": KEY_REGEX, "maxLength": MAX_KEY_LENGTH}
 MAX_ACK_IDS = 10_000
 
 ChannelPath = Annotated[str, Path(description="Channel name", json_schema_extra=CHANNEL_RULE)]
 GroupPath = Annotated[str, Path(description="Consumer group name", json_schema_extra=GROUP_RULE)]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias=HEADER,
+        description=f"Publish once per key and channel: {KEY_RULE}; a retry with the same key "
+        "answers the first id",
+        json_schema_extra=IDEMPOTENCY_KEY_RULE,
+    ),
+]
 EventTypeQuery = Annotated[
     str | None,
     Query(description="Event type, for `text/plain` bodies", json_schema_extra=EVENT_TYPE_RULE),
@@ -67,6 +79,7 @@ class RequestBody(BaseModel):
 NAME_CHECKS: dict[str, Callable[[Any], str]] = {
     "channel": validate_channel,
     "event": validate_event_type,
+    "idempotency_key": validate_key,
 }
 
 
@@ -117,10 +130,18 @@ class PublishRequest(RequestBody):
 class PublishReply(BaseModel):
     channel: str
     id: str = Field(description="Message id assigned by the layer; valid as an SSE id")
+    replayed: bool | None = Field(
+        None, description="`true` when an earlier publish with the idempotency key gave this id"
+    )
 
 
 class BatchMessage(PublishRequest):
     channel: str = Field(json_schema_extra=CHANNEL_RULE)
+    idempotency_key: str | None = Field(
+        None,
+        description=f"Publish once per key and channel: {KEY_RULE}",
+        json_schema_extra=IDEMPOTENCY_KEY_RULE,
+    )
 
 
 class BatchRequest(RequestBody):
@@ -242,7 +263,9 @@ class HealthReply(BaseModel):
 class ReadyReply(BaseModel):
     status: str = Field(description="`ready`")
     layer: str = Field(description="Scheme of the channel layer in use")
-    capabilities: dict[str, bool] = Field(description="`cross_process`, `history`, `groups`")
+    capabilities: dict[str, bool] = Field(
+        description="`cross_process`, `history`, `groups`, `idempotency`"
+    )
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
@@ -262,6 +285,32 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
 
     result: dict[str, Any] = inline(schema)
     return result
+
+
+def publish_responses(*statuses: int, header: bool = False) -> dict[int | str, dict[str, Any]]:
+    """`errors(*statuses)` as publishing answers them, with idempotency keys; `header`: the 200
+    reply may carry `Idempotent-Replayed` (the single publish)."""
+    responses = errors(*statuses)
+    responses[422] = {
+        "model": ErrorReply,
+        "description": "Invalid channel name or field; `idempotency_key_reused`: the "
+        "idempotency key was used for another message on the channel",
+    }
+    responses[501] = {
+        "model": ErrorReply,
+        "description": "An idempotency key on a layer that keeps none across processes (mqtt://)",
+    }
+    if header:
+        responses[200] = {
+            "headers": {
+                REPLAYED_HEADER: {
+                    "description": "`true` when the key was seen: nothing was published and the "
+                    "id is the first publish's",
+                    "schema": {"type": "string", "enum": ["true"]},
+                }
+            }
+        }
+    return responses
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

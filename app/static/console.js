@@ -71,8 +71,8 @@ async function errorOf(response) {
 
 class ApiError extends Error {}
 
-async function api(method, path, body) {
-  const headers = {};
+async function api(method, path, body, extraHeaders = {}) {
+  const headers = { ...extraHeaders };
   if (token()) headers.Authorization = `Bearer ${token()}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
@@ -167,9 +167,11 @@ function publishSnippet() {
   const channel = encodeURIComponent($("pub-channel").value.trim());
   const body = { data: parsedData() ?? null };
   if ($("pub-event").value.trim()) body.event = $("pub-event").value.trim();
+  const key = $("pub-key").value;
   return (
     `curl -X POST ${shellQuote(`${location.origin}/channels/${channel}/publish`)}` +
     ` \\\n  -H 'Content-Type: application/json'${curlAuth()}` +
+    (key ? ` \\\n  -H ${shellQuote(`Idempotency-Key: ${key}`)}` : "") +
     ` \\\n  -d ${shellQuote(JSON.stringify(body))}`
   );
 }
@@ -499,8 +501,13 @@ async function publish(event) {
     subscription.stream?.addType(type); // so an open EventSource shows what this page sends
   }
   try {
-    const reply = await api("POST", `/channels/${encodeURIComponent(channel)}/publish`, body);
-    $("pub-status").textContent = `published ${reply.id}`;
+    const key = $("pub-key").value;
+    const headers = key ? { "Idempotency-Key": key } : {};
+    const path = `/channels/${encodeURIComponent(channel)}/publish`;
+    const reply = await api("POST", path, body, headers);
+    $("pub-status").textContent = reply.replayed
+      ? `replayed ${reply.id}: the key was seen, nothing published`
+      : `published ${reply.id}`;
     $("pub-status").className = "status ok";
   } catch (error) {
     $("pub-status").textContent = "failed";

@@ -31,6 +31,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from app.auth import Grant
 from app.errors import ApiError, close_code_of, status_of
 from app.gateway import Gateway
+from app.idempotency import published
 from app.payloads import check_fields, parse_json_object
 from app.transports.outbox import Outbox
 from layers import (
@@ -354,13 +355,14 @@ class WebSocketSession:
                 f"at most {rate:g} publishes a second per socket (GATEWAY_WS_PUBLISH_RATE); "
                 "slow down, this frame was not published",
             )
-        check_fields(frame, {"channel", "data"}, {"event", "op", "ref"})
+        check_fields(frame, {"channel", "data"}, {"event", "idempotency_key", "op", "ref"})
         channel = self.gateway.check_channel(frame["channel"])
         self.grant.require_publish(channel)
-        (message_id,) = await self.gateway.channel.publish_messages(
-            [make_message(channel, frame["data"], frame.get("event"))]
+        message = make_message(
+            channel, frame["data"], frame.get("event"), frame.get("idempotency_key")
         )
-        return {"channel": channel, "id": message_id}
+        (message_id,) = await self.gateway.channel.publish_messages([message])
+        return published(channel, message_id)
 
     async def _ack(self, frame: dict[str, Any]) -> dict[str, Any]:
         check_fields(frame, {"channel", "group", "ids"}, {"op", "ref"})

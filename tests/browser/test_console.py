@@ -52,7 +52,7 @@ async def test_console_loads_without_errors(gateway: RunningGateway, console: Co
         await page.locator("#ready.ok").wait_for()
         assert await page.inner_text("#layer") == "memory"
         chips = await page.locator("#capabilities .chip").all_inner_texts()
-        assert sorted(chips) == ["cross process", "groups", "history"]
+        assert sorted(chips) == ["cross process", "groups", "history", "idempotency"]
         await page.locator("#subscribers", has_text="SSE").wait_for()
         assert "curl -X POST" in await page.inner_text("#pub-snippet")
         assert "new EventSource(" in await page.inner_text("#sub-snippet")
@@ -123,6 +123,27 @@ async def test_page_publish_reaches_a_python_subscriber(
         assert event.type == "note"
         assert event.json["data"] == {"text": "from the page", "n": [1, 2]}
         await page.locator("#pub-status", has_text=f"published {event.json['id']}").wait_for()
+    assert console.errors == []
+
+
+async def test_page_publish_with_an_idempotency_key_is_replayed_when_sent_again(
+    gateway: RunningGateway, console: ConsolePage
+) -> None:
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        async with gateway.sse("/channels/orders/events") as stream:
+            await page.fill("#pub-channel", "orders")
+            await page.fill("#pub-data", '{"order": 1042}')
+            await page.fill("#pub-key", "order-1042")
+            assert "Idempotency-Key: order-1042" in await page.inner_text("#pub-snippet")
+            await page.click("#pub-send")
+            event = await stream.next()
+            await page.locator("#pub-status", has_text=f"published {event.json['id']}").wait_for()
+            await page.click("#pub-send")
+            await page.locator("#pub-status", has_text=f"replayed {event.json['id']}").wait_for()
+            after = await publish(gateway, "orders", "after")
+            assert (await stream.next()).json["id"] == after  # the replay published nothing
     assert console.errors == []
 
 

@@ -37,7 +37,9 @@ def open_channel(make_layer: LayerFactory) -> OpenChannel:
     @asynccontextmanager
     async def opener(**options: Any) -> AsyncIterator[Channel]:
         layer_options = {
-            key: options.pop(key) for key in ("history_size", "history_ttl") if key in options
+            key: options.pop(key)
+            for key in ("history_size", "history_ttl", "idempotency_ttl")
+            if key in options
         }
         async with Channel(make_layer(**layer_options), **options) as channel:
             yield channel

@@ -14,7 +14,11 @@ from layers.registry import LAYERS, layers_with
 def test_the_registry_states_each_layers_capabilities(scheme: str) -> None:
     entry = LAYERS[scheme]
     layer_class = getattr(importlib.import_module(entry.module), entry.class_name)
-    kept = {name for name in ("history", "groups") if getattr(layer_class.capabilities, name)}
+    kept = {
+        name
+        for name in ("history", "groups", "idempotency")
+        if getattr(layer_class.capabilities, name)
+    }
     assert kept == entry.capabilities
 
 
@@ -29,4 +33,5 @@ def test_a_missing_capability_names_the_layers_that_have_it() -> None:
         "memory://, redis+streams://, postgresql:// or nats://"
     )
     assert layers_with("groups") == ["memory", "redis+streams", "postgresql", "mqtt", "nats"]
+    assert layers_with("idempotency") == ["memory", "redis", "redis+streams", "postgresql", "nats"]
     assert "consumer groups" in Forgetful()._lacks("groups").detail

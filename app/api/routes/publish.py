@@ -13,13 +13,15 @@ from app.api.models import (
     BatchRequest,
     ChannelPath,
     EventTypeQuery,
+    IdempotencyKeyHeader,
     PublishReply,
     PublishRequest,
     body_schema,
-    errors,
+    publish_responses,
 )
 from app.auth import GrantDep
 from app.errors import ApiError, status_of
+from app.idempotency import published, replay_headers
 from app.payloads import json_response, media_type, read_body, read_json_object
 from layers import ChannelError, make_message
 from layers.names import validate_event_type
@@ -33,10 +35,11 @@ router = APIRouter(tags=["publish"])
     description=(
         'Body `{"data": <json>, "event": "<type>"?}` as `application/json`, or the data '
         "itself as a string with `text/plain` (event type from `?event=`). Answers once the layer "
-        "accepted the message."
+        "accepted the message. With an `Idempotency-Key`, a retry within "
+        "`GATEWAY_IDEMPOTENCY_TTL_SECONDS` publishes nothing and answers the first id."
     ),
     response_model=PublishReply,
-    responses=errors(400, 401, 403, 413, 415, 422, 503),
+    responses=publish_responses(400, 401, 403, 413, 415, 422, 501, 503, header=True),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -53,6 +56,7 @@ async def publish(
     gateway: GatewayDep,
     grant: GrantDep,
     event: EventTypeQuery = None,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     gateway.check_channel(channel)
     grant.require_publish(channel)
@@ -69,16 +73,23 @@ async def publish(
         data = body.data
         if "event" in body.model_fields_set:  # the body's own `event`, even null, wins
             event = body.event
-    (message_id,) = await gateway.channel.publish_messages([make_message(channel, data, event)])
-    return json_response({"channel": channel, "id": message_id})
+    message = make_message(channel, data, event, idempotency_key)
+    (message_id,) = await gateway.channel.publish_messages([message])
+    response = json_response(published(channel, message_id))
+    response.headers.update(replay_headers(message_id) or {})
+    return response
 
 
 @router.post(
     "/publish",
     summary="Publish a batch of messages",
-    description="All messages are validated first; then they are published in order, in one call.",
+    description=(
+        "All messages are validated first; then they are published in order, in one call. "
+        'A message with an `"idempotency_key"` seen before is not published again: its entry '
+        'has the first id and `"replayed": true`.'
+    ),
     response_model=BatchReply,
-    responses=errors(400, 401, 403, 413, 415, 422, 503),
+    responses=publish_responses(400, 401, 403, 413, 415, 422, 501, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -93,11 +104,11 @@ async def publish_batch(request: Request, gateway: GatewayDep, grant: GrantDep) 
         try:
             gateway.check_channel(item.channel)
             grant.require_publish(item.channel)
-            messages.append(make_message(item.channel, item.data, item.event))
+            messages.append(make_message(item.channel, item.data, item.event, item.idempotency_key))
         except (ApiError, ChannelError) as exc:
             status = exc.status if isinstance(exc, ApiError) else status_of(exc)
             raise ApiError(status, exc.code, f"messages[{index}]: {exc.detail}") from None
     ids = await gateway.channel.publish_messages(messages)
     return json_response(
-        {"published": [{"channel": m.channel, "id": i} for m, i in zip(messages, ids, strict=True)]}
+        {"published": [published(m.channel, i) for m, i in zip(messages, ids, strict=True)]}
     )

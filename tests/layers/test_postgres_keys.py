@@ -1,0 +1,57 @@
+"""PostgreSQL's record of idempotency keys: written in the publish's own round trip, in a table
+under the layer's prefix, and deleted by the cleanup once expired."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from layers import Channel, Replayed
+from layers.postgres import PostgresLayer
+from tests.fixtures_postgres import execute
+from tests.layers.test_postgres import Factory, proxied
+
+pytestmark = [pytest.mark.anyio, pytest.mark.layer_quirk]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # asyncpg is asyncio-only
+
+
+async def keys_of(url: str, channel: str) -> list[str]:
+    rows = await execute(
+        url, "SELECT key FROM gateway_idempotency_keys WHERE channel = $1 ORDER BY key", channel
+    )
+    return [row["key"] for row in rows]
+
+
+async def test_a_keyed_publish_is_one_round_trip(postgres_url: str, unique: str) -> None:
+    async with proxied(postgres_url) as (proxy, url):
+        layer = PostgresLayer(url, pool_size=1, cleanup_interval=3600)
+        async with Channel(layer) as channel:
+            await channel.publish(unique, "warm up", idempotency_key="warm")
+            before = proxy.writes_to_server
+            await channel.publish(unique, "one", idempotency_key="one")
+            assert proxy.writes_to_server - before == 1
+            before = proxy.writes_to_server
+            assert isinstance(await channel.publish(unique, "one", idempotency_key="one"), Replayed)
+            assert proxy.writes_to_server - before == 1
+    assert await keys_of(postgres_url, unique) == ["one", "warm"]
+    await execute(postgres_url, "DELETE FROM gateway_messages WHERE channel = $1", unique)
+    await execute(postgres_url, "DELETE FROM gateway_idempotency_keys WHERE channel = $1", unique)
+
+
+async def test_expired_keys_are_deleted_by_the_cleanup(
+    postgres_layer_factory: Factory, postgres_url: str, unique: str
+) -> None:
+    layer = postgres_layer_factory(idempotency_ttl=0.2, cleanup_interval=3600)
+    async with Channel(layer) as channel:
+        first = await channel.publish(unique, "x", idempotency_key="k")
+        assert await keys_of(postgres_url, unique) == ["k"]
+        await anyio.sleep(0.4)  # nothing to await: expiry is the passing of time itself
+        await layer.clean_up()
+        assert await keys_of(postgres_url, unique) == []
+        again = await channel.publish(unique, "x", idempotency_key="k")
+        assert not isinstance(again, Replayed) and again != first
+        assert await keys_of(postgres_url, unique) == ["k"]
