@@ -1,7 +1,9 @@
 """The core's `Sink`: routes each live event to the local subscribers and group pumps it concerns.
 
 Exact channels are a dictionary lookup; patterns are matched with `names.compile_pattern`, which
-is linear in the channel name whatever the pattern.
+is linear in the channel name whatever the pattern. Control messages (`layers._broadcast`) arrive
+through `broadcast`; a message published to a pattern goes to each local subscription with a
+channel it matches or a pattern within it, once, and never to a group pump.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+from . import _broadcast
 from .base import ChannelObserver
 from .event import Event, Gap
-from .names import compile_pattern
+from .names import compile_pattern, pattern_within
 
 
 class Receiver(Protocol):
@@ -51,6 +54,24 @@ class Router:
             for subscriber in subscribers:
                 subscriber.push(event)
         self.wake(event.channel)
+
+    def broadcast(self, blob: bytes) -> None:
+        control = _broadcast.read(blob)
+        if control is not None and control[0] == _broadcast.PATTERN:
+            self.deliver_pattern(control[1])
+
+    def deliver_pattern(self, event: Event) -> None:
+        """A message published to the pattern `event.channel`: to each subscription concerned."""
+        matches = compile_pattern(event.channel)
+        targets: set[Receiver] = set()
+        for name, members in self.exact.items():
+            if matches(name):
+                targets |= members
+        for pattern, members in self.patterns.items():
+            if pattern_within(event.channel, pattern):
+                targets |= members
+        for subscriber in targets:
+            subscriber.push(event)
 
     def wake(self, channel: str, *, released: bool = False) -> None:
         pumps = self.pumps.get(channel)

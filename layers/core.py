@@ -40,6 +40,7 @@ import anyio.lowlevel
 import sniffio
 from anyio.abc import TaskGroup
 
+from ._broadcast import pattern_blob
 from ._groups import GroupPump
 from ._router import Router
 from .base import ChannelLayer, ChannelObserver, GroupInfo, Replay
@@ -472,6 +473,28 @@ class Channel:
         ids = await self.layer.publish(messages)
         self.observer.published(len(ids), time.perf_counter() - started)
         return ids
+
+    async def publish_pattern(self, pattern: str, data: Any, *, event: str | None = None) -> str:
+        """Publish one JSON value to every channel the glob `pattern` matches, live only.
+
+        It reaches every current subscription, in every process on the layer, that has a
+        channel the pattern matches or a pattern the published pattern lies within
+        (`names.pattern_within`), once per subscription. It is kept in no channel's history, so
+        it is never replayed, and it reaches no consumer group. Subscribers see an `Event`
+        whose `channel` is the pattern; its id (returned here) is no resume point.
+        """
+        self._running()
+        message = Message(
+            validate_pattern(pattern),
+            encode_data(data),
+            validate_event_type(event) if event is not None else DEFAULT_EVENT_TYPE,
+            time.time(),
+        )
+        message_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        await self.layer.broadcast(pattern_blob(message_id, message))
+        self.observer.published(1, time.perf_counter() - started)
+        return message_id
 
     def publish_threadsafe(self, channel: str, data: Any, *, event: str | None = None) -> str:
         """`publish` from a thread that is not running the event loop."""

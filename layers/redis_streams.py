@@ -23,6 +23,8 @@ Design decisions:
   the control stream, in the same script that creates them and with the same id as their first
   entry. The listener adds such a stream from its beginning and delivers nothing past that id
   until the next read includes it, so a pattern subscriber loses nothing and keeps the order.
+- Control messages (`ChannelLayer.broadcast`) are entries `broadcast <blob>` of the control
+  stream, with an id from the clock, so the listener reads them with everything else.
 - Reconnecting: cursors are kept, so after a dropped connection the listener continues where it
   was and delivers what was published meanwhile. If Redis lost data (restart without persistence),
   cursors ahead of the clock are pulled back to it; patterns are rescanned.
@@ -96,12 +98,30 @@ return ids
 )
 
 
+# KEYS[1] = id clock, KEYS[2] = control stream; ARGV[1] = the control message
+BROADCAST_LUA = (
+    LUA_CLOCK
+    + """
+local now, ms, seq = clock(KEYS[1])
+local id = string.format('%d-%d', ms, seq + 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, id, 'broadcast', ARGV[1])
+redis.call('SET', KEYS[1], id)
+"""
+)
+
+
 class RedisStreamsLayer(StreamGroups):
     scheme = "redis+streams"
     capabilities = Capabilities(cross_process=True, history=True, groups=True)
     command_connections = 8  # publishes, replays and group pumps run side by side
     listener_timeout = BLOCK_SECONDS + COMMAND_TIMEOUT
-    lua = {"publish": PUBLISH_LUA, "claim": CLAIM_LUA, "release": RELEASE_LUA, "forget": FORGET_LUA}
+    lua = {
+        "publish": PUBLISH_LUA,
+        "claim": CLAIM_LUA,
+        "release": RELEASE_LUA,
+        "forget": FORGET_LUA,
+        "broadcast": BROADCAST_LUA,
+    }
 
     def __init__(
         self,
@@ -138,6 +158,9 @@ class RedisStreamsLayer(StreamGroups):
             args.append(message.to_wire())
         ids = await self.script("publish", keys, args)
         return [id.decode() for id in ids]
+
+    async def broadcast(self, blob: bytes) -> None:
+        await self.script("broadcast", [self.keys.seq, self.control], [blob])
 
     async def _clock(self) -> IdTuple:
         """The last id handed out (0-0 if none): anything published later has a greater one."""
@@ -282,7 +305,8 @@ class RedisStreamsLayer(StreamGroups):
                 self._sink.deliver(event)
 
     def _read_control(self, entries: list[Any], limit: IdTuple | None) -> IdTuple | None:
-        """Follow new streams matching a pattern; pass on releases. Returns the new limit."""
+        """Follow new streams matching a pattern; pass on releases and control messages. Returns the
+        new limit."""
         first_new: IdTuple | None = None
         for raw_id, (kind, value) in entries:
             id = _id(raw_id)
@@ -296,6 +320,8 @@ class RedisStreamsLayer(StreamGroups):
                     first_new = first_new or id
             elif kind == b"released" and self._sink is not None:
                 self._sink.wake(value.decode(), released=True)
+            elif kind == b"broadcast" and self._sink is not None:
+                self._sink.broadcast(value)
         if first_new is None:
             return limit
         # The new stream's first entry has the announcement's id: stop just before it.
