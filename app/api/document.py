@@ -42,7 +42,14 @@ WEBSOCKET: dict[str, Any] = {
             "ref": 1,
         },
         "unsubscribe": {"op": "unsubscribe", "channels": ["chat"], "patterns": [], "ref": 2},
-        "publish": {"op": "publish", "channel": "chat", "data": {"text": "hi"}, "event": "message"},
+        "publish": {
+            "op": "publish",
+            "channel": "chat",
+            "pattern": "instead of channel: a glob, live to every subscriber of a channel it "
+            "matches; kept in no history",
+            "data": {"text": "hi"},
+            "event": "message",
+        },
         "ack": {"op": "ack", "channel": "jobs", "group": "workers", "ids": ["<message id>"]},
     },
     "server_frames": {
@@ -54,6 +61,7 @@ WEBSOCKET: dict[str, Any] = {
             "data": {"text": "hi"},
             "published_at": "2026-01-01T00:00:00.000Z",
             "deliveries": "group subscriptions only",
+            "pattern": "true for a message published to a pattern (`channel` is the pattern)",
         },
         "gap": {"type": "gap", "reason": " | ".join(GapReason)},
         "ok": {"type": "ok", "ref": 1, "op": "subscribe", "id": "publish replies only"},

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Self
 
 from fastapi import Path, Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import ErrorDetails
 
 from app.errors import ApiError
@@ -24,6 +25,7 @@ from layers.names import (
     PATTERN_REGEX,
     validate_channel,
     validate_event_type,
+    validate_pattern,
 )
 
 # The naming rules, stated in the OpenAPI document so clients and fuzzers know them; the
@@ -65,6 +67,7 @@ class RequestBody(BaseModel):
 
 NAME_CHECKS: dict[str, Callable[[Any], str]] = {
     "channel": validate_channel,
+    "pattern": validate_pattern,
     "event": validate_event_type,
 }
 
@@ -119,7 +122,21 @@ class PublishReply(BaseModel):
 
 
 class BatchMessage(PublishRequest):
-    channel: str = Field(json_schema_extra=CHANNEL_RULE)
+    """A message to one channel, or (with `pattern` instead) to every channel a pattern matches."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["channel"]}, {"required": ["pattern"]}]}
+    )
+    channel: str | SkipJsonSchema[None] = Field(None, json_schema_extra=CHANNEL_RULE)
+    pattern: str | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "Instead of `channel`: a glob pattern; the message goes live to every subscriber of a "
+            "channel it matches (or of a pattern within it), in every gateway process. It is kept "
+            "in no history, never replayed, and reaches no consumer group."
+        ),
+        json_schema_extra=PATTERN_RULE,
+    )
 
 
 class BatchRequest(RequestBody):
@@ -127,8 +144,16 @@ class BatchRequest(RequestBody):
     messages: list[BatchMessage] = Field(min_length=1)
 
 
+class BatchPublished(BaseModel):
+    channel: str | None = Field(None, description="The channel, for a message to a channel")
+    pattern: str | None = Field(None, description="The pattern, for a message to a pattern")
+    id: str = Field(
+        description="Message id; valid as an SSE id (a pattern message's is no resume point)"
+    )
+
+
 class BatchReply(BaseModel):
-    published: list[PublishReply] = Field(description="One entry per message, in request order")
+    published: list[BatchPublished] = Field(description="One entry per message, in request order")
 
 
 class Envelope(BaseModel):

@@ -335,6 +335,14 @@ class WebSocketSession:
                 f"at most {rate:g} publishes a second per socket (GATEWAY_WS_PUBLISH_RATE); "
                 "slow down, this frame was not published",
             )
+        if "pattern" in frame and "channel" not in frame:
+            check_fields(frame, {"pattern", "data"}, {"event", "op", "ref"})
+            pattern = self.gateway.check_pattern(frame["pattern"])
+            self.grant.require_publish_pattern(pattern)
+            id = await self.gateway.channel.publish_pattern(
+                pattern, frame["data"], event=frame.get("event")
+            )
+            return {"pattern": pattern, "id": id}
         check_fields(frame, {"channel", "data"}, {"event", "op", "ref"})
         channel = self.gateway.check_channel(frame["channel"])
         self.grant.require_publish(channel)
