@@ -8,6 +8,7 @@ subscription. The core writes one JSON object per blob, `{"k": <kind>, ...}`, an
 
 - `"pattern"`: a message published to a glob pattern (`Channel.publish_pattern`), delivered live to
   the local subscriptions it concerns as a `PatternEvent`.
+- the kinds of `layers._presence.KINDS`: members joining and leaving, heartbeats and replicas.
 
 A blob of an unknown kind (a newer gateway beside this one) or not written by a gateway is ignored.
 """
@@ -72,12 +73,13 @@ def pattern_blob(id: str, message: Message) -> bytes:
 
 
 def read(blob: bytes | str) -> tuple[str, Any] | None:
-    """(kind, what it carries) of a blob, or None for one this gateway cannot read."""
+    """(kind, what it carries) of a blob: a `PatternEvent` for a pattern publish, the fields of
+    other kinds; None for a blob this gateway did not write."""
     try:
         fields = orjson.loads(blob)
         kind = fields["k"]
         if kind != PATTERN:
-            return None  # a kind of a newer gateway
+            return str(kind), fields
         event = PatternEvent(
             fields["c"], fields["i"], orjson.dumps(fields["d"]), fields["e"], float(fields["t"])
         )

@@ -8,10 +8,11 @@ channel it matches or a pattern within it, once, and never to a group pump.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from . import _broadcast
+from ._presence import KINDS, PresenceEvent
 from .base import ChannelObserver
 from .event import Event, Gap
 from .names import compile_pattern, pattern_within
@@ -19,6 +20,8 @@ from .names import compile_pattern, pattern_within
 
 class Receiver(Protocol):
     """A local subscriber, as the router sees it (`layers.core.Subscription`)."""
+
+    presence: bool  # it asked for join and leave events
 
     def push(self, item: Event | Gap) -> None: ...
 
@@ -41,6 +44,7 @@ class Router:
         self.exact: dict[str, set[Receiver]] = {}
         self.patterns: dict[str, set[Receiver]] = {}
         self.pumps: dict[str, set[Pump]] = {}
+        self.on_presence: Callable[[str, dict[str, Any]], None] | None = None  # `Presence.receive`
 
     def deliver(self, event: Event) -> None:
         subscribers = self.exact.get(event.channel)
@@ -57,8 +61,19 @@ class Router:
 
     def broadcast(self, blob: bytes) -> None:
         control = _broadcast.read(blob)
-        if control is not None and control[0] == _broadcast.PATTERN:
-            self.deliver_pattern(control[1])
+        if control is None:
+            return
+        kind, content = control
+        if kind == _broadcast.PATTERN:
+            self.deliver_pattern(content)
+        elif kind in KINDS and self.on_presence is not None:
+            self.on_presence(kind, content)
+
+    def notify_presence(self, channel: str, event: PresenceEvent) -> None:
+        """A join or leave on `channel`: to its local subscribers that asked for them."""
+        for subscriber in self.exact.get(channel, ()):
+            if subscriber.presence:
+                subscriber.push(event)
 
     def deliver_pattern(self, event: Event) -> None:
         """A message published to the pattern `event.channel`: to each subscription concerned."""

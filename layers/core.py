@@ -42,6 +42,7 @@ from anyio.abc import TaskGroup
 
 from ._broadcast import pattern_blob
 from ._groups import GroupPump
+from ._presence import DEFAULT_TTL, Member, Presence, new_member
 from ._router import Router
 from .base import ChannelLayer, ChannelObserver, GroupInfo, Replay
 from .errors import (
@@ -111,6 +112,8 @@ class Subscription:
         self._handoff: _Handoff | None = None  # replayed ids that may still arrive live
         self._on_space: Callable[[], None] | None = None  # a group pump's wake-up (see below)
         self.releases_group = False  # on leaving its group, release its unacked messages
+        self.member: Member = new_member()  # who it is in its channels' presence
+        self.presence = False  # it receives join and leave events of its channels
 
     # -- fed by the core -------------------------------------------------------------------------
 
@@ -359,6 +362,7 @@ class Channel:
         max_deliveries: int = 5,
         observer: ChannelObserver | None = None,
         max_backlog_bytes: int | None = None,
+        presence_ttl: float = DEFAULT_TTL,
     ) -> None:
         if max_backlog < 1:
             raise InvalidArgument("max_backlog must be at least 1")
@@ -370,6 +374,10 @@ class Channel:
         self.max_deliveries = max_deliveries
         self.observer = observer or ChannelObserver()
         self._router = Router(layer.scheme, self.observer, catches_up=layer.capabilities.history)
+        # Who is subscribed where, in every process (`layers._presence`); heartbeats every
+        # presence_ttl / 3 seconds, silent processes' members gone after presence_ttl.
+        self._presence = Presence(layer.broadcast, self._router.notify_presence, presence_ttl)
+        self._router.on_presence = self._presence.receive
         self._refs: Counter[tuple[bool, str]] = Counter()  # (is_pattern, name) -> subscribers
         self._listen_lock: anyio.Lock | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__
@@ -427,6 +435,7 @@ class Channel:
             await task_group.__aexit__(None, None, None)
             raise
         self._task_group = task_group
+        task_group.start_soon(self._presence.run)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
@@ -599,12 +608,19 @@ class Channel:
         consumer: str | None = None,
         max_backlog: int | None = None,
         backlog_policy: BacklogPolicy | str | None = None,
+        presence: bool = False,
+        member: Member | None = None,
     ) -> AsyncIterator[Subscription]:
         """Subscribe to channels and glob patterns; the subscription ends with the block.
 
         `last_event_id` replays every retained event after it before going live; `history=N`
         replays the last N. With `group`, the single channel's messages are shared among the
         group's consumers and each event must be acknowledged with `event.ack()`.
+
+        The subscription is a member of its channels' presence (`Channel.presence`; patterns and
+        groups are not counted) as `member` (a generated client id without it). `presence=True`
+        also delivers `PresenceEvent`s, `join` and `leave` of its channels' members in every
+        process; they have no id and are never replayed.
         """
         self._running()
         subscription = Subscription(
@@ -613,6 +629,9 @@ class Channel:
             BacklogPolicy(backlog_policy or self.backlog_policy),
             self.max_backlog_bytes,
         )
+        subscription.presence = presence
+        if member is not None:
+            subscription.member = member
         patterns = list(patterns)
         self._subscriptions.add(subscription)
         try:
@@ -661,6 +680,8 @@ class Channel:
         if replaying:
             subscription.hold()
         self._router.add(subscription, channels, patterns)
+        for name in channels:
+            await self._presence.join(name, subscription.member)
         if not replaying:
             return
         try:
@@ -683,6 +704,8 @@ class Channel:
         self._router.remove(subscription, channels, patterns)
         subscription.channels.difference_update(channels)
         subscription.patterns.difference_update(patterns)
+        for name in channels:
+            await self._presence.leave(name, subscription.member)
         await self._unlisten(channels, patterns)
 
     async def _listen(self, channels: Collection[str], patterns: Collection[str]) -> None:
@@ -798,6 +821,16 @@ class Channel:
         validate_channel(channel)
         validate_group_name(group)
         return await self.layer.group_info(channel, group)
+
+    async def presence(self, channel: str) -> list[Member]:
+        """The members of `channel`'s presence in every process on the layer, oldest first.
+
+        Answered from this process's replica (`layers._presence`): a member who joined in another
+        process a moment ago may be missing for the time its control message takes, and the first
+        query of a `Channel` with no members yet waits `GREETING_SECONDS` for the replica.
+        """
+        validate_channel(channel)
+        return await self._presence.query(channel)
 
     async def ping(self) -> None:
         await self.layer.ping()

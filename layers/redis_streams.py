@@ -23,8 +23,9 @@ Design decisions:
   the control stream, in the same script that creates them and with the same id as their first
   entry. The listener adds such a stream from its beginning and delivers nothing past that id
   until the next read includes it, so a pattern subscriber loses nothing and keeps the order.
-- Control messages (`ChannelLayer.broadcast`) are entries `broadcast <blob>` of the control
-  stream, with an id from the clock, so the listener reads them with everything else.
+- Control messages (`ChannelLayer.broadcast`) are entries of the stream `<prefix>#broadcast`
+  (ids of its own, not from the clock, which stays the channels'; trimmed to about 1000 entries
+  and expiring a minute after the last), read by the listener in the same XREAD as the channels.
 - Reconnecting: cursors are kept, so after a dropped connection the listener continues where it
   was and delivers what was published meanwhile. If Redis lost data (restart without persistence),
   cursors ahead of the clock are pulled back to it; patterns are rescanned.
@@ -98,16 +99,7 @@ return ids
 )
 
 
-# KEYS[1] = id clock, KEYS[2] = control stream; ARGV[1] = the control message
-BROADCAST_LUA = (
-    LUA_CLOCK
-    + """
-local now, ms, seq = clock(KEYS[1])
-local id = string.format('%d-%d', ms, seq + 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, id, 'broadcast', ARGV[1])
-redis.call('SET', KEYS[1], id)
-"""
-)
+BROADCAST_KEEP_MS = 60_000  # an idle broadcast stream expires after this
 
 
 class RedisStreamsLayer(StreamGroups):
@@ -115,13 +107,7 @@ class RedisStreamsLayer(StreamGroups):
     capabilities = Capabilities(cross_process=True, history=True, groups=True)
     command_connections = 8  # publishes, replays and group pumps run side by side
     listener_timeout = BLOCK_SECONDS + COMMAND_TIMEOUT
-    lua = {
-        "publish": PUBLISH_LUA,
-        "claim": CLAIM_LUA,
-        "release": RELEASE_LUA,
-        "forget": FORGET_LUA,
-        "broadcast": BROADCAST_LUA,
-    }
+    lua = {"publish": PUBLISH_LUA, "claim": CLAIM_LUA, "release": RELEASE_LUA, "forget": FORGET_LUA}
 
     def __init__(
         self,
@@ -142,6 +128,7 @@ class RedisStreamsLayer(StreamGroups):
         self._patterns: dict[str, Callable[[str], bool]] = {}
         self._cursors: dict[str, IdTuple] = {}  # stream key -> id of the last entry read
         self._control_cursor: IdTuple | None = None
+        self._broadcast_cursor: IdTuple | None = None
         self._lock = anyio.Lock()
         self._generation = 0  # goes up whenever streams are added to the listener's read
         self._reading: int | None = None  # generation of the read in flight
@@ -160,7 +147,12 @@ class RedisStreamsLayer(StreamGroups):
         return [id.decode() for id in ids]
 
     async def broadcast(self, blob: bytes) -> None:
-        await self.script("broadcast", [self.keys.seq, self.control], [blob])
+        key = self.keys.broadcast
+        with self.unavailable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(key, {"b": blob}, maxlen=1000, approximate=True)
+                pipe.pexpire(key, BROADCAST_KEEP_MS)
+                await pipe.execute()
 
     async def _clock(self) -> IdTuple:
         """The last id handed out (0-0 if none): anything published later has a greater one."""
@@ -240,8 +232,9 @@ class RedisStreamsLayer(StreamGroups):
         block_ms = int(BLOCK_SECONDS * 1000)
         try:
             while True:
-                streams: list[str | int] = [self.control, *self._cursors]
+                streams: list[str | int] = [self.control, self.keys.broadcast, *self._cursors]
                 streams.append(format_id(self._control_cursor or (0, 0)))
+                streams.append(format_id(self._broadcast_cursor or (0, 0)))
                 streams += [format_id(cursor) for cursor in self._cursors.values()]
                 self._reading = self._generation
                 blocking = ["XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", *streams]
@@ -260,6 +253,10 @@ class RedisStreamsLayer(StreamGroups):
         clock = await self._clock()
         if self._control_cursor is None:
             self._control_cursor = clock
+        if self._broadcast_cursor is None:  # from now on: control messages are live only
+            with self.unavailable():
+                seconds, micros = await self.redis.time()
+            self._broadcast_cursor = (seconds * 1000 + micros // 1000, 0)
         if self._control_cursor > clock or any(c > clock for c in self._cursors.values()):
             logger.warning("Redis at %s lost data (restarted?); reading from %s", self.where, clock)
             self._control_cursor = min(self._control_cursor, clock)
@@ -275,6 +272,9 @@ class RedisStreamsLayer(StreamGroups):
         streams: list[tuple[str, list[Any]]] = []
         control: list[Any] = []
         for raw_key, entries in reply:
+            if raw_key.decode() == self.keys.broadcast:  # ids of its own: no part of the order
+                self._broadcasts(entries)
+                continue
             if len(entries) >= READ_COUNT:  # cut off: later entries of others must wait for it
                 last = _id(entries[-1][0])
                 limit = last if limit is None else min(limit, last)
@@ -304,9 +304,14 @@ class RedisStreamsLayer(StreamGroups):
             for _, event in events:
                 self._sink.deliver(event)
 
+    def _broadcasts(self, entries: list[Any]) -> None:
+        for raw_id, fields in entries:
+            self._broadcast_cursor = _id(raw_id)
+            if self._sink is not None:
+                self._sink.broadcast(fields[1])
+
     def _read_control(self, entries: list[Any], limit: IdTuple | None) -> IdTuple | None:
-        """Follow new streams matching a pattern; pass on releases and control messages. Returns the
-        new limit."""
+        """Follow new streams matching a pattern; pass on releases. Returns the new limit."""
         first_new: IdTuple | None = None
         for raw_id, (kind, value) in entries:
             id = _id(raw_id)
@@ -320,8 +325,6 @@ class RedisStreamsLayer(StreamGroups):
                     first_new = first_new or id
             elif kind == b"released" and self._sink is not None:
                 self._sink.wake(value.decode(), released=True)
-            elif kind == b"broadcast" and self._sink is not None:
-                self._sink.broadcast(value)
         if first_new is None:
             return limit
         # The new stream's first entry has the announcement's id: stop just before it.
