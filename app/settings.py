@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     )
     ack_timeout_seconds: float = Field(30.0, gt=0, description="Redelivery after this")
     max_deliveries: int = Field(5, ge=1, description="Deliveries before `<channel>.dead`")
+    presence_ttl_seconds: float = Field(
+        30.0, gt=0, description="A dead process's clients leave presence within this"
+    )
     channels: StrList = Field(
         default_factory=list, description="Allowed channel globs; empty allows any valid name"
     )

@@ -7,6 +7,8 @@ async with Channel(create_layer("memory://")) as channel:
             ...
 """
 
+from ._broadcast import PatternEvent
+from ._presence import Member, PresenceEvent, new_member
 from .base import (
     Capabilities,
     ChannelLayer,
@@ -52,7 +54,10 @@ __all__ = [
     "Item",
     "LayerConfigurationError",
     "LayerUnavailable",
+    "Member",
     "Message",
+    "PatternEvent",
+    "PresenceEvent",
     "PublishQueueFull",
     "Replay",
     "Sink",
@@ -61,4 +66,5 @@ __all__ = [
     "UnknownGroup",
     "create_layer",
     "make_message",
+    "new_member",
 ]

@@ -163,6 +163,32 @@ class Envelope(BaseModel):
     data: Any
     published_at: str = Field(description="ISO 8601 UTC time the message was published")
     deliveries: int | None = Field(None, description="Group subscriptions only")
+    pattern: bool | None = Field(
+        None, description="True for a message published to a pattern (`channel` is the pattern)"
+    )
+
+
+class PresenceClient(BaseModel):
+    client_id: str = Field(description="One SSE stream or WebSocket")
+    user: str | None = Field(description="The token's `sub`; null without one")
+    transport: str = Field(description="`sse`, `ws` or `library`")
+    connected_at: str = Field(description="ISO 8601 UTC time it subscribed to the channel")
+
+
+class PresenceChange(BaseModel):
+    """The data of an SSE `event: join` or `event: leave` (`?presence=true`)."""
+
+    channel: str
+    client_id: str
+    user: str | None
+    transport: str
+
+
+class PresenceReply(BaseModel):
+    channel: str
+    subscribers: int = Field(description="Subscribers of the channel in every gateway process")
+    clients: list[PresenceClient] = Field(description="Up to 1,000 of them, oldest first")
+    truncated: bool = Field(description="More subscribers than `clients` lists")
 
 
 class HistoryReply(BaseModel):

@@ -35,9 +35,12 @@ from layers import (
     ChannelClosed,
     ChannelError,
     Event,
+    Member,
+    PresenceEvent,
     SubscriberOverflow,
     Subscription,
     make_message,
+    new_member,
 )
 
 OUTBOX_SIZE = 256
@@ -62,7 +65,9 @@ class _Feed:
 
 
 def message_frame(event: Event) -> str:
-    return '{"type":"message",' + event.envelope()[1:].decode()
+    """A message, or a join or leave (`{"type": "join", "channel", "client_id", ...}`)."""
+    kind = event.event if isinstance(event, PresenceEvent) else "message"
+    return '{"type":"' + kind + '",' + event.envelope()[1:].decode()
 
 
 def reply(kind: str, ref: Any, **fields: Any) -> str:
@@ -105,6 +110,7 @@ class WebSocketSession:
         self.outbox = Outbox[str | _Close](OUTBOX_SIZE, gateway.settings.max_backlog_bytes)
         self.tasks: TaskGroup
         self.sending_since: float | None = None  # for the send watchdog
+        self.member = new_member(None, "ws")  # in presence; the user is known once authenticated
 
     async def run(self) -> None:
         await self.websocket.accept()
@@ -241,6 +247,9 @@ class WebSocketSession:
         history = _optional(frame, "history", int)
         group = _optional(frame, "group", str)
         consumer = _optional(frame, "consumer", str)
+        presence = frame.get("presence", False)
+        if not isinstance(presence, bool):
+            raise ApiError(422, "invalid_argument", "presence must be true or false")
         if not channels and not patterns:  # as over SSE; adding nothing to a live one is a mistake
             raise ApiError(422, "invalid_argument", "name at least one channel or pattern")
         gateway = self.gateway
@@ -267,7 +276,12 @@ class WebSocketSession:
             self.grant.require_subscribe(channels, patterns)
             gateway.check_subscription(channels, patterns)
             self.live = await self._feed(
-                *channels, patterns=patterns, last_event_id=last_event_id, history=history
+                *channels,
+                patterns=patterns,
+                last_event_id=last_event_id,
+                history=history,
+                presence=presence,
+                member=Member(self.member.client_id, self.grant.subject, "ws"),
             )
         else:
             self.grant.require_subscribe(channels, patterns)
@@ -275,6 +289,7 @@ class WebSocketSession:
             gateway.check_subscription(
                 sorted(current.channels | set(channels)), sorted(current.patterns | set(patterns))
             )
+            current.presence = current.presence or presence
             await current.add(channels, patterns, last_event_id=last_event_id, history=history)
         return {"channels": channels, "patterns": patterns}
 
@@ -301,7 +316,8 @@ class WebSocketSession:
                     for item in await subscription.next_batch():
                         if isinstance(item, Event):
                             await self._send(message_frame(item))
-                            delivered.inc()
+                            if not isinstance(item, PresenceEvent):  # a join or leave
+                                delivered.inc()
                         else:
                             dropped.inc(item.dropped)
                             await self._send('{"type":"gap",' + item.to_json()[1:].decode())
