@@ -77,6 +77,15 @@ class Grant:
         if not _covered(channel, self.publish):
             raise self._refusal(f"publishing to {channel!r}")
 
+    def require_publish_pattern(self, pattern: str) -> None:
+        if "*" not in self.publish and not any(
+            pattern_within(pattern, glob) for glob in self.publish
+        ):
+            raise self._refusal(
+                f"publishing to pattern {pattern!r}: one granted glob must cover every channel "
+                "it can match"
+            )
+
     def require_subscribe(self, channels: Sequence[str], patterns: Sequence[str] = ()) -> None:
         for name in channels:
             if not _covered(name, self.subscribe) and not self._dead_letters_of_own_group(name):

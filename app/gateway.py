@@ -73,14 +73,19 @@ class Gateway:
         for name in channels:
             self.check_channel(name)
         for pattern in patterns:
-            validate_pattern(pattern)
-            allowed = self.settings.channels
-            if allowed and not any(pattern_within(pattern, glob) for glob in allowed):
-                raise ApiError(
-                    403,
-                    "channel_not_allowed",
-                    f"pattern {pattern!r} can match channels outside GATEWAY_CHANNELS",
-                )
+            self.check_pattern(pattern)
+
+    def check_pattern(self, pattern: str) -> str:
+        """A valid glob pattern every channel of which the `GATEWAY_CHANNELS` allow-list admits."""
+        validate_pattern(pattern)
+        allowed = self.settings.channels
+        if allowed and not any(pattern_within(pattern, glob) for glob in allowed):
+            raise ApiError(
+                403,
+                "channel_not_allowed",
+                f"pattern {pattern!r} can match channels outside GATEWAY_CHANNELS",
+            )
+        return pattern
 
     def drain(self) -> None:
         """Shutdown started (see `app.shutdown`): refuse new streams, end the open ones.

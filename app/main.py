@@ -22,7 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from app import errors
 from app.api import document
-from app.api.routes import channels, console, events, health, publish, stats, ws
+from app.api.routes import channels, console, events, health, presence, publish, stats, ws
 from app.gateway import Gateway
 from app.logs import RequestIdMiddleware, install_server_filters
 from app.settings import Settings, settings_or_exit
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_backlog=settings.max_backlog,
             backlog_policy=settings.backlog_policy,
             ack_timeout=settings.ack_timeout_seconds,
+            presence_ttl=settings.presence_ttl_seconds,
             max_deliveries=settings.max_deliveries,
             prefetch=settings.group_prefetch,
             observer=gateway.metrics,
@@ -89,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         )
-    for module in (publish, events, channels, ws, health, stats, console):
+    for module in (publish, events, channels, presence, ws, health, stats, console):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=console.STATIC), name="static")
     app.add_middleware(RequestIdMiddleware)  # outermost: CORS and error replies carry the id too

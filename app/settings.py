@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     group_prefetch: int = Field(
         10, ge=1, le=1000, description="Unacked messages a group consumer holds, at most"
     )
+    presence_ttl_seconds: float = Field(
+        30.0, gt=0, description="A dead process's clients leave presence within this"
+    )
     channels: StrList = Field(
         default_factory=list, description="Allowed channel globs; empty allows any valid name"
     )

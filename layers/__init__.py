@@ -7,7 +7,9 @@ async with Channel(create_layer("memory://")) as channel:
             ...
 """
 
+from ._broadcast import PatternEvent
 from ._idempotency import Replayed
+from ._presence import Member, PresenceEvent, new_member
 from .base import (
     Capabilities,
     ChannelLayer,
@@ -55,7 +57,10 @@ __all__ = [
     "Item",
     "LayerConfigurationError",
     "LayerUnavailable",
+    "Member",
     "Message",
+    "PatternEvent",
+    "PresenceEvent",
     "PublishQueueFull",
     "Replay",
     "Replayed",
@@ -65,4 +70,5 @@ __all__ = [
     "UnknownGroup",
     "create_layer",
     "make_message",
+    "new_member",
 ]

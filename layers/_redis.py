@@ -131,6 +131,7 @@ class KeySpace:
         self.prefix = prefix
         self.seq = f"{prefix}#seq"  # the id clock
         self.control = f"{prefix}#events"  # new streams and releases (Redis Streams)
+        self.broadcast = f"{prefix}#broadcast"  # control messages (Pub/Sub; `layers._broadcast`)
 
     def key(self, channel: str) -> str:
         return self.prefix + channel

@@ -1,22 +1,28 @@
 """The core's `Sink`: routes each live event to the local subscribers and group pumps it concerns.
 
 Exact channels are a dictionary lookup; patterns are matched with `names.compile_pattern`, which
-is linear in the channel name whatever the pattern.
+is linear in the channel name whatever the pattern. Control messages (`layers._broadcast`) arrive
+through `broadcast`; a message published to a pattern goes to each local subscription with a
+channel it matches or a pattern within it, once, and never to a group pump.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
+from . import _broadcast
 from ._groups import GroupNotice
+from ._presence import KINDS, PresenceEvent
 from .base import ChannelObserver
 from .event import Event, Gap
-from .names import compile_pattern
+from .names import compile_pattern, pattern_within
 
 
 class Receiver(Protocol):
     """A local subscriber, as the router sees it (`layers.core.Subscription`)."""
+
+    presence: bool  # it asked for join and leave events
 
     def push(self, item: Event | Gap) -> None: ...
 
@@ -50,6 +56,7 @@ class Router:
         self.exact: dict[str, set[Receiver]] = {}
         self.patterns: dict[str, set[Receiver]] = {}
         self.pumps: dict[str, set[Pump]] = {}
+        self.on_presence: Callable[[str, dict[str, Any]], None] | None = None  # `Presence.receive`
 
     def deliver(self, event: Event) -> None:
         subscribers = self.exact.get(event.channel)
@@ -63,6 +70,35 @@ class Router:
             for subscriber in subscribers:
                 subscriber.push(event)
         self.wake(event.channel)
+
+    def broadcast(self, blob: bytes) -> None:
+        control = _broadcast.read(blob)
+        if control is None:
+            return
+        kind, content = control
+        if kind == _broadcast.PATTERN:
+            self.deliver_pattern(content)
+        elif kind in KINDS and self.on_presence is not None:
+            self.on_presence(kind, content)
+
+    def notify_presence(self, channel: str, event: PresenceEvent) -> None:
+        """A join or leave on `channel`: to its local subscribers that asked for them."""
+        for subscriber in self.exact.get(channel, ()):
+            if subscriber.presence:
+                subscriber.push(event)
+
+    def deliver_pattern(self, event: Event) -> None:
+        """A message published to the pattern `event.channel`: to each subscription concerned."""
+        matches = compile_pattern(event.channel)
+        targets: set[Receiver] = set()
+        for name, members in self.exact.items():
+            if matches(name):
+                targets |= members
+        for pattern, members in self.patterns.items():
+            if pattern_within(event.channel, pattern):
+                targets |= members
+        for subscriber in targets:
+            subscriber.push(event)
 
     def wake(self, channel: str, *, released: bool = False) -> None:
         pumps = self.pumps.get(channel)

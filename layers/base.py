@@ -60,6 +60,9 @@ class Sink(Protocol):
     def layer_error(self, error: BaseException) -> None:
         """The listener hit a broker error it is recovering from (counted in the metrics)."""
 
+    def broadcast(self, blob: bytes) -> None:
+        """A control message sent with `ChannelLayer.broadcast`, by this process or another."""
+
 
 class ChannelObserver:
     """Counts what happens inside a `Channel`, for metrics; every hook here does nothing.
@@ -153,6 +156,18 @@ class ChannelLayer(ABC):
     @abstractmethod
     async def unsubscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         """Stop receiving what `subscribe` started."""
+
+    @abstractmethod
+    async def broadcast(self, blob: bytes) -> None:
+        """Carry `blob` to every process running this layer on the broker, this one included.
+
+        Each of them hands it to its sink (`Sink.broadcast`) once. It is live only and never a
+        channel's message: it is kept in no history, takes no id, reaches no consumer group, and
+        no subscription, not even a `*` pattern, sees it through `Sink.deliver`. The carrier stays
+        under the layer's key, topic or subject prefix, so layers under other prefixes on the
+        same broker do not receive it. Processes not connected when it passes miss it. Returns
+        once the broker accepted it; `LayerUnavailable` when it cannot.
+        """
 
     @abstractmethod
     async def ping(self) -> None:

@@ -41,8 +41,10 @@ import anyio.lowlevel
 import sniffio
 from anyio.abc import TaskGroup
 
+from ._broadcast import pattern_blob
 from ._groups import GroupNotice, GroupPump, NoticeKind
 from ._idempotency import Replayed, check_distinct, keyed, validate_key
+from ._presence import DEFAULT_TTL, Member, Presence, new_member
 from ._router import Router
 from .base import ChannelLayer, ChannelObserver, ConsumerInfo, GroupInfo, Replay
 from .errors import (
@@ -118,6 +120,8 @@ class Subscription:
         self._handoff: _Handoff | None = None  # replayed ids that may still arrive live
         self._on_space: Callable[[], None] | None = None  # a group pump's wake-up (see below)
         self.releases_group = False  # on leaving its group, release its unacked messages
+        self.member: Member = new_member()  # who it is in its channels' presence
+        self.presence = False  # it receives join and leave events of its channels
 
     # -- fed by the core -------------------------------------------------------------------------
 
@@ -370,6 +374,7 @@ class Channel:
         observer: ChannelObserver | None = None,
         max_backlog_bytes: int | None = None,
         prefetch: int = 10,
+        presence_ttl: float = DEFAULT_TTL,
     ) -> None:
         if max_backlog < 1:
             raise InvalidArgument("max_backlog must be at least 1")
@@ -382,6 +387,10 @@ class Channel:
         self.max_deliveries = max_deliveries
         self.observer = observer or ChannelObserver()
         self._router = Router(layer.scheme, self.observer, catches_up=layer.capabilities.history)
+        # Who is subscribed where, in every process (`layers._presence`); heartbeats every
+        # presence_ttl / 3 seconds, silent processes' members gone after presence_ttl.
+        self._presence = Presence(layer.broadcast, self._router.notify_presence, presence_ttl)
+        self._router.on_presence = self._presence.receive
         self._refs: Counter[tuple[bool, str]] = Counter()  # (is_pattern, name) -> subscribers
         self._listen_lock: anyio.Lock | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__
@@ -447,6 +456,7 @@ class Channel:
             await task_group.__aexit__(None, None, None)
             raise
         self._task_group = task_group
+        task_group.start_soon(self._presence.run)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
@@ -516,6 +526,28 @@ class Channel:
         fresh = sum(not isinstance(id, Replayed) for id in ids) if replayable else len(ids)
         self.observer.published(fresh, time.perf_counter() - started)  # replays published nothing
         return ids
+
+    async def publish_pattern(self, pattern: str, data: Any, *, event: str | None = None) -> str:
+        """Publish one JSON value to every channel the glob `pattern` matches, live only.
+
+        It reaches every current subscription, in every process on the layer, that has a
+        channel the pattern matches or a pattern the published pattern lies within
+        (`names.pattern_within`), once per subscription. It is kept in no channel's history, so
+        it is never replayed, and it reaches no consumer group. Subscribers see an `Event`
+        whose `channel` is the pattern; its id (returned here) is no resume point.
+        """
+        self._running()
+        message = Message(
+            validate_pattern(pattern),
+            encode_data(data),
+            validate_event_type(event) if event is not None else DEFAULT_EVENT_TYPE,
+            time.time(),
+        )
+        message_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        await self.layer.broadcast(pattern_blob(message_id, message))
+        self.observer.published(1, time.perf_counter() - started)
+        return message_id
 
     def publish_threadsafe(self, channel: str, data: Any, *, event: str | None = None) -> str:
         """`publish` from a thread that is not running the event loop."""
@@ -622,6 +654,8 @@ class Channel:
         backlog_policy: BacklogPolicy | str | None = None,
         prefetch: int | None = None,
         start: str | None = None,
+        presence: bool = False,
+        member: Member | None = None,
     ) -> AsyncIterator[Subscription]:
         """Subscribe to channels and glob patterns; the subscription ends with the block.
 
@@ -631,6 +665,11 @@ class Channel:
         `nack`); the consumer holds at most `prefetch` unacknowledged events (default: the
         Channel's). `start` places a group created by this subscription: None for new messages,
         `"earliest"` or an id (layers with history).
+
+        The subscription is a member of its channels' presence (`Channel.presence`; patterns and
+        groups are not counted) as `member` (a generated client id without it). `presence=True`
+        also delivers `PresenceEvent`s, `join` and `leave` of its channels' members in every
+        process; they have no id and are never replayed.
         """
         self._running()
         subscription = Subscription(
@@ -639,6 +678,9 @@ class Channel:
             BacklogPolicy(backlog_policy or self.backlog_policy),
             self.max_backlog_bytes,
         )
+        subscription.presence = presence
+        if member is not None:
+            subscription.member = member
         patterns = list(patterns)
         self._subscriptions.add(subscription)
         try:
@@ -697,6 +739,8 @@ class Channel:
         if replaying:
             subscription.hold()
         self._router.add(subscription, channels, patterns)
+        for name in channels:
+            await self._presence.join(name, subscription.member)
         if not replaying:
             return
         try:
@@ -719,6 +763,8 @@ class Channel:
         self._router.remove(subscription, channels, patterns)
         subscription.channels.difference_update(channels)
         subscription.patterns.difference_update(patterns)
+        for name in channels:
+            await self._presence.leave(name, subscription.member)
         await self._unlisten(channels, patterns)
 
     async def _listen(self, channels: Collection[str], patterns: Collection[str]) -> None:
@@ -924,6 +970,16 @@ class Channel:
             for c in info.consumers
         ]
         return dataclasses.replace(info, consumers=consumers)
+
+    async def presence(self, channel: str) -> list[Member]:
+        """The members of `channel`'s presence in every process on the layer, oldest first.
+
+        Answered from this process's replica (`layers._presence`): a member who joined in another
+        process a moment ago may be missing for the time its control message takes, and the first
+        query of a `Channel` with no members yet waits `GREETING_SECONDS` for the replica.
+        """
+        validate_channel(channel)
+        return await self._presence.query(channel)
 
     async def ping(self) -> None:
         await self.layer.ping()

@@ -96,6 +96,11 @@ class InMemoryChannelLayer(ChannelLayer):
         if not log and not any(key[0] == channel for key in self._groups):
             del self._logs[channel]
 
+    async def broadcast(self, blob: bytes) -> None:
+        """One process: straight to the sink."""
+        if self._sink is not None:
+            self._sink.broadcast(blob)
+
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         """Every publish reaches the core, which routes it; nothing to register."""
 

@@ -14,6 +14,9 @@ Design decisions:
   channel for each publishing process (not across publishers). A payload is `<id>\\n<wire blob>`.
 - One delivery per message. Mosquitto sends a copy for every matching subscription (a channel and
   an overlapping pattern filter); the listener drops an id it has just delivered.
+- Control messages (`ChannelLayer.broadcast`) go at QoS 1 to `<topic_prefix>.broadcast`, which the
+  listener always subscribes to: a level holding a dot is no channel's, and the copies a `#`
+  filter of a pattern subscription brings are recognised by topic (and their ids deduplicated).
 - Publishing waits for the broker's PUBACK, bounded by `timeout`. The listener connection (clean
   session) also publishes; while it is down, publishing fails at once with `LayerUnavailable`.
   It reconnects (`layers._supervisor`, backoff up to `max_reconnect_delay`), also when the broker
@@ -98,6 +101,7 @@ __all__ = ["MQTTLayer", "channel_of", "decode_payload", "encode_payload", "filte
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 URL_OPTIONS = ("instance", "topic_prefix", "client_id_prefix", "session_expiry")
 _PING_FILTER = ".ping"  # no channel maps to a level holding a dot
+_BROADCAST_TOPIC = ".broadcast"  # control messages, after the topic prefix
 
 
 class MQTTLayer(MQTTGroups):
@@ -168,7 +172,8 @@ class MQTTLayer(MQTTGroups):
         self._client: aiomqtt.Client | None = None
         self._up = anyio.Event()  # set (and replaced) whenever a connection is up again
         self._lock = anyio.Lock()  # subscription changes and resubscribing take turns
-        self._filters: Counter[str] = Counter()
+        self._broadcast_topic = prefix + _BROADCAST_TOPIC
+        self._filters: Counter[str] = Counter({self._broadcast_topic: 1})  # kept while running
         self._channels: set[str] = set()
         self._patterns: set[str] = set()
         self._recent = RecentIds(4096)
@@ -218,6 +223,13 @@ class MQTTLayer(MQTTGroups):
                 self._client = None
 
     def _on_live_message(self, client: PahoClient, userdata: Any, message: MQTTMessage) -> None:
+        if message.topic == self._broadcast_topic:
+            raw_id, _, blob = message.payload.partition(b"\n")
+            id = raw_id.decode(errors="replace")
+            if self._sink is not None and id not in self._recent:
+                self._recent.add(id)
+                self._sink.broadcast(bytes(blob))
+            return
         channel = channel_of(self.topic_prefix, message.topic)
         if channel is None or self._sink is None:
             return
@@ -269,6 +281,16 @@ class MQTTLayer(MQTTGroups):
             if isinstance(result, BaseException):
                 raise result
         return ids
+
+    async def broadcast(self, blob: bytes) -> None:
+        client = self._client
+        if client is None:
+            raise self._unavailable("is not connected (reconnecting)")
+        payload = f"{self._epoch}-{next(self._sequence)}\n".encode() + blob
+        try:
+            await client.publish(self._broadcast_topic, payload, qos=1, timeout=self.timeout)
+        except aiomqtt.MqttError as exc:
+            raise self._unavailable("did not acknowledge a control message", exc) from None
 
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         async with self._lock:

@@ -27,6 +27,9 @@ Design decisions:
   oldest of the stream. After id P a channel lost messages if it holds `history_size` messages
   all newer than P (conservative by one: exactly `history_size` new messages since P also counts
   as a gap), or, with a TTL or `max_bytes`, if the stream's oldest message is newer than P + 1.
+- Control messages (`ChannelLayer.broadcast`) are core NATS messages on `$GW.<prefix>.broadcast`,
+  outside every stream (no subject prefix starts with `$`), with one core subscription per process
+  that nats-py restores after a reconnect.
 - Publishing waits for the PubAck. Each message carries a `Nats-Msg-Id`, so a publish retried after
   a timeout (a node failing, a leader being elected) within `publish_timeout` is stored once.
 - Idempotent publish is JetStream's own deduplication: a keyed message's `Nats-Msg-Id` is its
@@ -141,6 +144,7 @@ class NatsJetStreamLayer(JetStreamGroups):
         self._connected = False
         self._closing = False
         self._lost = anyio.Event()  # set when the connection drops, replaced when it is back
+        self._broadcast_subject = f"$GW.{self.prefix}.broadcast"
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -158,6 +162,8 @@ class NatsJetStreamLayer(JetStreamGroups):
         try:
             self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT)
             info = await self._ensure_stream()
+            with self.unavailable():
+                await nc.subscribe(self._broadcast_subject, cb=self._on_broadcast)
             await self._follow(info.state.last_seq)
             with self.unavailable():
                 await nc.subscribe(self.notices_subject, cb=self._on_notice)
@@ -371,6 +377,16 @@ class NatsJetStreamLayer(JetStreamGroups):
 
     def _wants(self, channel: str) -> bool:
         return channel in self._channels or any(m(channel) for m in self._patterns.values())
+
+    async def _on_broadcast(self, msg: Msg) -> None:
+        if self._sink is not None:
+            self._sink.broadcast(msg.data)
+
+    async def broadcast(self, blob: bytes) -> None:
+        nc = self._client()
+        with self.unavailable():
+            await nc.publish(self._broadcast_subject, blob)
+            await nc.flush(timeout=REQUEST_TIMEOUT)  # type: ignore[arg-type]
 
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         """Effective at once: the live consumer already reads every channel of the stream."""

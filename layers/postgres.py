@@ -26,6 +26,7 @@ Design decisions:
   set at publish from the publisher's `history_ttl`), so a background cleanup can delete late
   without being in the publish path. Each deletion records the channel's highest deleted id,
   which keeps gap detection exact after rows are gone.
+- Control messages (`ChannelLayer.broadcast`): see `layers._postgres_broadcast`.
 - Consumer groups are rows: see `layers._postgres_groups`. The SQL is in `layers._postgres_sql`,
   the pool, migration and error mapping in `layers._postgres`.
 """
@@ -47,6 +48,7 @@ from anyio.abc import TaskStatus
 from ._groups import GroupNotice
 from ._idempotency import DEFAULT_TTL, Replayed, fingerprint, keyed, reused
 from ._postgres import event_of, parse_id
+from ._postgres_broadcast import BROADCAST, PostgresBroadcasts
 from ._postgres_groups import PostgresGroups
 from ._postgres_sql import GROUP_NOTICE, RELEASED, Statements, like, lock_key
 from ._supervisor import Supervisor
@@ -74,7 +76,7 @@ _URL_OPTIONS = (
 )
 
 
-class PostgresLayer(PostgresGroups):
+class PostgresLayer(PostgresBroadcasts, PostgresGroups):
     """Cross-process channels with history and consumer groups on PostgreSQL."""
 
     scheme = "postgresql"
@@ -157,6 +159,8 @@ class PostgresLayer(PostgresGroups):
         self._dirty: set[str] = set()  # channels published to since the last cleanup
         self._published_since_cleanup = 0
         self._cleanup_due = anyio.Event()
+        self._arrived: list[int] = []  # control messages notified, not read yet
+        self._broadcast_wakeup = anyio.Event()
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -168,6 +172,7 @@ class PostgresLayer(PostgresGroups):
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._deliver, sink)
                 tasks.start_soon(self._clean_up_periodically)
+                tasks.start_soon(self._receive_broadcasts, sink)
                 try:
                     await self._supervisor.run(self._listen, task_status=task_status)
                 except LayerConfigurationError as exc:  # raised as it is, not in a group
@@ -249,6 +254,8 @@ class PostgresLayer(PostgresGroups):
             notice = GroupNotice.decode(argument)
             if notice is not None and self._sink is not None:
                 self._sink.group_notice(notice)
+        elif kind == BROADCAST:
+            self._broadcast_arrived(argument)
         elif kind.isdigit():
             self._advance(int(kind))
 
@@ -442,6 +449,7 @@ class PostgresLayer(PostgresGroups):
                         break
                 await connection.execute(self._sql.forget_consumers, _FORGET_CONSUMERS_AFTER)
                 await connection.execute(self._sql.expire_keys, time.time())
+                await self._forget_broadcasts(connection)
         except BaseException:
             self._dirty |= dirty
             raise

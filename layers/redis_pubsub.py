@@ -14,6 +14,9 @@ Design decisions:
   equals the previous one and the core sees every message exactly once.
 - Messages published while the listening connection is down are lost: that is Pub/Sub. The
   subscriptions themselves survive; the listener re-subscribes everything when it reconnects.
+- Control messages (`ChannelLayer.broadcast`) are PUBLISHed on `<prefix>#broadcast`, which the
+  listener always subscribes to; no channel name holds `#`, and the copies a user's pattern
+  (`<prefix>*`) brings of it are dropped.
 - No history and no consumer groups: those calls raise `CapabilityNotSupported` naming
   `redis+streams://`, which has both.
 """
@@ -81,7 +84,9 @@ class RedisPubSubLayer(RedisLayer):
     ) -> None:
         super().__init__(url, key_prefix=key_prefix)
         self.idempotency_ttl = idempotency_ttl
-        self._channels: set[bytes] = set()  # keys wanted on the listener connection
+        self._broadcast_key = self.keys.broadcast.encode()
+        # keys wanted on the listener connection; the control channel always
+        self._channels: set[bytes] = {self._broadcast_key}
         self._globs: set[bytes] = set()
         self._connection: AbstractConnection | None = None  # set while listening
         self._lock = anyio.Lock()  # one subscription change at a time
@@ -100,6 +105,10 @@ class RedisPubSubLayer(RedisLayer):
         args += record_args(self.keys.prefix, messages, self.idempotency_ttl)
         ids = await self.script("publish", [self.keys.seq], args)
         return read_ids(ids, messages)
+
+    async def broadcast(self, blob: bytes) -> None:
+        with self.unavailable():
+            await self.redis.publish(self.keys.broadcast, blob)
 
     # -- subscribing -----------------------------------------------------------------------------
 
@@ -166,9 +175,14 @@ class RedisPubSubLayer(RedisLayer):
                 reply = await connection.read_response()
                 kind = reply[0]
                 if kind == b"message":
-                    self._receive(reply[2])
+                    if reply[1] == self._broadcast_key:
+                        if self._sink is not None:
+                            self._sink.broadcast(reply[2])
+                    else:
+                        self._receive(reply[2])
                 elif kind == b"pmessage":
-                    self._receive(reply[3])
+                    if reply[2] != self._broadcast_key:
+                        self._receive(reply[3])
                 elif restoring is not None:
                     restoring.discard((kind, reply[1]))
                 else:

@@ -23,6 +23,9 @@ Design decisions:
   the control stream, in the same script that creates them and with the same id as their first
   entry. The listener adds such a stream from its beginning and delivers nothing past that id
   until the next read includes it, so a pattern subscriber loses nothing and keeps the order.
+- Control messages (`ChannelLayer.broadcast`) are entries of the stream `<prefix>#broadcast`
+  (ids of its own, not from the clock, which stays the channels'; trimmed to about 1000 entries
+  and expiring a minute after the last), read by the listener in the same XREAD as the channels.
 - Reconnecting: cursors are kept, so after a dropped connection the listener continues where it
   was and delivers what was published meanwhile. If Redis lost data (restart without persistence),
   cursors ahead of the clock are pulled back to it; patterns are rescanned.
@@ -121,6 +124,9 @@ return ids
 )
 
 
+BROADCAST_KEEP_MS = 60_000  # an idle broadcast stream expires after this
+
+
 class RedisStreamsLayer(StreamGroups):
     scheme = "redis+streams"
     capabilities = Capabilities(cross_process=True, history=True, groups=True, idempotency=True)
@@ -157,6 +163,7 @@ class RedisStreamsLayer(StreamGroups):
         self._patterns: dict[str, Callable[[str], bool]] = {}
         self._cursors: dict[str, IdTuple] = {}  # stream key -> id of the last entry read
         self._control_cursor: IdTuple | None = None
+        self._broadcast_cursor: IdTuple | None = None
         self._lock = anyio.Lock()
         self._generation = 0  # goes up whenever streams are added to the listener's read
         self._reading: int | None = None  # generation of the read in flight
@@ -174,6 +181,14 @@ class RedisStreamsLayer(StreamGroups):
         args += record_args(self.keys.prefix, messages, self.idempotency_ttl)
         ids = await self.script("publish", keys, args)
         return read_ids(ids, messages)
+
+    async def broadcast(self, blob: bytes) -> None:
+        key = self.keys.broadcast
+        with self.unavailable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(key, {"b": blob}, maxlen=1000, approximate=True)
+                pipe.pexpire(key, BROADCAST_KEEP_MS)
+                await pipe.execute()
 
     async def _clock(self) -> IdTuple:
         """The last id handed out (0-0 if none): anything published later has a greater one."""
@@ -253,8 +268,9 @@ class RedisStreamsLayer(StreamGroups):
         block_ms = int(BLOCK_SECONDS * 1000)
         try:
             while True:
-                streams: list[str | int] = [self.control, *self._cursors]
+                streams: list[str | int] = [self.control, self.keys.broadcast, *self._cursors]
                 streams.append(format_id(self._control_cursor or (0, 0)))
+                streams.append(format_id(self._broadcast_cursor or (0, 0)))
                 streams += [format_id(cursor) for cursor in self._cursors.values()]
                 self._reading = self._generation
                 blocking = ["XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", *streams]
@@ -273,6 +289,10 @@ class RedisStreamsLayer(StreamGroups):
         clock = await self._clock()
         if self._control_cursor is None:
             self._control_cursor = clock
+        if self._broadcast_cursor is None:  # from now on: control messages are live only
+            with self.unavailable():
+                seconds, micros = await self.redis.time()
+            self._broadcast_cursor = (seconds * 1000 + micros // 1000, 0)
         if self._control_cursor > clock or any(c > clock for c in self._cursors.values()):
             logger.warning("Redis at %s lost data (restarted?); reading from %s", self.where, clock)
             self._control_cursor = min(self._control_cursor, clock)
@@ -288,6 +308,9 @@ class RedisStreamsLayer(StreamGroups):
         streams: list[tuple[str, list[Any]]] = []
         control: list[Any] = []
         for raw_key, entries in reply:
+            if raw_key.decode() == self.keys.broadcast:  # ids of its own: no part of the order
+                self._broadcasts(entries)
+                continue
             if len(entries) >= READ_COUNT:  # cut off: later entries of others must wait for it
                 last = _id(entries[-1][0])
                 limit = last if limit is None else min(limit, last)
@@ -316,6 +339,12 @@ class RedisStreamsLayer(StreamGroups):
         if self._sink is not None:
             for _, event in events:
                 self._sink.deliver(event)
+
+    def _broadcasts(self, entries: list[Any]) -> None:
+        for raw_id, fields in entries:
+            self._broadcast_cursor = _id(raw_id)
+            if self._sink is not None:
+                self._sink.broadcast(fields[1])
 
     def _read_control(self, entries: list[Any], limit: IdTuple | None) -> IdTuple | None:
         """Follow new streams matching a pattern; pass on releases and group notices. Returns

@@ -214,6 +214,13 @@ class SyncChannel:
         )
         return message_id
 
+    def publish_pattern(self, pattern: str, data: Any, event: str | None = None) -> str:
+        """Publish live to every channel the glob `pattern` matches (`Channel.publish_pattern`):
+        kept in no history; return its id, which is no resume point."""
+        _, core = self._open()
+        message_id: str = self._call(core.publish_pattern, pattern, data, event=event)
+        return message_id
+
     def publish_nowait(self, channel: str, data: Any, event: str | None = None) -> None:
         """Queue one JSON value to publish without waiting for the layer (`Channel.publish_nowait`);
         closing the `SyncChannel` flushes the queue."""

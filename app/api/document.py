@@ -47,6 +47,8 @@ WEBSOCKET: dict[str, Any] = {
         "publish": {
             "op": "publish",
             "channel": "chat",
+            "pattern": "instead of channel: a glob, live to every subscriber of a channel it "
+            "matches; kept in no history",
             "data": {"text": "hi"},
             "event": "message",
             "idempotency_key": "optional: a retry with the key publishes nothing",
@@ -70,6 +72,7 @@ WEBSOCKET: dict[str, Any] = {
             "data": {"text": "hi"},
             "published_at": "2026-01-01T00:00:00.000Z",
             "deliveries": "group subscriptions only",
+            "pattern": "true for a message published to a pattern (`channel` is the pattern)",
         },
         "gap": {"type": "gap", "reason": " | ".join(GapReason)},
         "ok": {

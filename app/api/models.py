@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Self
 
 from fastapi import Header, Path, Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import ErrorDetails
 
 from app.errors import ApiError
@@ -27,6 +28,7 @@ from layers.names import (
     PATTERN_REGEX,
     validate_channel,
     validate_event_type,
+    validate_pattern,
 )
 
 # The naming rules, stated in the OpenAPI document so clients and fuzzers know them; the
@@ -78,6 +80,7 @@ class RequestBody(BaseModel):
 
 NAME_CHECKS: dict[str, Callable[[Any], str]] = {
     "channel": validate_channel,
+    "pattern": validate_pattern,
     "event": validate_event_type,
     "idempotency_key": validate_key,
 }
@@ -136,7 +139,21 @@ class PublishReply(BaseModel):
 
 
 class BatchMessage(PublishRequest):
-    channel: str = Field(json_schema_extra=CHANNEL_RULE)
+    """A message to one channel, or (with `pattern` instead) to every channel a pattern matches."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"oneOf": [{"required": ["channel"]}, {"required": ["pattern"]}]}
+    )
+    channel: str | SkipJsonSchema[None] = Field(None, json_schema_extra=CHANNEL_RULE)
+    pattern: str | SkipJsonSchema[None] = Field(
+        None,
+        description=(
+            "Instead of `channel`: a glob pattern; the message goes live to every subscriber of a "
+            "channel it matches (or of a pattern within it), in every gateway process. It is kept "
+            "in no history, never replayed, and reaches no consumer group."
+        ),
+        json_schema_extra=PATTERN_RULE,
+    )
     idempotency_key: str | None = Field(
         None,
         description=f"Publish once per key and channel: {KEY_RULE}",
@@ -149,8 +166,16 @@ class BatchRequest(RequestBody):
     messages: list[BatchMessage] = Field(min_length=1)
 
 
+class BatchPublished(BaseModel):
+    channel: str | None = Field(None, description="The channel, for a message to a channel")
+    pattern: str | None = Field(None, description="The pattern, for a message to a pattern")
+    id: str = Field(
+        description="Message id; valid as an SSE id (a pattern message's is no resume point)"
+    )
+
+
 class BatchReply(BaseModel):
-    published: list[PublishReply] = Field(description="One entry per message, in request order")
+    published: list[BatchPublished] = Field(description="One entry per message, in request order")
 
 
 class Envelope(BaseModel):
@@ -160,6 +185,32 @@ class Envelope(BaseModel):
     data: Any
     published_at: str = Field(description="ISO 8601 UTC time the message was published")
     deliveries: int | None = Field(None, description="Group subscriptions only")
+    pattern: bool | None = Field(
+        None, description="True for a message published to a pattern (`channel` is the pattern)"
+    )
+
+
+class PresenceClient(BaseModel):
+    client_id: str = Field(description="One SSE stream or WebSocket")
+    user: str | None = Field(description="The token's `sub`; null without one")
+    transport: str = Field(description="`sse`, `ws` or `library`")
+    connected_at: str = Field(description="ISO 8601 UTC time it subscribed to the channel")
+
+
+class PresenceChange(BaseModel):
+    """The data of an SSE `event: join` or `event: leave` (`?presence=true`)."""
+
+    channel: str
+    client_id: str
+    user: str | None
+    transport: str
+
+
+class PresenceReply(BaseModel):
+    channel: str
+    subscribers: int = Field(description="Subscribers of the channel in every gateway process")
+    clients: list[PresenceClient] = Field(description="Up to 1,000 of them, oldest first")
+    truncated: bool = Field(description="More subscribers than `clients` lists")
 
 
 class HistoryReply(BaseModel):

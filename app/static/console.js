@@ -799,6 +799,57 @@ async function settle(channel, group, how, body) {
 
 // -- wiring ---------------------------------------------------------------------------------------
 
+// -- presence -------------------------------------------------------------------------------------
+
+// Watching a channel's presence subscribes to it with `?presence=true` (so this page counts too)
+// and asks GET /channels/{c}/presence again at every join and leave.
+let presenceSource = null;
+
+function watchPresence(channel) {
+  if (presenceSource) presenceSource.close();
+  $("presence-events").replaceChildren();
+  presenceSource = new EventSource(streamPath([channel], [], { presence: "true" }));
+  presenceSource.onopen = () => {
+    $("presence-status").textContent = `watching ${channel}`;
+    showPresence(channel);
+  };
+  presenceSource.onerror = () => {
+    $("presence-status").textContent = "reconnecting…";
+  };
+  for (const kind of ["join", "leave"]) {
+    presenceSource.addEventListener(kind, (e) => {
+      const change = JSON.parse(e.data);
+      const item = document.createElement("li");
+      item.className = kind;
+      item.dataset.client = change.client_id;
+      item.textContent = `${kind} ${change.client_id} (${change.user ?? "anonymous"}, ` +
+        `${change.transport})`;
+      const events = $("presence-events");
+      events.prepend(item);
+      while (events.children.length > MAX_SHOWN) events.lastChild.remove();
+      showPresence(channel);
+    });
+  }
+}
+
+async function showPresence(channel) {
+  let presence;
+  try {
+    presence = await api("GET", `/channels/${encodeURIComponent(channel)}/presence`);
+  } catch (error) {
+    notify(error.message);
+    return;
+  }
+  $("presence-count").textContent = String(presence.subscribers);
+  $("presence-clients").replaceChildren(...presence.clients.map((client) => {
+    const item = document.createElement("li");
+    item.dataset.client = client.client_id;
+    item.textContent = `${client.client_id} ${client.user ?? "anonymous"} ${client.transport} ` +
+      `since ${timeOf(client.connected_at)}`;
+    return item;
+  }));
+}
+
 function start() {
   $("token").value = sessionStorage.getItem(TOKEN_KEY) || "";
   $("token").addEventListener("input", () => {
@@ -830,6 +881,10 @@ function start() {
   $("group-ack-all").addEventListener("click", () => {
     const entry = joined.get(selected);
     ack(entry.channel, entry.group, [...entry.pending.keys()]);
+  });
+  $("presence-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    watchPresence($("presence-channel").value.trim());
   });
   $("auth-form").addEventListener("submit", (event) => event.preventDefault());
   $("group-nack-all").addEventListener("click", () => {

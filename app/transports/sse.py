@@ -37,7 +37,15 @@ from starlette.types import Message, Receive, Scope, Send
 from app.errors import error_body
 from app.gateway import Gateway
 from app.logs import STREAM_CUT
-from layers import ChannelClosed, Event, Gap, SubscriberOverflow, Subscription, UnknownGroup
+from layers import (
+    ChannelClosed,
+    Event,
+    Gap,
+    PresenceEvent,
+    SubscriberOverflow,
+    Subscription,
+    UnknownGroup,
+)
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -180,7 +188,7 @@ class EventStream(Response):
             for item in batch:
                 if isinstance(item, Event):
                     frames.append(item.sse_frame())
-                    events += 1
+                    events += not isinstance(item, PresenceEvent)  # a join or leave: no message
                 else:
                     if item.dropped:
                         dropped.inc(item.dropped)

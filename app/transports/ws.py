@@ -38,10 +38,13 @@ from layers import (
     ChannelClosed,
     ChannelError,
     Event,
+    Member,
+    PresenceEvent,
     SubscriberOverflow,
     Subscription,
     UnknownGroup,
     make_message,
+    new_member,
 )
 
 OUTBOX_SIZE = 256
@@ -66,7 +69,9 @@ class _Feed:
 
 
 def message_frame(event: Event) -> str:
-    return '{"type":"message",' + event.envelope()[1:].decode()
+    """A message, or a join or leave (`{"type": "join", "channel", "client_id", ...}`)."""
+    kind = event.event if isinstance(event, PresenceEvent) else "message"
+    return '{"type":"' + kind + '",' + event.envelope()[1:].decode()
 
 
 def reply(kind: str, ref: Any, **fields: Any) -> str:
@@ -109,6 +114,7 @@ class WebSocketSession:
         self.outbox = Outbox[str | _Close](OUTBOX_SIZE, gateway.settings.max_backlog_bytes)
         self.tasks: TaskGroup
         self.sending_since: float | None = None  # for the send watchdog
+        self.member = new_member(None, "ws")  # in presence; the user is known once authenticated
 
     async def run(self) -> None:
         await self.websocket.accept()
@@ -253,6 +259,9 @@ class WebSocketSession:
             "prefetch": _optional(frame, "prefetch", int),
             "start": _optional(frame, "start", str),
         }
+        presence = frame.get("presence", False)
+        if not isinstance(presence, bool):
+            raise ApiError(422, "invalid_argument", "presence must be true or false")
         if not channels and not patterns:  # as over SSE; adding nothing to a live one is a mistake
             raise ApiError(422, "invalid_argument", "name at least one channel or pattern")
         gateway = self.gateway
@@ -281,7 +290,12 @@ class WebSocketSession:
             self.grant.require_subscribe(channels, patterns)
             gateway.check_subscription(channels, patterns)
             self.live = await self._feed(
-                *channels, patterns=patterns, last_event_id=last_event_id, history=history
+                *channels,
+                patterns=patterns,
+                last_event_id=last_event_id,
+                history=history,
+                presence=presence,
+                member=Member(self.member.client_id, self.grant.subject, "ws"),
             )
         else:
             self.grant.require_subscribe(channels, patterns)
@@ -289,6 +303,7 @@ class WebSocketSession:
             gateway.check_subscription(
                 sorted(current.channels | set(channels)), sorted(current.patterns | set(patterns))
             )
+            current.presence = current.presence or presence
             await current.add(channels, patterns, last_event_id=last_event_id, history=history)
         return {"channels": channels, "patterns": patterns}
 
@@ -315,7 +330,8 @@ class WebSocketSession:
                     for item in await subscription.next_batch():
                         if isinstance(item, Event):
                             await self._send(message_frame(item))
-                            delivered.inc()
+                            if not isinstance(item, PresenceEvent):  # a join or leave
+                                delivered.inc()
                         else:
                             dropped.inc(item.dropped)
                             await self._send('{"type":"gap",' + item.to_json()[1:].decode())
@@ -355,6 +371,14 @@ class WebSocketSession:
                 f"at most {rate:g} publishes a second per socket (GATEWAY_WS_PUBLISH_RATE); "
                 "slow down, this frame was not published",
             )
+        if "pattern" in frame and "channel" not in frame:
+            check_fields(frame, {"pattern", "data"}, {"event", "op", "ref"})
+            pattern = self.gateway.check_pattern(frame["pattern"])
+            self.grant.require_publish_pattern(pattern)
+            id = await self.gateway.channel.publish_pattern(
+                pattern, frame["data"], event=frame.get("event")
+            )
+            return {"pattern": pattern, "id": id}
         check_fields(frame, {"channel", "data"}, {"event", "idempotency_key", "op", "ref"})
         channel = self.gateway.check_channel(frame["channel"])
         self.grant.require_publish(channel)

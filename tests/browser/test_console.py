@@ -324,3 +324,21 @@ async def test_token_pasted_in_the_page_authorizes_it(console: ConsolePage, tran
         await page.fill("#pub-channel", "elsewhere")
         await page.click("#pub-send")
         await page.locator("#notices .notice", has_text="elsewhere").wait_for()
+
+
+async def test_presence_of_a_channel_and_its_joins_and_leaves(
+    gateway: RunningGateway, console: ConsolePage
+) -> None:
+    page = console.page
+    with anyio.fail_after(TEST_SECONDS):
+        await page.goto(gateway.url)
+        await page.fill("#presence-channel", "lobby")
+        await page.click("#presence-watch")
+        await page.locator("#presence-count", has_text="1").wait_for()  # the page itself
+        async with gateway.sse("/channels/lobby/events"):
+            await page.locator("#presence-count", has_text="2").wait_for()
+            await page.locator("#presence-events li.join").nth(1).wait_for()
+            assert await page.locator("#presence-clients li").count() == 2
+        await page.locator("#presence-events li.leave").wait_for()
+        await page.locator("#presence-count", has_text="1").wait_for()
+    assert console.errors == []

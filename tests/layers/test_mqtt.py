@@ -264,8 +264,10 @@ async def test_publish_waits_for_the_brokers_puback() -> None:
         await reader.read(1024)  # CONNECT
         writer.write(bytes([0x20, 0x03, 0x00, 0x00, 0x00]))  # CONNACK, MQTT 5, success
         await writer.drain()
-        while await reader.read(1024):  # PUBLISH and PINGREQ go unanswered
-            pass
+        while packet := await reader.read(1024):  # PUBLISH and PINGREQ go unanswered
+            if packet[0] == 0x82:  # SUBSCRIBE (the layer's control topic): SUBACK, QoS 1
+                writer.write(bytes([0x90, 0x04]) + packet[2:4] + b"\x00\x01")
+                await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(connack_only, "127.0.0.1", 0)

@@ -74,3 +74,25 @@ async def test_a_star_subscriber_sees_nothing_under_another_prefix(
                 batch = await everything.next_batch()
                 received += [item for item in batch if isinstance(item, Event)]
     assert [event.data for event in received] == ["from b"]
+
+
+async def test_a_pattern_publish_stays_under_its_prefix(
+    layer_under: Callable[[str], ChannelLayer], unique: str
+) -> None:
+    async with (
+        Channel(layer_under("a")) as first,
+        Channel(layer_under("b")) as second,
+        second.subscribe("news", patterns=["*"]) as everything,
+    ):
+        with anyio.fail_after(TIMEOUT):
+            await first.publish_pattern("*", "from a")
+            own = await second.publish_pattern("*", "from b")
+            received: list[Event] = []
+            while not any(event.id == own for event in received):
+                batch = await everything.next_batch()
+                received += [item for item in batch if isinstance(item, Event)]
+        with anyio.move_on_after(0.5):  # time for a stray one from the other prefix
+            while True:
+                batch = await everything.next_batch()
+                received += [item for item in batch if isinstance(item, Event)]
+    assert [event.data for event in received] == ["from b"]

@@ -566,3 +566,15 @@ async def test_wsgi_app_publishes_to_a_gateway_subscriber(
     assert event.last_event_id == reply.json()["id"]
     assert event.json["channel"] == topic
     assert event.json["data"] == {"order": 42}
+
+
+def test_publish_pattern_from_a_thread(open_sync: OpenSync, unique: str) -> None:
+    with open_sync() as channel, channel.subscribe(f"{unique}.a", f"{unique}.b") as subscription:
+        message_id = channel.publish_pattern(f"{unique}.*", "to all", event="news")
+        (event,) = events(subscription, 1)
+    assert (event.channel, event.id, event.event, event.data) == (
+        f"{unique}.*",
+        message_id,
+        "news",
+        "to all",
+    )

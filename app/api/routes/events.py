@@ -8,11 +8,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 
 from app.api.deps import GatewayDep
-from app.api.models import CHANNEL_RULE, GROUP_RULE, PATTERN_RULE, ChannelPath, errors
+from app.api.models import (
+    CHANNEL_RULE,
+    GROUP_RULE,
+    PATTERN_RULE,
+    ChannelPath,
+    PresenceChange,
+    errors,
+)
 from app.auth import Grant, GrantDep
 from app.errors import ApiError
 from app.gateway import Gateway
 from app.transports.sse import EventStream
+from layers import new_member
 from layers.core import MAX_PREFETCH
 from layers.event import GapReason
 
@@ -35,7 +43,10 @@ SSE_EVENT = {
     "properties": {
         "event": {
             "type": "string",
-            "description": "The message's type (`message` unless set), `gap`, or `error` (last)",
+            "description": (
+                "The message's type (`message` unless set), `gap`, `join` or `leave` "
+                "(`?presence=true`), or `error` (last)"
+            ),
         },
         "id": {"type": "string", "description": "Message id; never set on gap or error events"},
         "retry": {"type": "integer", "minimum": 0},
@@ -45,6 +56,7 @@ SSE_EVENT = {
             "contentSchema": {
                 "anyOf": [
                     {"$ref": "#/components/schemas/Envelope"},
+                    PresenceChange.model_json_schema(),
                     GAP_NOTICE,
                     {"$ref": "#/components/schemas/ErrorReply"},
                 ]
@@ -76,6 +88,13 @@ LastEventIdQuery = Annotated[
     str | None,
     Query(description="Resume after this id (a first EventSource connect cannot send headers)"),
 ]
+PresenceQuery = Annotated[
+    bool,
+    Query(
+        description="Also receive `event: join` and `event: leave` of the channels' subscribers, "
+        "in every gateway process (no `id:` lines: they are not replayed)"
+    ),
+]
 HistoryQuery = Annotated[
     int | None, Query(ge=0, le=100_000, description="Replay the last N messages on connect")
 ]
@@ -92,6 +111,7 @@ async def open_stream(
     consumer: str | None = None,
     prefetch: int | None = None,
     start: str | None = None,
+    presence: bool = False,
 ) -> EventStream:
     """Open the subscription now, so refusals are JSON errors; the stream owns it afterwards."""
     if consumer is not None and group is None:
@@ -117,6 +137,8 @@ async def open_stream(
                 consumer=consumer,
                 prefetch=prefetch,
                 start=start,
+                presence=presence,
+                member=new_member(grant.subject, "sse"),
             )
         )
     except BaseException:
@@ -165,6 +187,7 @@ async def channel_events(
             "without history.",
         ),
     ] = None,
+    presence: PresenceQuery = False,
 ) -> EventStream:
     return await open_stream(
         gateway,
@@ -177,6 +200,7 @@ async def channel_events(
         consumer,
         prefetch,
         start,
+        presence,
     )
 
 
@@ -205,7 +229,14 @@ async def events(
     last_event_id_header: LastEventIdHeader = None,
     last_event_id: LastEventIdQuery = None,
     history: HistoryQuery = None,
+    presence: PresenceQuery = False,
 ) -> EventStream:
     return await open_stream(
-        gateway, grant, channel, pattern, last_event_id_header or last_event_id, history
+        gateway,
+        grant,
+        channel,
+        pattern,
+        last_event_id_header or last_event_id,
+        history,
+        presence=presence,
     )

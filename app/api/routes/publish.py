@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from app.api.deps import GatewayDep
 from app.api.models import (
+    BatchMessage,
     BatchReply,
     BatchRequest,
     ChannelPath,
@@ -19,11 +20,12 @@ from app.api.models import (
     body_schema,
     publish_responses,
 )
-from app.auth import GrantDep
+from app.auth import Grant, GrantDep
 from app.errors import ApiError, status_of
+from app.gateway import Gateway
 from app.idempotency import published, replay_headers
 from app.payloads import json_response, media_type, read_body, read_json_object
-from layers import ChannelError, make_message
+from layers import ChannelError, Message, make_message
 from layers.names import validate_event_type
 
 router = APIRouter(tags=["publish"])
@@ -84,9 +86,14 @@ async def publish(
     "/publish",
     summary="Publish a batch of messages",
     description=(
-        "All messages are validated first; then they are published in order, in one call. "
+        "All messages are validated first; then they are published in order, those to channels "
+        "in one layer call per run of them. "
         'A message with an `"idempotency_key"` seen before is not published again: its entry '
-        'has the first id and `"replayed": true`.'
+        'has the first id and `"replayed": true`. '
+        "An item with `pattern` instead of `channel` goes live "
+        "to every subscriber of a channel the pattern matches, in every gateway process; it is "
+        "kept in no history and reaches no consumer group, and needs a publish right covering "
+        "every channel the pattern can match."
     ),
     response_model=BatchReply,
     responses=publish_responses(400, 401, 403, 413, 415, 422, 501, 503),
@@ -99,16 +106,43 @@ async def publish(
 )
 async def publish_batch(request: Request, gateway: GatewayDep, grant: GrantDep) -> Response:
     body = BatchRequest.read(await read_json_object(request, gateway.settings.max_payload_bytes))
-    messages = []
+    items: list[Message | BatchMessage] = []
     for index, item in enumerate(body.messages):
         try:
-            gateway.check_channel(item.channel)
-            grant.require_publish(item.channel)
-            messages.append(make_message(item.channel, item.data, item.event, item.idempotency_key))
+            items.append(_checked(item, gateway, grant))
         except (ApiError, ChannelError) as exc:
             status = exc.status if isinstance(exc, ApiError) else status_of(exc)
             raise ApiError(status, exc.code, f"messages[{index}]: {exc.detail}") from None
-    ids = await gateway.channel.publish_messages(messages)
-    return json_response(
-        {"published": [published(m.channel, i) for m, i in zip(messages, ids, strict=True)]}
-    )
+    replies: list[dict[str, Any]] = []
+    run: list[Message] = []  # channel messages, published together before the next pattern
+    for entry in [*items, None]:
+        if isinstance(entry, Message):
+            run.append(entry)
+            continue
+        if run:
+            ids = await gateway.channel.publish_messages(run)
+            replies += [published(m.channel, i) for m, i in zip(run, ids, strict=True)]
+            run = []
+        if entry is not None and entry.pattern is not None:
+            id = await gateway.channel.publish_pattern(entry.pattern, entry.data, event=entry.event)
+            replies.append({"pattern": entry.pattern, "id": id})
+    return json_response({"published": replies})
+
+
+def _checked(item: BatchMessage, gateway: Gateway, grant: Grant) -> Message | BatchMessage:
+    """A batch item to a channel as the message to publish; one to a pattern, checked."""
+    given = {"channel", "pattern"} & item.model_fields_set
+    if len(given) != 1 or (item.channel is None and item.pattern is None):
+        raise ApiError(422, "invalid_argument", "give either channel or pattern, as a string")
+    if item.channel is not None:
+        gateway.check_channel(item.channel)
+        grant.require_publish(item.channel)
+        return make_message(item.channel, item.data, item.event, item.idempotency_key)
+    assert item.pattern is not None
+    if item.idempotency_key is not None:
+        raise ApiError(422, "invalid_argument", "a pattern publish takes no idempotency_key")
+    gateway.check_pattern(item.pattern)
+    grant.require_publish_pattern(item.pattern)
+    if item.event is not None:
+        validate_event_type(item.event)
+    return item

@@ -1,0 +1,89 @@
+"""Control messages of the PostgreSQL layer (`ChannelLayer.broadcast`).
+
+A control message is a row of the UNLOGGED table `<prefix>broadcasts` and a notification
+`broadcast <row id>` on the layer's NOTIFY channel (a payload is limited to 8,000 bytes, a control
+message is not). Each process's listener hears the notification and one task reads the rows, in
+id order. Rows are not kept: the layer's cleanup deletes those older than `KEEP_SECONDS`, and
+being UNLOGGED they cost no WAL. The table is no channel's, so no history, replay, group or
+pattern subscription ever reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+
+from ._postgres import PostgresConnections
+from ._postgres_sql import LOCK_CLASS, lock_key
+from .base import Sink
+from .errors import LayerUnavailable
+
+logger = logging.getLogger(__name__)
+
+BROADCAST = "broadcast"  # notification "broadcast <id>": a control message in <prefix>broadcasts
+KEEP_SECONDS = 60.0  # how long a control message's row is kept for a listener to read it
+
+
+class PostgresBroadcasts(PostgresConnections):
+    """The control-message half of `PostgresLayer`."""
+
+    _arrived: list[int]
+    _broadcast_wakeup: anyio.Event
+
+    def _broadcast_statements(self) -> tuple[str, str, str]:
+        p = self.table_prefix
+        send = f"""
+            WITH row AS (INSERT INTO {p}broadcasts (blob) VALUES ($1) RETURNING id)
+            SELECT pg_notify('{p}messages', '{BROADCAST} ' || row.id) FROM row"""
+        read = f"SELECT blob FROM {p}broadcasts WHERE id = ANY($1::bigint[]) ORDER BY id"
+        forget = f"""DELETE FROM {p}broadcasts
+            WHERE created_at < now() - make_interval(secs => {KEEP_SECONDS})"""
+        return send, read, forget
+
+    async def _migrate(self) -> None:
+        await super()._migrate()
+        p = self.table_prefix
+        async with self._connection() as connection, connection.transaction():
+            await connection.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)", LOCK_CLASS, lock_key(p, "migrate")
+            )
+            await connection.execute(
+                f"""CREATE UNLOGGED TABLE IF NOT EXISTS {p}broadcasts (
+                    id bigserial PRIMARY KEY,
+                    blob bytea NOT NULL,
+                    created_at timestamptz NOT NULL DEFAULT now()
+                )"""
+            )
+
+    async def broadcast(self, blob: bytes) -> None:
+        async with self._connection() as connection:
+            await connection.execute(self._broadcast_statements()[0], blob)
+
+    def _broadcast_arrived(self, argument: str) -> None:
+        """From the listener: the row of a control message was committed."""
+        if argument.isdigit():
+            self._arrived.append(int(argument))
+            self._broadcast_wakeup.set()
+
+    async def _receive_broadcasts(self, sink: Sink) -> None:
+        """Read each notified control message and hand it to the sink."""
+        read = self._broadcast_statements()[1]
+        while True:
+            await self._broadcast_wakeup.wait()
+            self._broadcast_wakeup = anyio.Event()
+            ids, self._arrived = self._arrived, []
+            try:
+                async with self._connection() as connection:
+                    rows = await connection.fetch(read, ids)
+            except LayerUnavailable as exc:  # live only: those are lost, as in a disconnection
+                logger.warning("reading %d control messages failed: %s", len(ids), exc.detail)
+                sink.layer_error(exc)
+                continue
+            for row in rows:
+                sink.broadcast(row["blob"])
+
+    async def _forget_broadcasts(self, connection: Any) -> None:
+        """Part of the layer's cleanup: rows every listener had time to read."""
+        await connection.execute(self._broadcast_statements()[2])
