@@ -10,6 +10,7 @@ import os
 import anyio
 import pytest
 
+from bench import servers
 from bench.load import Subscribers, publish_at_rate
 from bench.report import markdown
 from bench.run import Config, broker_layers, fanout_step, storm
@@ -75,3 +76,19 @@ def test_broker_layers_include_nats_with_a_stream_of_their_own() -> None:
     assert missing is None  # the dev extra installs nats-py
     layer = create_layer(url)
     assert (layer.scheme, getattr(layer, "stream", None)) == ("nats", "BENCH")
+
+
+async def test_litestar_peer_serves_the_gateway_routes_and_frames() -> None:
+    pytest.importorskip("litestar", reason="the Litestar peer needs the bench extra")
+    with servers.litestar() as server:
+        subscribers = Subscribers("127.0.0.1", server.port, "/channels/smoke/events")
+        with anyio.fail_after(30):
+            try:
+                await subscribers.open(5, sample_every=1, within=10)
+                path = "/channels/smoke/publish"
+                record = await fanout_step(server, subscribers, path, 20, 0.5, 0)
+            finally:
+                subscribers.close()
+    assert record["published"] == 10
+    assert record["deliveries"] == 5 * 10
+    assert (record["missing"], record["sample_lost"], record["sample_duplicates"]) == (0, 0, 0)
