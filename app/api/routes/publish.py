@@ -18,8 +18,9 @@ from app.api.models import (
     body_schema,
     errors,
 )
-from app.auth import GrantDep
+from app.auth import Grant, GrantDep
 from app.errors import ApiError, status_of
+from app.gateway import Gateway
 from app.payloads import json_response, media_type, read_body, read_json_object
 from layers import ChannelError, make_message
 from layers.names import validate_event_type
@@ -54,6 +55,13 @@ async def publish(
     grant: GrantDep,
     event: EventTypeQuery = None,
 ) -> Response:
+    return await publish_one(request, gateway, grant, channel, event)
+
+
+async def publish_one(
+    request: Request, gateway: Gateway, grant: Grant, channel: str, event: str | None
+) -> Response:
+    """`POST /channels/{channel}/publish`, for this route and for `app.api.fastpath` alike."""
     gateway.check_channel(channel)
     grant.require_publish(channel)
     if event is not None:
