@@ -40,6 +40,7 @@ import anyio.lowlevel
 import sniffio
 from anyio.abc import TaskGroup
 
+from ._group_commit import GroupCommit
 from ._groups import GroupPump
 from ._router import Router
 from .base import ChannelLayer, ChannelObserver, GroupInfo, Replay
@@ -385,6 +386,8 @@ class Channel:
         self._flusher_running = False
         self._flusher_wakeup: anyio.Event | None = None
         self._flush_progress: anyio.Event | None = None
+        # concurrent publishes share a broker round trip (see __aenter__)
+        self._group_commit: GroupCommit | None = None
 
     @property
     def capabilities(self) -> Any:
@@ -416,6 +419,8 @@ class Channel:
         if sniffio.current_async_library() == "asyncio":
             self._checkpoint = functools.partial(asyncio.sleep, 0)
         self._listen_lock = anyio.Lock()
+        if self.layer.capabilities.cross_process:
+            self._group_commit = GroupCommit(self.layer.publish, self._new_event)
         self._token = anyio.lowlevel.current_token()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
@@ -469,7 +474,10 @@ class Channel:
         if not messages:
             return []
         started = time.perf_counter()
-        ids = await self.layer.publish(messages)
+        if self._group_commit is None:
+            ids = await self.layer.publish(messages)
+        else:
+            ids = await self._group_commit.publish(messages, self._running())
         self.observer.published(len(ids), time.perf_counter() - started)
         return ids
 
