@@ -11,7 +11,9 @@ in flight into the next one, in their order of arrival, and hands each caller it
   not cancel the call the others wait for; its messages may still be published, as they may be
   once any layer call has started. A caller that goes away before its group starts is left out.
 - One call at a time: groups go to the layer in order, so ids follow arrival order as they do
-  for one caller. An error of a group's call is every member's error.
+  for one caller. An unavailable broker is every member's error; a message the layer refuses
+  (`InvalidArgument`, raised before a layer sends anything of the batch) is its caller's alone:
+  the members are then published one by one.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .errors import ChannelClosed
+from .errors import ChannelClosed, InvalidArgument
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -80,12 +82,15 @@ class GroupCommit:
         group, self._waiting = self._waiting, []
         try:
             ids = await self._publish([m for waiter in group for m in waiter.messages])
+        except InvalidArgument:
+            await self._publish_each(group)
         except Exception as exc:
             for waiter in group:
                 waiter.error = exc
         except BaseException:
             for waiter in group:
-                waiter.error = ChannelClosed("the channel closed while publishing")
+                if waiter.ids is None:
+                    waiter.error = ChannelClosed("the channel closed while publishing")
             raise
         else:
             start = 0
@@ -96,3 +101,10 @@ class GroupCommit:
             for waiter in group:
                 waiter.done.set()
             self._next(task_group)
+
+    async def _publish_each(self, group: list[_Waiter]) -> None:
+        for waiter in group:
+            try:
+                waiter.ids = await self._publish(waiter.messages)
+            except Exception as exc:
+                waiter.error = exc

@@ -34,6 +34,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import json
@@ -57,6 +58,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    PubAck,
     RetentionPolicy,
     StreamConfig,
     StreamInfo,
@@ -359,11 +361,56 @@ class NatsJetStreamLayer(JetStreamGroups):
     # -- publishing ------------------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> list[str]:
-        return [await self._publish_one(message) for message in messages]
+        if len(messages) == 1:
+            return [await self._publish_one(messages[0])]
+        return await self._publish_batch(messages)
 
-    async def _publish_one(self, message: Message) -> str:
-        headers = {"Nats-Msg-Id": uuid.uuid4().hex}
-        subject, payload = self.subject(message.channel), message.to_wire()
+    async def _publish_batch(self, messages: Sequence[Message]) -> list[str]:
+        """Several messages in one round trip: every publish written in order, then the acks
+        awaited together. A message left unacknowledged (a dropped connection, a failover) and
+        those after it are sent again one by one with the same `Nats-Msg-Id`, so none is stored
+        twice; a message too large for the server is refused before anything is sent."""
+        js, lost = self._jetstream(), self._lost
+        wires = [(self.subject(m.channel), self._payload(m), uuid.uuid4().hex) for m in messages]
+        acks: list[asyncio.Future[PubAck]] = []
+        ids: list[str] = []
+        try:
+            with contextlib.suppress(LayerUnavailable), self.unavailable():
+                for subject, payload, msg_id in wires:
+                    if lost.is_set():
+                        break
+                    ack = js.publish_async(
+                        subject, payload, stream=self.stream, headers={"Nats-Msg-Id": msg_id}
+                    )
+                    acks.append(await ack)
+            with anyio.move_on_after(REQUEST_TIMEOUT):
+                async with anyio.create_task_group() as tasks:
+
+                    async def give_up_when_lost() -> None:
+                        await lost.wait()
+                        tasks.cancel_scope.cancel()
+
+                    tasks.start_soon(give_up_when_lost)
+                    with contextlib.suppress(Exception):
+                        for pending in acks:
+                            ids.append(str((await pending).seq))
+                    tasks.cancel_scope.cancel()
+        finally:
+            for pending in acks[len(ids) :]:
+                pending.cancel()  # frees its slot in nats-py's table of pending acks
+        for (_, _, msg_id), message in zip(wires[len(ids) :], messages[len(ids) :], strict=True):
+            ids.append(await self._publish_one(message, msg_id))
+        return ids
+
+    def _payload(self, message: Message) -> bytes:
+        payload, limit = message.to_wire(), self._client().max_payload
+        if len(payload) > limit:
+            raise InvalidArgument(f"message larger than the NATS server accepts ({limit} bytes)")
+        return payload
+
+    async def _publish_one(self, message: Message, msg_id: str | None = None) -> str:
+        headers = {"Nats-Msg-Id": msg_id or uuid.uuid4().hex}
+        subject, payload = self.subject(message.channel), self._payload(message)
         deadline = time.monotonic() + self.publish_timeout
         while True:
             attempt = min(REQUEST_TIMEOUT, max(0.1, deadline - time.monotonic()))

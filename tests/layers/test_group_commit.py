@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import anyio
 import pytest
 
-from layers import Event, Message, make_message
+from layers import Channel, Event, InvalidArgument, Message, make_message
+from tests.conftest import LayerFactory
 from tests.layers.conftest import OpenChannel
 
 pytestmark = pytest.mark.anyio
@@ -64,3 +65,28 @@ async def test_concurrent_publishes_get_their_own_ids_in_order(
     if channel.layer.capabilities.cross_process:
         assert len(layer_calls) <= CALLERS // 4  # they shared round trips
     assert sum(layer_calls) == sum(sizes)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_message_the_layer_refuses_fails_only_its_own_publish(
+    nats_layer_factory: LayerFactory, unique: str
+) -> None:
+    """nats:// refuses a message past the server's max_payload; the publishes grouped with it
+    still get their ids."""
+    async with Channel(nats_layer_factory()) as channel:
+        outcomes: dict[int, object] = {}
+
+        async def caller(index: int, data: object) -> None:
+            try:
+                outcomes[index] = await channel.publish(f"{unique}.big", data)
+            except InvalidArgument as exc:
+                outcomes[index] = exc
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tasks:
+                for index in range(10):
+                    data = "x" * 2_000_000 if index == 5 else index
+                    tasks.start_soon(caller, index, data)
+    assert isinstance(outcomes.pop(5), InvalidArgument)
+    assert all(isinstance(value, str) for value in outcomes.values()), outcomes
+    assert len(set(outcomes.values())) == 9
