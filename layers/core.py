@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 import uuid
 from collections import Counter, deque
@@ -72,6 +73,8 @@ class BacklogPolicy(StrEnum):
 
 QUEUED_PUBLISH_BATCH = 100  # messages queued by publish_nowait, at most, in one layer call
 FLUSH_ON_CLOSE_SECONDS = 10.0  # closing waits this long for queued messages to be published
+# a subscriber woken sooner than this after taking events waits out the rest (see next_batch)
+BATCH_INTERVAL = 0.1
 
 
 def make_message(channel: str, data: Any, event: str | None = None) -> Message:
@@ -106,6 +109,7 @@ class Subscription:
         self._held: list[Event] | None = None  # live events held back while replaying
         self._waiter: anyio.Event | None = None
         self._woken = False
+        self._taken_at = -math.inf  # when `next_batch` last returned events
         self._overflowed = False
         self._closed = False
         self._handoff: _Handoff | None = None  # replayed ids that may still arrive live
@@ -262,9 +266,11 @@ class Subscription:
                 if self._held is None:
                     items.extend(self._take_queue())
                 self._woken = False
+                self._taken_at = time.monotonic()
                 return items
             if self._queue and self._held is None:
                 self._woken = False
+                self._taken_at = time.monotonic()
                 return self._take_queue()
             if self._overflowed:
                 raise SubscriberOverflow(
@@ -284,6 +290,12 @@ class Subscription:
             # under load, events published meanwhile join it, so a subscriber takes several
             # events per wake-up and write instead of one (what capped fan-out at high rates).
             await self._core._checkpoint()
+            # Woken again within BATCH_INTERVAL of its last batch, it waits out the rest: events
+            # that reach the process one per loop cycle (from a broker) share one write too, and
+            # the cycles between stay short enough for publishes to make their round trips.
+            wait = self._taken_at + BATCH_INTERVAL - time.monotonic()
+            if wait > 0:
+                await self._core._sleep(wait)
 
     def _take_queue(self) -> list[Item]:
         items = list(self._queue)
@@ -374,6 +386,7 @@ class Channel:
         self._listen_lock: anyio.Lock | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__
         self._checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
+        self._sleep: Callable[[float], Awaitable[None]] = anyio.sleep
         self._subscriptions: set[Subscription] = set()
         self._task_group: TaskGroup | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
@@ -418,6 +431,7 @@ class Channel:
         # is what it amounts to there.
         if sniffio.current_async_library() == "asyncio":
             self._checkpoint = functools.partial(asyncio.sleep, 0)
+            self._sleep = asyncio.sleep
         self._listen_lock = anyio.Lock()
         if self.layer.capabilities.cross_process:
             self._group_commit = GroupCommit(self.layer.publish, self._new_event)
