@@ -14,8 +14,8 @@ say when each one ended.
 from __future__ import annotations
 
 import logging
+import os
 import re
-import uuid
 from contextvars import ContextVar
 from typing import Any
 
@@ -134,9 +134,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(HEADER)
-        request_id = (
-            given.decode() if given and VALID_ID.fullmatch(given) else uuid.uuid4().hex[:16]
-        )
+        request_id = given.decode() if given and VALID_ID.fullmatch(given) else os.urandom(8).hex()
         # Not reset afterwards: each connection runs in its own task and context, and uvicorn's
         # "Exception in ASGI application" record, logged after the app returns, still gets it.
         REQUEST_ID.set(request_id)

@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 
 from app import errors
 from app.api import document
+from app.api.fastpath import PublishFastPath
 from app.api.routes import channels, console, events, health, presence, publish, stats, ws
 from app.gateway import Gateway
 from app.logs import RequestIdMiddleware, install_server_filters
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.gateway = gateway
     errors.install(app)
     document.install(app)
+    app.add_middleware(PublishFastPath, gateway=gateway)  # innermost: after CORS and request ids
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

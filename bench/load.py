@@ -52,7 +52,8 @@ class SSEConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         tail = self._tail
         self.events += (tail + data).count(DATA_MARK)  # the 6-byte tail cannot hold a whole mark
-        self.frames += (tail[-1:] + data).count(b"\n\n")
+        # a frame ends with a blank line: "\n\n", or "\r\n\r\n" (Litestar's line ends)
+        self.frames += (tail[-1:] + data).count(b"\n\n") + (tail[-2:] + data).count(b"\n\r\n")
         self._tail = (tail + data)[-6:] if len(data) < 6 else data[-6:]
         if self.status is None:
             self.status = int(data[9:12]) if data.startswith(b"HTTP/1.") else 0
@@ -67,8 +68,9 @@ class SSEConnection(asyncio.Protocol):
 
     def _parse(self, data: bytes) -> None:
         buffer = self._pending + data
-        end = buffer.rfind(b"\n\n") + 2
-        if end < 2:
+        lf, crlf = buffer.rfind(b"\n\n"), buffer.rfind(b"\n\r\n")
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+        if end == 0:
             self._pending = buffer
             return
         now = time.time()

@@ -187,6 +187,10 @@ def targets(records: list[Record]) -> list[tuple[str, str, bool]]:
     if gateway and baseline:
         ratio = gateway["requests_per_s"] / baseline["requests_per_s"]
         out.append(("S1: publish throughput >= 0.6x baseline", f"{ratio:.2f}x", ratio >= 0.6))
+    litestar = one("S1", "litestar")
+    if gateway and litestar:
+        ratio = gateway["requests_per_s"] / litestar["requests_per_s"]
+        out.append(("S1: publish throughput >= 1.5x Litestar", f"{ratio:.2f}x", ratio >= 1.5))
     gateway, baseline = one("S3", "gateway"), one("S3", "baseline")
     if gateway and baseline:
         ratio = gateway["rss_per_connection_kib"] / baseline["rss_per_connection_kib"]

@@ -321,6 +321,11 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
         ("gateway", servers.gateway),
         ("baseline", servers.baseline),
     ]
+    litestar_missing = servers.litestar_available()
+    if litestar_missing is None:
+        targets.append(("litestar", servers.litestar))
+    else:
+        emit(stamp({"scenario": "all", "target": "litestar", "not_run": litestar_missing}))
     nchan_missing = servers.nchan_available()
     if nchan_missing is None:
         targets.append(("nchan", servers.nchan))
@@ -401,8 +406,8 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
 
     if "S5" in config.scenarios:
         for name, make in targets:
-            if name == "nchan":
-                continue  # nchan ids are its own "time:tag" form; the storm compares Python apps
+            if name in ("nchan", "litestar"):
+                continue  # nchan ids are its own "time:tag" form; Litestar channels cannot resume
             with attempt("S5", name), make() as server:
                 result = await storm(server, config.storm)
                 emit(stamp({"scenario": "S5", "target": name, **result}))

@@ -1,10 +1,12 @@
-"""The servers under test, each one process pinned to CPU 0: the gateway, the baseline, nchan.
+"""The servers under test, each one process pinned to CPU 0: the gateway, the baseline, the
+Litestar channels peer, nchan.
 
 Server CPU time and RSS are read from /proc/<pid>, so they cover exactly the serving process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -121,13 +123,29 @@ def gateway(layer: str = "memory://", **settings: str) -> Server:
 
 
 def baseline(**settings: str) -> Server:
+    return _uvicorn("baseline", "bench.baseline:app", **settings)
+
+
+def litestar_available() -> str | None:
+    """None when the Litestar peer can run here, else why not."""
+    if importlib.util.find_spec("litestar") is None:
+        return "litestar is not installed (pip install -e '.[bench]')"
+    return None
+
+
+def litestar(**settings: str) -> Server:
+    """Litestar channels on its memory backend (`bench/peer_litestar.py`) under the same uvicorn."""
+    return _uvicorn("litestar", "bench.peer_litestar:app", **settings)
+
+
+def _uvicorn(name: str, app: str, **settings: str) -> Server:
     port = free_port()
     env = {f"GATEWAY_{key.upper()}": value for key, value in settings.items()}
     command = [
         sys.executable,
         "-m",
         "uvicorn",
-        "bench.baseline:app",
+        app,
         "--port",
         str(port),
         "--no-access-log",
@@ -136,7 +154,7 @@ def baseline(**settings: str) -> Server:
         "--timeout-graceful-shutdown",
         "1",
     ]
-    return Server("baseline", command, env, port)
+    return Server(name, command, env, port)
 
 
 def nchan_available() -> str | None:

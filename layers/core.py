@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 import time
 import uuid
 from collections import Counter, deque
@@ -42,6 +43,7 @@ import sniffio
 from anyio.abc import TaskGroup
 
 from ._broadcast import pattern_blob
+from ._group_commit import GroupCommit
 from ._groups import GroupNotice, GroupPump, NoticeKind
 from ._idempotency import Replayed, check_distinct, keyed, validate_key
 from ._presence import DEFAULT_TTL, Member, Presence, new_member
@@ -77,6 +79,8 @@ MAX_PREFETCH = 1000  # unacked messages one group consumer may hold, at most
 MAX_NACK_DELAY = 3600.0  # seconds a nacked message may wait before it is redelivered
 QUEUED_PUBLISH_BATCH = 100  # messages queued by publish_nowait, at most, in one layer call
 FLUSH_ON_CLOSE_SECONDS = 10.0  # closing waits this long for queued messages to be published
+# a subscriber woken sooner than this after taking events waits out the rest (see next_batch)
+BATCH_INTERVAL = 0.1
 
 
 def make_message(
@@ -114,6 +118,7 @@ class Subscription:
         self._held: list[Event] | None = None  # live events held back while replaying
         self._waiter: anyio.Event | None = None
         self._woken = False
+        self._taken_at = -math.inf  # when `next_batch` last returned events
         self._overflowed = False
         self._closed = False
         self._ending: ChannelError | None = None  # why the stream ended, when not a close
@@ -276,9 +281,11 @@ class Subscription:
                 if self._held is None:
                     items.extend(self._take_queue())
                 self._woken = False
+                self._taken_at = time.monotonic()
                 return items
             if self._queue and self._held is None:
                 self._woken = False
+                self._taken_at = time.monotonic()
                 return self._take_queue()
             if self._overflowed:
                 raise SubscriberOverflow(
@@ -298,6 +305,12 @@ class Subscription:
             # under load, events published meanwhile join it, so a subscriber takes several
             # events per wake-up and write instead of one (what capped fan-out at high rates).
             await self._core._checkpoint()
+            # Woken again within BATCH_INTERVAL of its last batch, it waits out the rest: events
+            # that reach the process one per loop cycle (from a broker) share one write too, and
+            # the cycles between stay short enough for publishes to make their round trips.
+            wait = self._taken_at + BATCH_INTERVAL - time.monotonic()
+            if wait > 0:
+                await self._core._sleep(wait)
 
     def _take_queue(self) -> list[Item]:
         items = list(self._queue)
@@ -395,6 +408,7 @@ class Channel:
         self._listen_lock: anyio.Lock | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__
         self._checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
+        self._sleep: Callable[[float], Awaitable[None]] = anyio.sleep
         self._subscriptions: set[Subscription] = set()
         self._task_group: TaskGroup | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
@@ -407,6 +421,8 @@ class Channel:
         self._flusher_running = False
         self._flusher_wakeup: anyio.Event | None = None
         self._flush_progress: anyio.Event | None = None
+        # concurrent publishes share a broker round trip (see __aenter__)
+        self._group_commit: GroupCommit | None = None
 
     @property
     def capabilities(self) -> Any:
@@ -445,7 +461,10 @@ class Channel:
         # is what it amounts to there.
         if sniffio.current_async_library() == "asyncio":
             self._checkpoint = functools.partial(asyncio.sleep, 0)
+            self._sleep = asyncio.sleep
         self._listen_lock = anyio.Lock()
+        if self.layer.capabilities.cross_process:
+            self._group_commit = GroupCommit(self.layer.publish, self._new_event)
         self._token = anyio.lowlevel.current_token()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
@@ -522,7 +541,10 @@ class Channel:
                 raise self.layer._lacks("idempotency")
             check_distinct(messages)
         started = time.perf_counter()
-        ids = await self.layer.publish(messages)
+        if self._group_commit is None:
+            ids = await self.layer.publish(messages)
+        else:
+            ids = await self._group_commit.publish(messages, self._running())
         fresh = sum(not isinstance(id, Replayed) for id in ids) if replayable else len(ids)
         self.observer.published(fresh, time.perf_counter() - started)  # replays published nothing
         return ids

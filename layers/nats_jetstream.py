@@ -43,6 +43,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import json
@@ -66,6 +67,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    PubAck,
     RetentionPolicy,
     StreamConfig,
     StreamInfo,
@@ -409,15 +411,64 @@ class NatsJetStreamLayer(JetStreamGroups):
     # -- publishing ------------------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> list[str]:
-        return [await self._publish_one(message) for message in messages]
+        if len(messages) == 1 or any(m.idempotency_key is not None for m in messages):
+            # a keyed message's duplicate must be told from this call's own retry: one by one
+            return [await self._publish_one(message) for message in messages]
+        return await self._publish_batch(messages)
 
-    async def _publish_one(self, message: Message) -> str:
+    async def _publish_batch(self, messages: Sequence[Message]) -> list[str]:
+        """Several messages in one round trip: every publish written in order, then the acks
+        awaited together. A message left unacknowledged (a dropped connection, a failover) and
+        those after it are sent again one by one with the same `Nats-Msg-Id`, so none is stored
+        twice; a message too large for the server is refused before anything is sent."""
+        js, lost = self._jetstream(), self._lost
+        wires = [(self.subject(m.channel), self._payload(m), self._headers(m)) for m in messages]
+        acks: list[asyncio.Future[PubAck]] = []
+        ids: list[str] = []
+        try:
+            with contextlib.suppress(LayerUnavailable), self.unavailable():
+                for subject, payload, headers in wires:
+                    if lost.is_set():
+                        break
+                    ack = js.publish_async(subject, payload, stream=self.stream, headers=headers)
+                    acks.append(await ack)
+            with anyio.move_on_after(REQUEST_TIMEOUT):
+                async with anyio.create_task_group() as tasks:
+
+                    async def give_up_when_lost() -> None:
+                        await lost.wait()
+                        tasks.cancel_scope.cancel()
+
+                    tasks.start_soon(give_up_when_lost)
+                    with contextlib.suppress(Exception):
+                        for pending in acks:
+                            ids.append(str((await pending).seq))
+                    tasks.cancel_scope.cancel()
+        finally:
+            for pending in acks[len(ids) :]:
+                pending.cancel()  # frees its slot in nats-py's table of pending acks
+        for (_, _, headers), message in zip(wires[len(ids) :], messages[len(ids) :], strict=True):
+            ids.append(await self._publish_one(message, headers))
+        return ids
+
+    def _payload(self, message: Message) -> bytes:
+        payload, limit = message.to_wire(), self._client().max_payload
+        if len(payload) > limit:
+            raise InvalidArgument(f"message larger than the NATS server accepts ({limit} bytes)")
+        return payload
+
+    @staticmethod
+    def _headers(message: Message) -> dict[str, str]:
         key = message.idempotency_key
         if key is None:
-            headers = {"Nats-Msg-Id": uuid.uuid4().hex}
-        else:  # a channel name holds no space, so this never equals another channel's id
-            headers = {"Nats-Msg-Id": f"{message.channel} {key}", FINGERPRINT: fingerprint(message)}
-        subject, payload = self.subject(message.channel), message.to_wire()
+            return {"Nats-Msg-Id": uuid.uuid4().hex}
+        # a channel name holds no space, so this never equals another channel's id
+        return {"Nats-Msg-Id": f"{message.channel} {key}", FINGERPRINT: fingerprint(message)}
+
+    async def _publish_one(self, message: Message, headers: dict[str, str] | None = None) -> str:
+        key = message.idempotency_key
+        headers = headers or self._headers(message)
+        subject, payload = self.subject(message.channel), self._payload(message)
         deadline = time.monotonic() + self.publish_timeout
         while True:
             attempt = min(REQUEST_TIMEOUT, max(0.1, deadline - time.monotonic()))

@@ -10,6 +10,7 @@ import os
 import anyio
 import pytest
 
+from bench import servers
 from bench.groups import G1Config, work_queue
 from bench.load import Subscribers, publish_at_rate
 from bench.report import markdown
@@ -93,3 +94,19 @@ async def test_work_queue_acks_every_message_once_across_two_gateways(
     assert record["min_per_consumer"] > 0  # every consumer got work
     table = markdown([{"scenario": "G1", "target": "redis+streams", "loadavg": 0.0, **record}])
     assert "| redis+streams | 60 | 4 / 2 | 3 |" in table
+
+
+async def test_litestar_peer_serves_the_gateway_routes_and_frames() -> None:
+    pytest.importorskip("litestar", reason="the Litestar peer needs the bench extra")
+    with servers.litestar() as server:
+        subscribers = Subscribers("127.0.0.1", server.port, "/channels/smoke/events")
+        with anyio.fail_after(30):
+            try:
+                await subscribers.open(5, sample_every=1, within=10)
+                path = "/channels/smoke/publish"
+                record = await fanout_step(server, subscribers, path, 20, 0.5, 0)
+            finally:
+                subscribers.close()
+    assert record["published"] == 10
+    assert record["deliveries"] == 5 * 10
+    assert (record["missing"], record["sample_lost"], record["sample_duplicates"]) == (0, 0, 0)

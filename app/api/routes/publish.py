@@ -60,6 +60,18 @@ async def publish(
     event: EventTypeQuery = None,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
+    return await publish_one(request, gateway, grant, channel, event, idempotency_key)
+
+
+async def publish_one(
+    request: Request,
+    gateway: Gateway,
+    grant: Grant,
+    channel: str,
+    event: str | None,
+    idempotency_key: str | None,
+) -> Response:
+    """`POST /channels/{channel}/publish`, for this route and for `app.api.fastpath` alike."""
     gateway.check_channel(channel)
     grant.require_publish(channel)
     if event is not None:
