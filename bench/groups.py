@@ -75,6 +75,10 @@ async def work_queue(urls: list[str], config: G1Config, channel: str) -> Record:
             httpx.AsyncClient(base_url=consumer.url, timeout=30) as http,
             http.stream("GET", path) as stream,
         ):
+            if stream.status_code != 200:
+                raise RuntimeError(
+                    f"{consumer.name}: {stream.status_code} {await stream.aread()!r}"
+                )
             ready.set()
             working: set[asyncio.Task[None]] = set()
             turn = 0
@@ -141,7 +145,10 @@ async def work_queue(urls: list[str], config: G1Config, channel: str) -> Record:
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome  # a consumer failed: no figures from a broken run
     acks: Counter[int] = Counter()
     for consumer in consumers:
         acks.update(consumer.acked)
