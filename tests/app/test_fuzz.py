@@ -34,7 +34,16 @@ STREAM_READ_SECONDS = 0.05
 def parameters_depend_on_each_other(case: schemathesis.Case) -> bool:
     """Requests OpenAPI cannot call invalid, which the gateway refuses (422) as it should:
     `/events` with neither a channel nor a pattern, a `consumer`, `prefetch` or `start` without
-    its `group`, a `group` asked for `history` (a group resumes from its pending messages)."""
+    its `group`, a `group` asked for `history` (a group resumes from its pending messages); and a
+    publish whose idempotency key an earlier example used for another body (422
+    `idempotency_key_reused`)."""
+    if any(name.lower() == "idempotency-key" for name in case.headers or {}):
+        return True
+    messages = case.body.get("messages") if isinstance(case.body, dict) else None
+    if isinstance(messages, list) and any(
+        isinstance(item, dict) and "idempotency_key" in item for item in messages
+    ):
+        return True
     query = case.query or {}
     if case.path == "/events":
         return not query.get("channel") and not query.get("pattern")
