@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 
-SCHEMA_VERSION = 3  # bump when the schema or a function changes; migration re-runs it all
+SCHEMA_VERSION = 4  # bump when the schema or a function changes; migration re-runs it all
 LOCK_CLASS = 0x67617465  # first key of every advisory lock this layer takes ("gate")
 RELEASED = "released"  # notification "released <channel>": a consumer gave its messages back
 GROUP_NOTICE = "group"  # notification "group <GroupNotice JSON>": acks, nacks, extends, deletes
