@@ -83,6 +83,19 @@ FLUSH_ON_CLOSE_SECONDS = 10.0  # closing waits this long for queued messages to 
 BATCH_INTERVAL = 0.1
 
 
+async def _wait_at_most(event: anyio.Event, seconds: float) -> None:
+    with anyio.move_on_after(seconds):
+        await event.wait()
+
+
+async def _wait_at_most_asyncio(event: anyio.Event, seconds: float) -> None:
+    timer = asyncio.get_running_loop().call_later(seconds, event.set)
+    try:
+        await event.wait()
+    finally:
+        timer.cancel()
+
+
 def make_message(
     channel: str, data: Any, event: str | None = None, idempotency_key: str | None = None
 ) -> Message:
@@ -119,6 +132,7 @@ class Subscription:
         self._waiter: anyio.Event | None = None
         self._woken = False
         self._taken_at = -math.inf  # when `next_batch` last returned events
+        self._pacing: anyio.Event | None = None  # set to end the wait for BATCH_INTERVAL
         self._overflowed = False
         self._closed = False
         self._ending: ChannelError | None = None  # why the stream ended, when not a close
@@ -160,6 +174,8 @@ class Subscription:
         if waiter is not None:
             self._waiter = None
             waiter.set()
+        if self._pacing is not None and (self._half_full() or self._overflowed):
+            self._end_pacing()
 
     def _over_bytes(self, size: int) -> bool:
         return (
@@ -198,6 +214,17 @@ class Subscription:
         if self._waiter is not None:
             self._waiter.set()
             self._waiter = None
+        self._end_pacing()
+
+    def _half_full(self) -> bool:
+        return 2 * len(self._queue) >= self.max_backlog or (
+            self.max_bytes is not None and 2 * self._bytes >= self.max_bytes
+        )
+
+    def _end_pacing(self) -> None:
+        pacing, self._pacing = self._pacing, None
+        if pacing is not None:
+            pacing.set()
 
     def when_space(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever the consumer takes its queue (a group pump fills it again)."""
@@ -307,10 +334,13 @@ class Subscription:
             await self._core._checkpoint()
             # Woken again within BATCH_INTERVAL of its last batch, it waits out the rest: events
             # that reach the process one per loop cycle (from a broker) share one write too, and
-            # the cycles between stay short enough for publishes to make their round trips.
+            # the cycles between stay short enough for publishes to make their round trips. A
+            # backlog half full ends the wait, so pacing never costs a subscriber an event.
             wait = self._taken_at + BATCH_INTERVAL - time.monotonic()
-            if wait > 0:
-                await self._core._sleep(wait)
+            if wait > 0 and not self._half_full():
+                self._pacing = self._core._new_event()
+                await self._core._wait_at_most(self._pacing, wait)
+                self._pacing = None
 
     def _take_queue(self) -> list[Item]:
         items = list(self._queue)
@@ -408,7 +438,7 @@ class Channel:
         self._listen_lock: anyio.Lock | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event  # see __aenter__
         self._checkpoint: Callable[[], Awaitable[None]] = anyio.lowlevel.checkpoint
-        self._sleep: Callable[[float], Awaitable[None]] = anyio.sleep
+        self._wait_at_most: Callable[[anyio.Event, float], Awaitable[None]] = _wait_at_most
         self._subscriptions: set[Subscription] = set()
         self._task_group: TaskGroup | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
@@ -461,7 +491,7 @@ class Channel:
         # is what it amounts to there.
         if sniffio.current_async_library() == "asyncio":
             self._checkpoint = functools.partial(asyncio.sleep, 0)
-            self._sleep = asyncio.sleep
+            self._wait_at_most = _wait_at_most_asyncio  # a timer, not a cancel scope, per wait
         self._listen_lock = anyio.Lock()
         if self.layer.capabilities.cross_process:
             self._group_commit = GroupCommit(self.layer.publish, self._new_event)
