@@ -19,7 +19,7 @@ from .base import (
     Replay,
     Sink,
 )
-from .core import BacklogPolicy, Channel, Item, Subscription, make_message
+from .core import Channel, make_message
 from .errors import (
     CapabilityNotSupported,
     ChannelClosed,
@@ -36,6 +36,7 @@ from .errors import (
 from .event import Event, Gap, Message
 from .factory import create_layer
 from .memory import InMemoryChannelLayer
+from .subscription import BacklogPolicy, Item, Subscription
 
 __all__ = [
     "BacklogPolicy",

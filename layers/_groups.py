@@ -68,7 +68,7 @@ class GroupNotice:
 
 
 class Backlog(Protocol):
-    """A group consumer's subscription, as its pump sees it (`layers.core.Subscription`)."""
+    """A group consumer's subscription, as its pump sees it (`layers.subscription.Subscription`)."""
 
     @property
     def free_slots(self) -> int: ...

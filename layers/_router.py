@@ -20,7 +20,7 @@ from .names import compile_pattern, pattern_within
 
 
 class Receiver(Protocol):
-    """A local subscriber, as the router sees it (`layers.core.Subscription`)."""
+    """A local subscriber, as the router sees it (`layers.subscription.Subscription`)."""
 
     presence: bool  # it asked for join and leave events
 

@@ -185,9 +185,9 @@ class ChannelLayer(ABC):
 
         The hand-off to live delivery is the core's: it subscribes first, holds live events
         aside while this runs, then drops the live events whose ids the replay returned, also
-        those arriving up to `layers.core.HANDOFF_SECONDS` later. So a layer returns at once:
-        it need not wait for its listener to pass the replayed events, and an event may be both
-        replayed and delivered live. What it must not do is leave an event out of both: every
+        those arriving up to `layers.subscription.HANDOFF_SECONDS` later. So a layer returns at
+        once: it need not wait for its listener to pass the replayed events, and an event may be
+        both replayed and delivered live. What it must not do is leave an event out of both: every
         retained event after `after` that was published before the subscription took effect
         is in the replay. An `after` this layer did not issue (malformed, out of range, from
         the future, from before the broker lost its data) is not an error: the replay starts

@@ -27,13 +27,11 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import math
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
-from enum import StrEnum
 from typing import Any
 
 import anyio
@@ -46,54 +44,35 @@ from ._broadcast import pattern_blob
 from ._group_commit import GroupCommit
 from ._groups import GroupNotice, GroupPump, NoticeKind
 from ._idempotency import Replayed, check_distinct, keyed, validate_key
-from ._presence import DEFAULT_TTL, Member, Presence, new_member
+from ._presence import DEFAULT_TTL, Member, Presence
+from ._publish_queue import PublishQueue
 from ._router import Router
 from .base import ChannelLayer, ChannelObserver, ConsumerInfo, GroupInfo, Replay
 from .errors import (
     ChannelClosed,
     ChannelError,
     InvalidArgument,
-    PublishQueueFull,
-    SubscriberOverflow,
 )
-from .event import DEFAULT_EVENT_TYPE, Event, Gap, Message, encode_data
+from .event import DEFAULT_EVENT_TYPE, Gap, Message, encode_data
 from .names import (
     validate_channel,
     validate_event_type,
     validate_group_name,
     validate_pattern,
 )
+from .subscription import (
+    BacklogPolicy,
+    Item,
+    Subscription,
+    _wait_at_most,
+    _wait_at_most_asyncio,
+)
 
 logger = logging.getLogger(__name__)
-
-Item = Event | Gap
-
-
-class BacklogPolicy(StrEnum):
-    DROP_OLDEST = "drop_oldest"
-    DROP_NEWEST = "drop_newest"
-    DISCONNECT = "disconnect"
 
 
 MAX_PREFETCH = 1000  # unacked messages one group consumer may hold, at most
 MAX_NACK_DELAY = 3600.0  # seconds a nacked message may wait before it is redelivered
-QUEUED_PUBLISH_BATCH = 100  # messages queued by publish_nowait, at most, in one layer call
-FLUSH_ON_CLOSE_SECONDS = 10.0  # closing waits this long for queued messages to be published
-# a subscriber woken sooner than this after taking events waits out the rest (see next_batch)
-BATCH_INTERVAL = 0.1
-
-
-async def _wait_at_most(event: anyio.Event, seconds: float) -> None:
-    with anyio.move_on_after(seconds):
-        await event.wait()
-
-
-async def _wait_at_most_asyncio(event: anyio.Event, seconds: float) -> None:
-    timer = asyncio.get_running_loop().call_later(seconds, event.set)
-    try:
-        await event.wait()
-    finally:
-        timer.cancel()
 
 
 def make_message(
@@ -107,299 +86,6 @@ def make_message(
         time.time(),
         validate_key(idempotency_key) if idempotency_key is not None else None,
     )
-
-
-class Subscription:
-    """One local subscriber: the events of its channels and patterns, in a bounded backlog.
-
-    Iterate it for one `Event` or `Gap` at a time, or call `next_batch` for everything queued.
-    """
-
-    def __init__(
-        self, core: Channel, max_backlog: int, policy: BacklogPolicy, max_bytes: int | None = None
-    ) -> None:
-        self._core = core
-        self.channels: set[str] = set()
-        self.patterns: set[str] = set()
-        self.max_backlog = max_backlog
-        self.max_bytes = max_bytes  # of event data queued; one larger event still fits alone
-        self._bytes = 0
-        self.policy = policy
-        self.dropped = 0
-        self._queue: deque[Item] = deque()
-        self._head: deque[Item] = deque()  # replayed events and gap notices come first
-        self._held: list[Event] | None = None  # live events held back while replaying
-        self._waiter: anyio.Event | None = None
-        self._woken = False
-        self._taken_at = -math.inf  # when `next_batch` last returned events
-        self._pacing: anyio.Event | None = None  # set to end the wait for BATCH_INTERVAL
-        self._overflowed = False
-        self._closed = False
-        self._ending: ChannelError | None = None  # why the stream ended, when not a close
-        self._handoff: _Handoff | None = None  # replayed ids that may still arrive live
-        self._on_space: Callable[[], None] | None = None  # a group pump's wake-up (see below)
-        self.releases_group = False  # on leaving its group, release its unacked messages
-        self.member: Member = new_member()  # who it is in its channels' presence
-        self.presence = False  # it receives join and leave events of its channels
-
-    # -- fed by the core -------------------------------------------------------------------------
-
-    def push(self, item: Item) -> None:
-        if self._closed or self._overflowed:
-            return
-        if self._held is not None and isinstance(item, Event):
-            self._held.append(item)
-            return
-        if self._handoff is not None and isinstance(item, Event) and self._replayed(item):
-            return
-        queue = self._queue
-        size = len(item.raw) if isinstance(item, Event) else 0
-        if len(queue) >= self.max_backlog or self._over_bytes(size):
-            if self.policy is BacklogPolicy.DISCONNECT:
-                self.dropped += 1
-                self._overflowed = True
-            elif self.policy is BacklogPolicy.DROP_NEWEST:
-                self._drop_newest()
-                return
-            else:
-                self._drop_oldest()
-                while self._over_bytes(size):
-                    self._drop_oldest()
-                queue.append(item)
-                self._bytes += size
-        else:
-            queue.append(item)
-            self._bytes += size
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.set()
-        if self._pacing is not None and (self._half_full() or self._overflowed):
-            self._end_pacing()
-
-    def _over_bytes(self, size: int) -> bool:
-        return (
-            self.max_bytes is not None and self._bytes > 0 and self._bytes + size > self.max_bytes
-        )
-
-    def _drop_newest(self) -> None:
-        self.dropped += 1
-        last = self._queue[-1]
-        if isinstance(last, Gap) and last.reason == "dropped":
-            self._queue[-1] = Gap("dropped", dropped=last.dropped + 1)
-        else:
-            self._queue.append(Gap("dropped", dropped=1))
-
-    def _drop_oldest(self) -> None:
-        queue = self._queue
-        lost = 0
-        head = queue[0]
-        if isinstance(head, Gap):
-            queue.popleft()
-            lost += head.dropped
-        oldest = queue[0] if queue else None
-        if isinstance(oldest, Event):
-            queue.popleft()
-            self._bytes -= len(oldest.raw)
-            self.dropped += 1
-            lost += 1
-        queue.appendleft(Gap("dropped", dropped=lost))
-
-    def close(self, *, release: bool = False, error: ChannelError | None = None) -> None:
-        """End the stream; `release=True` also releases a group consumer's unacked messages;
-        `error` is what `next_batch` raises then (instead of `ChannelClosed`)."""
-        self.releases_group = self.releases_group or release
-        self._ending = self._ending or error
-        self._closed = True
-        if self._waiter is not None:
-            self._waiter.set()
-            self._waiter = None
-        self._end_pacing()
-
-    def _half_full(self) -> bool:
-        return 2 * len(self._queue) >= self.max_backlog or (
-            self.max_bytes is not None and 2 * self._bytes >= self.max_bytes
-        )
-
-    def _end_pacing(self) -> None:
-        pacing, self._pacing = self._pacing, None
-        if pacing is not None:
-            pacing.set()
-
-    def when_space(self, callback: Callable[[], None]) -> None:
-        """Call `callback` whenever the consumer takes its queue (a group pump fills it again)."""
-        self._on_space = callback
-
-    # -- resuming: the replay/live hand-off ------------------------------------------------------
-
-    def notify(self, gap: Gap) -> None:
-        """Put a notice ahead of the live queue (a resume that cannot replay everything)."""
-        self._head.append(gap)
-
-    def hold(self) -> None:
-        """A replay starts: live events wait aside until `resume` or `cancel_hold`."""
-        self._held = []
-
-    def cancel_hold(self) -> None:
-        """The replay failed: what was held goes on as live events."""
-        held, self._held = self._held or [], None
-        for event in held:
-            self.push(event)
-
-    def resume(self, replay: Replay, last_event_id: str | None) -> None:
-        """Put the replayed events first, then the held live events the replay did not hold.
-
-        Live delivery may trail the replay (a layer reads what was published a moment later), so
-        a replayed event can still arrive live afterwards: such events are dropped for
-        `HANDOFF_SECONDS`. Ids are only matched, never compared.
-        """
-        if replay.gap:
-            self._head.append(Gap(replay.reason or "evicted", last_event_id))
-        self._head.extend(replay.events)
-        if replay.events:
-            self._handoff = _Handoff(replay.events, time.monotonic() + HANDOFF_SECONDS)
-        self.cancel_hold()
-        waiter = self._waiter
-        if waiter is not None and (self._head or self._queue):
-            self._waiter = None
-            waiter.set()
-
-    def _replayed(self, event: Event) -> bool:
-        """Whether a live event is one the replay delivered (then it is dropped)."""
-        handoff = self._handoff
-        assert handoff is not None
-        if time.monotonic() > handoff.until:
-            self._handoff = None
-            return False
-        if not handoff.drops(event.id):
-            return False
-        if not handoff.ids:
-            self._handoff = None
-        return True
-
-    def wake(self) -> None:
-        """Make the waiting (or the next) `next_batch` return, with an empty batch if nothing
-        is queued. One timer can drive the keepalives of many subscribers this way, instead of a
-        timeout around every wait."""
-        self._woken = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.set()
-
-    # -- read by the consumer --------------------------------------------------------------------
-
-    @property
-    def free_slots(self) -> int:
-        return max(0, self.max_backlog - len(self._queue))
-
-    async def next_batch(self) -> list[Item]:
-        """Wait for at least one item and return every item queued, in order; an empty list
-        after a `wake` with nothing queued.
-
-        Raises `SubscriberOverflow` when the `disconnect` policy ended the subscription,
-        `UnknownGroup` when a group consumer's group was deleted, and `ChannelClosed` when the
-        `Channel` was closed.
-        """
-        while True:
-            if self._head:
-                items = list(self._head)
-                self._head.clear()
-                if self._held is None:
-                    items.extend(self._take_queue())
-                self._woken = False
-                self._taken_at = time.monotonic()
-                return items
-            if self._queue and self._held is None:
-                self._woken = False
-                self._taken_at = time.monotonic()
-                return self._take_queue()
-            if self._overflowed:
-                raise SubscriberOverflow(
-                    f"subscriber fell more than {self.max_backlog} events"
-                    + (f" or {self.max_bytes} bytes" if self.max_bytes is not None else "")
-                    + " behind; "
-                    "reconnect with the last event id to resume"
-                )
-            if self._closed:
-                raise self._ending or ChannelClosed("the channel was closed")
-            if self._woken:
-                self._woken = False
-                return []
-            waiter = self._waiter = self._core._new_event()
-            await waiter.wait()
-            # Let the other woken tasks and the publishers run once before taking the batch:
-            # under load, events published meanwhile join it, so a subscriber takes several
-            # events per wake-up and write instead of one (what capped fan-out at high rates).
-            await self._core._checkpoint()
-            # Woken again within BATCH_INTERVAL of its last batch, it waits out the rest: events
-            # that reach the process one per loop cycle (from a broker) share one write too, and
-            # the cycles between stay short enough for publishes to make their round trips. A
-            # backlog half full ends the wait, so pacing never costs a subscriber an event.
-            wait = self._taken_at + BATCH_INTERVAL - time.monotonic()
-            if wait > 0 and not self._half_full():
-                self._pacing = self._core._new_event()
-                await self._core._wait_at_most(self._pacing, wait)
-                self._pacing = None
-
-    def _take_queue(self) -> list[Item]:
-        items = list(self._queue)
-        self._queue.clear()
-        self._bytes = 0
-        if self._on_space is not None:
-            self._on_space()
-        return items
-
-    def __aiter__(self) -> AsyncIterator[Item]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Item]:
-        while True:
-            try:
-                batch = await self.next_batch()
-            except ChannelClosed:
-                return
-            for item in batch:
-                yield item
-
-    # -- changed by the owner (WebSocket subscribe / unsubscribe) ---------------------------------
-
-    async def add(
-        self,
-        channels: Iterable[str] = (),
-        patterns: Iterable[str] = (),
-        *,
-        last_event_id: str | None = None,
-        history: int | None = None,
-    ) -> None:
-        """Subscribe to more channels and patterns, replaying from `last_event_id` if given."""
-        await self._core._attach(self, list(channels), list(patterns), last_event_id, history)
-
-    async def remove(self, channels: Iterable[str] = (), patterns: Iterable[str] = ()) -> None:
-        await self._core._detach(self, list(channels), list(patterns))
-
-
-HANDOFF_SECONDS = 10.0  # how long after a replay its events may still arrive live
-
-
-class _Handoff:
-    """The ids of a replay, in order, that live delivery has not brought yet."""
-
-    __slots__ = ("ids", "until")
-
-    def __init__(self, events: Sequence[Event], until: float) -> None:
-        self.ids = dict.fromkeys(event.id for event in events)
-        self.until = until
-
-    def drops(self, id: str) -> bool:
-        if id not in self.ids:
-            return False
-        # Live delivery comes in id order, so replayed events before this one will not follow.
-        for replayed in list(self.ids):
-            del self.ids[replayed]
-            if replayed == id:
-                break
-        return True
 
 
 class Channel:
@@ -442,15 +128,7 @@ class Channel:
         self._subscriptions: set[Subscription] = set()
         self._task_group: TaskGroup | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
-        # publish_nowait: its queue, the flusher task's wake-up, and progress for flush()
-        self.max_queued_publishes = max_queued_publishes
-        self.publish_failures = 0  # queued messages that could not be published
-        self._queued: deque[Message] = deque()
-        self._queued_total = 0
-        self._queued_settled = 0  # published or failed
-        self._flusher_running = False
-        self._flusher_wakeup: anyio.Event | None = None
-        self._flush_progress: anyio.Event | None = None
+        self._queue = PublishQueue(self, max_queued_publishes)  # what publish_nowait queued
         # concurrent publishes share a broker round trip (see __aenter__)
         self._group_commit: GroupCommit | None = None
 
@@ -509,7 +187,7 @@ class Channel:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
-        await self._flush_on_close()
+        await self._queue.close()
         self.close_subscriptions()
         task_group, self._task_group = self._task_group, None
         self._token = None
@@ -619,77 +297,16 @@ class Channel:
         `PublishQueueFull` when `max_queued_publishes` messages are waiting. Call it on the
         event loop (from other threads: `publish_threadsafe`).
         """
-        task_group = self._running()
-        message = make_message(channel, data, event)
-        if len(self._queued) >= self.max_queued_publishes:
-            raise PublishQueueFull(
-                f"{len(self._queued)} messages are waiting to be published: await publish() "
-                "instead, or raise max_queued_publishes"
-            )
-        self._queued.append(message)
-        self._queued_total += 1
-        if not self._flusher_running:
-            self._flusher_running = True
-            task_group.start_soon(self._publish_queued)
-        elif self._flusher_wakeup is not None:
-            self._flusher_wakeup.set()
+        self._queue.put(make_message(channel, data, event), self._running())
 
     async def flush(self) -> None:
         """Wait until every message queued by `publish_nowait` so far is published (or failed)."""
-        target = self._queued_total
-        while self._queued_settled < target:
-            if self._flush_progress is None:
-                self._flush_progress = self._new_event()
-            await self._flush_progress.wait()
+        await self._queue.flush()
 
-    async def _publish_queued(self) -> None:
-        queued = self._queued
-        try:
-            while True:
-                if not queued:
-                    self._flusher_wakeup = wakeup = self._new_event()
-                    await wakeup.wait()
-                    continue
-                batch = [queued.popleft() for _ in range(min(len(queued), QUEUED_PUBLISH_BATCH))]
-                try:
-                    await self.publish_messages(batch)
-                except Exception as exc:
-                    self._queued_failed(batch, exc)
-                except BaseException:
-                    self._queued_failed(batch, ChannelClosed("the channel closed while publishing"))
-                    raise
-                finally:
-                    self._queued_done(len(batch))
-                await self._checkpoint()  # subscribers take each batch before the next one
-        finally:
-            self._flusher_running = False
-            self._flusher_wakeup = None
-
-    async def _flush_on_close(self) -> None:
-        if not self._flusher_running:
-            return
-        with anyio.CancelScope(shield=True), anyio.move_on_after(FLUSH_ON_CLOSE_SECONDS):
-            await self.flush()
-        if self._queued:
-            left = list(self._queued)
-            self._queued.clear()
-            self._queued_failed(
-                left, ChannelClosed("the channel closed before they were published")
-            )
-            self._queued_done(len(left))
-
-    def _queued_done(self, count: int) -> None:
-        self._queued_settled += count
-        progress, self._flush_progress = self._flush_progress, None
-        if progress is not None:
-            progress.set()
-
-    def _queued_failed(self, messages: Sequence[Message], error: BaseException) -> None:
-        self.publish_failures += len(messages)
-        self.observer.publish_failed(len(messages), error)
-        channels = ", ".join(sorted({message.channel for message in messages}))
-        detail = error.detail if isinstance(error, ChannelError) else repr(error)
-        logger.error("%d queued messages to %s not published: %s", len(messages), channels, detail)
+    @property
+    def publish_failures(self) -> int:
+        """Messages queued by `publish_nowait` that could not be published."""
+        return self._queue.failures
 
     # -- subscribing -----------------------------------------------------------------------------
 

@@ -36,10 +36,11 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from .base import ChannelLayer, GroupInfo, Replay
-from .core import BacklogPolicy, Channel, Item, Subscription
+from .core import Channel
 from .errors import ChannelClosed, InvalidArgument, SubscriberOverflow
 from .event import Event, Gap
 from .factory import create_layer
+from .subscription import BacklogPolicy, Item, Subscription
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from layers import (
     LayerUnavailable,
     PublishQueueFull,
     Subscription,
-    core,
+    _publish_queue,
 )
 from layers.redis_streams import RedisStreamsLayer
 from tests.conftest import LayerFactory
@@ -73,7 +73,7 @@ async def test_queued_messages_are_published_in_order_in_batches(
     assert {event.event for event in received} == {"tick"}
     assert sum(observer.publish_calls) == 300
     assert max(observer.publish_calls) > 1  # queued messages share layer calls
-    assert max(observer.publish_calls) <= core.QUEUED_PUBLISH_BATCH
+    assert max(observer.publish_calls) <= _publish_queue.QUEUED_PUBLISH_BATCH
     assert channel.publish_failures == 0
 
 
@@ -127,7 +127,7 @@ async def test_what_close_could_not_flush_is_counted_and_logged(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(core, "FLUSH_ON_CLOSE_SECONDS", 0)
+    monkeypatch.setattr(_publish_queue, "FLUSH_ON_CLOSE_SECONDS", 0)
     observer = Counting()
     with caplog.at_level(logging.ERROR, logger="layers.core"), anyio.fail_after(TIMEOUT):
         async with open_channel(observer=observer) as channel:
