@@ -31,6 +31,8 @@ URL_OPTIONS = {
 STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PREFIX = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
 
+REQUEST_TIMEOUT = 2.0  # one JetStream API request
+
 # What "the server cannot be reached right now" looks like through nats-py.
 UNAVAILABLE: tuple[type[BaseException], ...] = (nats.errors.Error, OSError, asyncio.TimeoutError)
 

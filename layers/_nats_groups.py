@@ -44,13 +44,12 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ._groups import GroupNotice
-from ._nats import NoSuchConsumer, decode, parse_id
+from ._nats import REQUEST_TIMEOUT, NoSuchConsumer, decode, parse_id
 from .base import ChannelLayer, ConsumerInfo, GroupInfo, Sink
 from .errors import UnknownGroup
 from .event import Event
 
 DEFAULT_ACK_WAIT = 30.0  # until the core's first claim tells the real ack timeout
-REQUEST_TIMEOUT = 2.0
 
 
 @dataclass
