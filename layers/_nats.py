@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from abc import abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import nats.errors
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import StorageType
 
+from .base import ChannelLayer
 from .errors import LayerConfigurationError
 from .event import Event
 from .urls import split_options
@@ -119,3 +124,23 @@ def decode(seq: int, msg: Msg) -> Event | None:
     except (ValueError, KeyError, TypeError):
         logger.warning("skipping message %d on %s: not written by the gateway", seq, msg.subject)
         return None
+
+
+class JetStreamConnection(ChannelLayer):
+    """What the parts of the NATS layer (`layers._nats_groups`, `layers._nats_publish`) need of
+    the layer that holds the connection (`layers.nats_jetstream`)."""
+
+    stream: str
+
+    @abstractmethod
+    def unavailable(self) -> AbstractContextManager[None]:
+        """Turns nats-py's connection errors into `LayerUnavailable`."""
+
+    @abstractmethod
+    def _client(self) -> Client: ...
+
+    @abstractmethod
+    def _jetstream(self) -> JetStreamContext: ...
+
+    @abstractmethod
+    def subject(self, channel: str) -> str: ...

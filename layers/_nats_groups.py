@@ -34,18 +34,15 @@ import hashlib
 import time
 from abc import abstractmethod
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import nats.js.errors
-from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ._groups import GroupNotice
-from ._nats import REQUEST_TIMEOUT, NoSuchConsumer, decode, parse_id
-from .base import ChannelLayer, ConsumerInfo, GroupInfo, Sink
+from ._nats import REQUEST_TIMEOUT, JetStreamConnection, NoSuchConsumer, decode, parse_id
+from .base import ConsumerInfo, GroupInfo, Sink
 from .errors import UnknownGroup
 from .event import Event
 
@@ -73,7 +70,7 @@ class _Group:
     ack_wait: float | None = None
 
 
-class JetStreamGroups(ChannelLayer):
+class JetStreamGroups(JetStreamConnection):
     """The consumer-group half of `NatsJetStreamLayer`."""
 
     stream: str
@@ -89,19 +86,6 @@ class JetStreamGroups(ChannelLayer):
         return f"_gateway.{self.stream}.groups"
 
     # -- provided by the layer -------------------------------------------------------------------
-
-    @abstractmethod
-    def unavailable(self) -> AbstractContextManager[None]:
-        """Turns nats-py's connection errors into `LayerUnavailable`."""
-
-    @abstractmethod
-    def _client(self) -> Client: ...
-
-    @abstractmethod
-    def _jetstream(self) -> JetStreamContext: ...
-
-    @abstractmethod
-    def subject(self, channel: str) -> str: ...
 
     @abstractmethod
     async def pull(self, consumer: str, batch: int) -> list[Msg]: ...

@@ -12,47 +12,27 @@ import asyncio
 import contextlib
 import time
 import uuid
-from abc import abstractmethod
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 
 import anyio
 import nats.js.errors
-from nats.aio.client import Client
-from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from ._idempotency import Replayed, fingerprint, reused
-from ._nats import REQUEST_TIMEOUT
-from .base import ChannelLayer
+from ._nats import REQUEST_TIMEOUT, JetStreamConnection
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Message
 
 FINGERPRINT = "Gw-Fingerprint"  # header of a keyed message: `layers._idempotency.fingerprint`
 
 
-class JetStreamPublishing(ChannelLayer):
+class JetStreamPublishing(JetStreamConnection):
     """The publishing part of `NatsJetStreamLayer`."""
 
     stream: str
     where: str
     publish_timeout: float
     _lost: anyio.Event  # set while the connection is down
-
-    # -- provided by the layer -------------------------------------------------------------------
-
-    @abstractmethod
-    def unavailable(self) -> AbstractContextManager[None]:
-        """Turns nats-py's connection errors into `LayerUnavailable`."""
-
-    @abstractmethod
-    def _client(self) -> Client: ...
-
-    @abstractmethod
-    def _jetstream(self) -> JetStreamContext: ...
-
-    @abstractmethod
-    def subject(self, channel: str) -> str: ...
 
     # -- publishing ------------------------------------------------------------------------------
 
