@@ -73,7 +73,6 @@ class _Group:
 class JetStreamGroups(JetStreamConnection):
     """The consumer-group half of `NatsJetStreamLayer`."""
 
-    stream: str
     _sink: Sink | None
 
     def __init__(self) -> None:

@@ -29,7 +29,6 @@ FINGERPRINT = "Gw-Fingerprint"  # header of a keyed message: `layers._idempotenc
 class JetStreamPublishing(JetStreamConnection):
     """The publishing part of `NatsJetStreamLayer`."""
 
-    stream: str
     where: str
     publish_timeout: float
     _lost: anyio.Event  # set while the connection is down
