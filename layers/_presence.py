@@ -143,31 +143,33 @@ class Presence:
         self._greeted = False  # `hello` was sent
         self._outbox: list[bytes] = []
         self._pending: anyio.Event | None = None  # set when `_outbox` has messages
+        self._sending = False  # the sender task is sending a batch of `_outbox`
+        self._sent = anyio.Event()  # set (and replaced) when the sender emptied `_outbox`
 
     # -- this process's members ------------------------------------------------------------------
 
-    async def join(self, channel: str, member: Member) -> None:
-        await self.greet()
+    def join(self, channel: str, member: Member) -> None:
+        self.greet()
         self.local.add((channel, member.client_id), member)
-        await self._tell("join", c=channel, m=member.to_json())
+        self._tell("join", c=channel, m=member.to_json())
 
-    async def greet(self) -> None:
+    def greet(self) -> None:
         """Ask the other processes for their members, once: on the first join or query, so a
         `Channel` that only publishes sends no presence messages."""
         if not self._greeted:
             self._greeted = True
-            await self._tell("hello")
+            self._tell("hello")
 
     async def query(self, channel: str) -> list[Member]:
         """`members`, after the replies to this process's `hello` had `GREETING_SECONDS`."""
         if not self._greeted:
-            await self.greet()
+            self.greet()
             await anyio.sleep(GREETING_SECONDS)
         return self.members(channel)
 
-    async def leave(self, channel: str, member: Member) -> None:
+    def leave(self, channel: str, member: Member) -> None:
         if self.local.discard((channel, member.client_id)) is not None:
-            await self._tell("leave", c=channel, m=member.to_json())
+            self._tell("leave", c=channel, m=member.to_json())
 
     def members(self, channel: str) -> list[Member]:
         """Every member of `channel` in every process, oldest first."""
@@ -176,8 +178,10 @@ class Presence:
             found += [m for (c, _), m in node.members.items() if c == channel]
         return sorted(found, key=lambda member: member.connected_at)
 
-    async def _tell(self, kind: str, **fields: Any) -> None:
-        await self._broadcast(self._message(kind, **fields))
+    def _tell(self, kind: str, **fields: Any) -> None:
+        """Queue a message for the sender task: a subscriber never waits on the broker for its
+        presence, and every message leaves in the order it was told."""
+        self._queue(self._message(kind, **fields))
 
     def _message(self, kind: str, **fields: Any) -> bytes:
         return orjson.dumps({"k": kind, "n": self.node, **fields})
@@ -193,6 +197,8 @@ class Presence:
     async def run(self) -> None:
         """Send heartbeats and answers, and expire silent processes, until cancelled."""
         self._pending = anyio.Event()
+        if self._outbox:
+            self._pending.set()  # told before the task ran
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._send_queued)
             await self._beat()
@@ -201,7 +207,7 @@ class Presence:
         while True:
             await anyio.sleep(self.ttl / 3)
             if self.local.members:  # a process without members need not be known to be alive
-                await self._tell("alive", d=self.local.digest, s=len(self.local.members))
+                self._tell("alive", d=self.local.digest, s=len(self.local.members))
                 self.heartbeats += 1
             self.expire()
 
@@ -283,5 +289,17 @@ class Presence:
             await self._pending.wait()
             self._pending = anyio.Event()
             outbox, self._outbox = self._outbox, []
+            self._sending = True
             for message in outbox:
                 await self._broadcast(message)
+            self._sending = False
+            if not self._outbox:
+                self._sent.set()
+                self._sent = anyio.Event()
+
+    async def drain(self, within: float) -> None:
+        """Wait (at most `within` seconds) until what was told is sent: a closing `Channel`'s
+        leaves reach the other processes before it goes."""
+        with anyio.move_on_after(within):
+            while self._outbox or self._sending:
+                await self._sent.wait()

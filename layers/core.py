@@ -70,6 +70,8 @@ from .subscription import (
 
 logger = logging.getLogger(__name__)
 
+PRESENCE_DRAIN_SECONDS = 2.0  # closing waits this long for its members' leaves to be sent
+
 
 MAX_PREFETCH = 1000  # unacked messages one group consumer may hold, at most
 MAX_NACK_DELAY = 3600.0  # seconds a nacked message may wait before it is redelivered
@@ -189,6 +191,9 @@ class Channel:
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         await self._queue.close()
         self.close_subscriptions()
+        if self._task_group is not None:
+            with anyio.CancelScope(shield=True):
+                await self._presence.drain(PRESENCE_DRAIN_SECONDS)
         task_group, self._task_group = self._task_group, None
         self._token = None
         if task_group is None:
@@ -249,7 +254,9 @@ class Channel:
                 raise self.layer._lacks("idempotency")
             check_distinct(messages)
         started = time.perf_counter()
-        if self._group_commit is None:
+        # A keyed call is its own layer call: the layer records its keys atomically with its
+        # messages, which two callers' duplicates sharing one call would defeat.
+        if self._group_commit is None or replayable:
             ids = await self.layer.publish(messages)
         else:
             ids = await self._group_commit.publish(messages, self._running())
@@ -409,7 +416,7 @@ class Channel:
             subscription.hold()
         self._router.add(subscription, channels, patterns)
         for name in channels:
-            await self._presence.join(name, subscription.member)
+            self._presence.join(name, subscription.member)
         if not replaying:
             return
         try:
@@ -433,7 +440,7 @@ class Channel:
         subscription.channels.difference_update(channels)
         subscription.patterns.difference_update(patterns)
         for name in channels:
-            await self._presence.leave(name, subscription.member)
+            self._presence.leave(name, subscription.member)
         await self._unlisten(channels, patterns)
 
     async def _listen(self, channels: Collection[str], patterns: Collection[str]) -> None:

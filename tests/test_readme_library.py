@@ -39,7 +39,7 @@ def examples() -> list[Example]:
 
 def test_the_section_has_its_examples() -> None:
     found = examples()
-    assert len(found) == 6
+    assert len(found) == 7
     assert all(example.output is not None for example in found)
 
 

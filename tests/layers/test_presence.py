@@ -41,12 +41,12 @@ async def test_members_of_every_process_are_counted(open_channel: OpenChannel, u
 
             async def both() -> bool:
                 seen = [sorted(await clients(c, room)) for c in (first, second)]
-                return seen == [["alice-1", "bob-1"]] * 2
+                other = await clients(first, f"{unique}.other")
+                return seen == [["alice-1", "bob-1"]] * 2 and other == ["bob-1"]
 
             await eventually(both)
             (seen,) = [m for m in await first.presence(room) if m.client_id == "bob-1"]
             assert (seen.user, seen.transport) == ("bob", "ws")
-            assert await clients(first, f"{unique}.other") == ["bob-1"]
 
         async def empty() -> bool:
             return not await clients(first, room) and not await clients(second, room)
