@@ -18,8 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import anyio
 import orjson
@@ -32,39 +31,6 @@ from .event import Event, Gap, Message
 logger = logging.getLogger("layers.core")
 
 DEAD_LETTER_SUFFIX = ".dead"
-NOTICE_IDS = 200  # ids per encoded notice, well inside PostgreSQL's 8,000-byte NOTIFY payload
-
-NoticeKind = Literal["settled", "extended", "deleted"]
-
-
-@dataclass(frozen=True)
-class GroupNotice:
-    """What one process tells the others of a group: ids acked or nacked (`settled`), ids whose
-    ack timeout restarts (`extended`), or the group deleted (`deleted`, no ids)."""
-
-    channel: str
-    group: str
-    kind: NoticeKind
-    ids: tuple[str, ...] = ()
-
-    def encode(self) -> list[str]:
-        """As JSON texts of at most `NOTICE_IDS` ids each (one for a deletion)."""
-        chunks = [self.ids[i : i + NOTICE_IDS] for i in range(0, len(self.ids), NOTICE_IDS)]
-        return [
-            orjson.dumps([self.channel, self.group, self.kind, list(chunk)]).decode()
-            for chunk in chunks or [()]
-        ]
-
-    @classmethod
-    def decode(cls, text: str | bytes) -> GroupNotice | None:
-        """The notice `encode` wrote; None for anything else (another version's, or garbage)."""
-        try:
-            channel, group, kind, ids = orjson.loads(text)
-        except (orjson.JSONDecodeError, TypeError, ValueError):
-            return None
-        if kind not in ("settled", "extended", "deleted") or not isinstance(ids, list):
-            return None
-        return cls(str(channel), str(group), kind, tuple(str(id) for id in ids))
 
 
 class Backlog(Protocol):

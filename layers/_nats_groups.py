@@ -40,9 +40,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from ._groups import GroupNotice
 from ._nats import REQUEST_TIMEOUT, JetStreamConnection, NoSuchConsumer, decode, parse_id
-from .base import ConsumerInfo, GroupInfo, Sink
+from .base import ConsumerInfo, GroupInfo, GroupNotice, Sink
 from .errors import UnknownGroup
 from .event import Event
 

@@ -24,9 +24,8 @@ from contextlib import contextmanager
 
 import asyncpg  # type: ignore[import-untyped]
 
-from ._groups import GroupNotice
 from ._postgres import PostgresConnections, event_of, parse_id
-from .base import ConsumerInfo, GroupInfo
+from .base import ConsumerInfo, GroupInfo, GroupNotice
 from .errors import UnknownGroup
 from .event import Event
 

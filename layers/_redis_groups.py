@@ -36,9 +36,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from ._groups import GroupNotice
 from ._redis import LUA_CLOCK, RedisLayer, decode_entries, format_id, parse_id
-from .base import ConsumerInfo, GroupInfo
+from .base import ConsumerInfo, GroupInfo, GroupNotice
 from .errors import LayerUnavailable, UnknownGroup
 from .event import Event
 

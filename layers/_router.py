@@ -12,9 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from . import _broadcast
-from ._groups import GroupNotice
 from ._presence import KINDS, PresenceEvent
-from .base import ChannelObserver
+from .base import ChannelObserver, GroupNotice
 from .event import Event, Gap
 from .names import compile_pattern, pattern_within
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import ClassVar, Literal, Protocol
 
+import orjson
 from anyio.abc import TaskStatus
 
 from .errors import CapabilityNotSupported
 from .event import Event, Message
 from .registry import layers_with
-
-if TYPE_CHECKING:
-    from ._groups import GroupNotice
 
 
 @dataclass(frozen=True)
@@ -118,6 +116,41 @@ class GroupInfo:
     consumers: list[ConsumerInfo] = field(default_factory=list)
     oldest_unacked_id: str | None = None
     oldest_unacked_age_seconds: float | None = None
+
+
+NOTICE_IDS = 200  # ids per encoded notice, well inside PostgreSQL's 8,000-byte NOTIFY payload
+
+NoticeKind = Literal["settled", "extended", "deleted"]
+
+
+@dataclass(frozen=True)
+class GroupNotice:
+    """What one process tells the others of a group: ids acked or nacked (`settled`), ids whose
+    ack timeout restarts (`extended`), or the group deleted (`deleted`, no ids)."""
+
+    channel: str
+    group: str
+    kind: NoticeKind
+    ids: tuple[str, ...] = ()
+
+    def encode(self) -> list[str]:
+        """As JSON texts of at most `NOTICE_IDS` ids each (one for a deletion)."""
+        chunks = [self.ids[i : i + NOTICE_IDS] for i in range(0, len(self.ids), NOTICE_IDS)]
+        return [
+            orjson.dumps([self.channel, self.group, self.kind, list(chunk)]).decode()
+            for chunk in chunks or [()]
+        ]
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> GroupNotice | None:
+        """The notice `encode` wrote; None for anything else (another version's, or garbage)."""
+        try:
+            channel, group, kind, ids = orjson.loads(text)
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            return None
+        if kind not in ("settled", "extended", "deleted") or not isinstance(ids, list):
+            return None
+        return cls(str(channel), str(group), kind, tuple(str(id) for id in ids))
 
 
 class ChannelLayer(ABC):

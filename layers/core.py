@@ -42,12 +42,20 @@ from anyio.abc import TaskGroup
 
 from ._broadcast import pattern_blob
 from ._group_commit import GroupCommit
-from ._groups import GroupNotice, GroupPump, NoticeKind
+from ._groups import GroupPump
 from ._idempotency import Replayed, check_distinct, keyed, validate_key
 from ._presence import DEFAULT_TTL, Member, Presence
 from ._publish_queue import PublishQueue
 from ._router import Router
-from .base import ChannelLayer, ChannelObserver, ConsumerInfo, GroupInfo, Replay
+from .base import (
+    ChannelLayer,
+    ChannelObserver,
+    ConsumerInfo,
+    GroupInfo,
+    GroupNotice,
+    NoticeKind,
+    Replay,
+)
 from .errors import (
     ChannelClosed,
     ChannelError,

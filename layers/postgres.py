@@ -45,14 +45,13 @@ import anyio
 import asyncpg  # type: ignore[import-untyped]
 from anyio.abc import TaskStatus
 
-from ._groups import GroupNotice
 from ._idempotency import DEFAULT_TTL, Replayed, fingerprint, keyed, reused
 from ._postgres import event_of, parse_id
 from ._postgres_broadcast import BROADCAST, PostgresBroadcasts
 from ._postgres_groups import PostgresGroups
 from ._postgres_sql import GROUP_NOTICE, RELEASED, Statements, like, lock_key
 from ._supervisor import Supervisor
-from .base import Capabilities, Replay, Sink
+from .base import Capabilities, GroupNotice, Replay, Sink
 from .errors import LayerConfigurationError, LayerUnavailable
 from .event import Message
 from .urls import split_options

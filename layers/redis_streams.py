@@ -46,7 +46,6 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
-from ._groups import GroupNotice
 from ._idempotency import DEFAULT_TTL
 from ._redis import (
     COMMAND_TIMEOUT,
@@ -68,7 +67,7 @@ from ._redis_groups import (
     StreamGroups,
 )
 from ._redis_keys import LUA_RECORDS, read_ids, record_args
-from .base import Capabilities, Replay
+from .base import Capabilities, GroupNotice, Replay
 from .errors import InvalidArgument, LayerUnavailable
 from .event import Event, Message
 from .names import compile_pattern
