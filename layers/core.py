@@ -449,7 +449,10 @@ class Channel:
         subscription.patterns.difference_update(patterns)
         for name in channels:
             self._presence.leave(name, subscription.member)
-        await self._unlisten(channels, patterns)
+        if self._task_group is not None and (channels or patterns):
+            # The broker hears of it in the background: a stream that ends (a client gone, a
+            # drain) never waits on a broker that is slow or down to say so.
+            self._task_group.start_soon(self._unlisten, channels, patterns)
 
     async def _listen(self, channels: Collection[str], patterns: Collection[str]) -> None:
         assert self._listen_lock is not None

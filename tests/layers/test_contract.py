@@ -26,6 +26,7 @@ from layers import (
     Subscription,
     UnknownGroup,
 )
+from tests.conftest import eventually
 from tests.layers.conftest import OpenChannel
 
 pytestmark = pytest.mark.anyio
@@ -201,13 +202,13 @@ async def test_subscription_cleans_up_on_exit_and_on_cancel(
             assert channel.subscriber_count == 1
         assert channel.subscriber_count == 0
         assert not channel._router.exact and not channel._router.patterns
-        assert not channel._refs
+        await eventually(lambda: not channel._refs)  # the broker is told in the background
 
         with anyio.move_on_after(0.2):
             async with channel.subscribe(unique) as sub:
                 await sub.next_batch()  # blocks until cancelled
         assert channel.subscriber_count == 0
-        assert not channel._refs
+        await eventually(lambda: not channel._refs)
         # the layer still delivers to new subscribers after the cleanup
         async with channel.subscribe(unique) as again:
             await channel.publish(unique, "after")
