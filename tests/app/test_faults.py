@@ -115,22 +115,29 @@ async def serves_a_message(process: GatewayProcess, channel: str) -> None:
     assert event.json["data"] == "up"
 
 
+async def connects_once_up(
+    url: str, start: Callable[[], None], stop: Callable[[], None], tmp_path: Path, unique: str
+) -> None:
+    """A gateway started before its broker: 503 until `start()`, then it connects and serves."""
+    with gateway_process(url, tmp_path / "gateway.log") as process:
+        await started(process)
+        async with process.client() as http:
+            assert (await http.get("/readyz")).status_code == 503
+        await anyio.to_thread.run_sync(start)
+        try:
+            await wait_ready(process)
+            await serves_a_message(process, unique)
+        finally:
+            stop()
+    assert_clean_log(process)
+
+
 async def test_the_gateway_connects_when_mqtt_comes_up_after_it(
     tmp_path: Path, unique: str
 ) -> None:
     broker = Mosquitto(tmp_path)  # its port is chosen, nothing listens there yet
     url = f"{broker.url}/?topic_prefix=gwtest/{unique}/&session_expiry=60"
-    with gateway_process(url, tmp_path / "gateway.log") as process:
-        await started(process)
-        async with process.client() as http:
-            assert (await http.get("/readyz")).status_code == 503
-        broker.start()
-        try:
-            await wait_ready(process)
-            await serves_a_message(process, unique)
-        finally:
-            broker.stop()
-    assert_clean_log(process)
+    await connects_once_up(url, broker.start, broker.stop, tmp_path, unique)
 
 
 async def test_the_gateway_connects_when_redis_comes_up_after_it(
@@ -141,17 +148,7 @@ async def test_the_gateway_connects_when_redis_comes_up_after_it(
         pytest.fail(f"no free port for a throwaway redis-server in {THROWAWAY_PORTS}")
     server = ThrowawayRedis(port)
     url = f"redis+streams://127.0.0.1:{port}/0?key_prefix={redis_prefix}"
-    with gateway_process(url, tmp_path / "gateway.log") as process:
-        await started(process)
-        async with process.client() as http:
-            assert (await http.get("/readyz")).status_code == 503
-        server.start()
-        try:
-            await wait_ready(process)
-            await serves_a_message(process, unique)
-        finally:
-            server.stop()
-    assert_clean_log(process)
+    await connects_once_up(url, server.start, server.stop, tmp_path, unique)
 
 
 async def test_the_gateway_connects_when_nats_comes_up_after_it(
@@ -159,17 +156,7 @@ async def test_the_gateway_connects_when_nats_comes_up_after_it(
 ) -> None:
     server = NatsServer(tmp_path / "nats")  # its port is chosen, nothing listens there yet
     url = f"{server.url}/?stream=S{unique}&subject_prefix={unique}&connect_timeout=0.5"
-    with gateway_process(url, tmp_path / "gateway.log") as process:
-        await started(process)
-        async with process.client() as http:
-            assert (await http.get("/readyz")).status_code == 503
-        await anyio.to_thread.run_sync(server.start)
-        try:
-            await wait_ready(process)
-            await serves_a_message(process, unique)
-        finally:
-            server.stop()
-    assert_clean_log(process)
+    await connects_once_up(url, server.start, server.stop, tmp_path, unique)
 
 
 # -- the fault matrix -----------------------------------------------------------------------------
