@@ -11,6 +11,7 @@ from typing import Any
 from layers import Replayed
 
 HEADER = "Idempotency-Key"
+HEADER_NAME = HEADER.lower().encode()  # as the ASGI scope has it
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 

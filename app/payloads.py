@@ -19,18 +19,31 @@ def json_response(value: Any) -> Response:
     return Response(orjson.dumps(value), media_type="application/json")
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """One request header (`name` in lower case), read off the ASGI scope: without building
+    Starlette's `Headers` and the `KeyError` of its `get` for a header that is absent."""
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing it (413) as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
-    chunks = []
+    chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
-        chunks.append(chunk)
+        if chunk:
+            chunks.append(chunk)
+    if len(chunks) == 1:  # a small body comes in one piece: no copy
+        return chunks[0]
     return b"".join(chunks)
 
 
@@ -43,12 +56,13 @@ def _too_large(limit: int) -> ApiError:
 
 
 def media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return (header(request, b"content-type") or "").split(";", 1)[0].strip().lower()
 
 
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
-    """A JSON object body: 415 for another content type, 400 for malformed JSON."""
-    kind = media_type(request)
+async def read_json_object(request: Request, limit: int, kind: str | None = None) -> dict[str, Any]:
+    """A JSON object body: 415 for another content type (`kind`, when the caller has it already),
+    400 for malformed JSON."""
+    kind = media_type(request) if kind is None else kind
     if kind not in ("", "application/json") and not kind.endswith("+json"):
         raise ApiError(
             415, "unsupported_media_type", f"send application/json, not {kind or 'nothing'}"

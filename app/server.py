@@ -14,6 +14,10 @@ uvicorn as `http=` by `python -m app` and the gunicorn configuration:
 
 Once the headers are in, the request is the gateway's: streams are long-lived by design, bodies
 are bounded by `GATEWAY_MAX_PAYLOAD_BYTES`, and WebSocket messages by `ws_max_size`.
+
+It also writes a response's head together with the first part of its body (`HeadWithBody`):
+uvicorn writes the status line and headers as soon as the app starts its response, then the body,
+two system calls where one does; they were a quarter of a publish's server CPU.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._stop_header_timer()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:  # this request's own cycle
+            cycle.transport = HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
@@ -88,3 +95,46 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(REQUEST_TIMEOUT)
             self.transport.close()
+
+
+class HeadWithBody:
+    """One request's view of its connection's transport: the response's first write (uvicorn's
+    status line and headers) waits for the next one, so both leave in one system call.
+
+    The head never waits longer than the loop iteration it was written in: a streaming response
+    whose first body part comes later (or an app that fails before any body) still has its head
+    sent at once. Every later write goes straight through; the protocol's flow control, reading
+    and closing keep using the real transport.
+    """
+
+    __slots__ = ("_head", "_loop", "_started", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+        self._started = False
+
+    def write(self, data: bytes) -> None:
+        if not self._started:
+            self._started = True
+            self._head = data
+            self._loop.call_soon(self._send_head)
+        elif self._head is not None:
+            head, self._head = self._head, None
+            self._transport.writelines((head, data))
+        else:
+            self._transport.write(data)
+
+    def _send_head(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            if not self._transport.is_closing():
+                self._transport.write(head)
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._send_head()
+        self._transport.close()

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
         "json", description="One JSON object per line, or plain text for a terminal"
     )
     access_log: bool = Field(False, description="Log each request (never bodies) when it ends")
+    opentelemetry: bool = Field(
+        False, description="FastAPI's native OpenTelemetry spans and metrics, for a configured SDK"
+    )
     max_connections: int = Field(10_000, ge=1, description="SSE + WebSocket per process (503)")
     header_timeout_seconds: float = Field(
         10.0, gt=0, description="A connection's request headers must be in within this (408)"

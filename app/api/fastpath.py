@@ -22,7 +22,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.routes.publish import publish_one
 from app.errors import ApiError, response_for
 from app.gateway import Gateway
-from app.idempotency import HEADER
+from app.idempotency import HEADER_NAME
+from app.payloads import header
 from layers.errors import ChannelError
 
 # The route's path, as Starlette matches `{channel}`: one segment of the decoded path.
@@ -47,7 +48,7 @@ class PublishFastPath:
         try:
             grant = self.gateway.auth.grant_for(request)
             event = request.query_params.get("event") if scope["query_string"] else None
-            key = request.headers.get(HEADER)
+            key = header(request, HEADER_NAME)
             response = await publish_one(request, self.gateway, grant, channel, event, key)
         except (ApiError, ChannelError) as exc:
             response = response_for(exc)

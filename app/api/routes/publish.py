@@ -77,20 +77,22 @@ async def publish_one(
     if event is not None:
         validate_event_type(event)  # even where a JSON body's own `event` wins over it
     limit = gateway.settings.max_payload_bytes
-    if media_type(request) == "text/plain":
+    kind = media_type(request)
+    if kind == "text/plain":
         try:
             data: Any = (await read_body(request, limit)).decode("utf-8")
         except UnicodeDecodeError:
             raise ApiError(400, "invalid_text", "a text/plain body must be UTF-8") from None
     else:
-        body = PublishRequest.read(await read_json_object(request, limit))
+        body = PublishRequest.read(await read_json_object(request, limit, kind))
         data = body.data
         if "event" in body.model_fields_set:  # the body's own `event`, even null, wins
             event = body.event
     message = make_message(channel, data, event, idempotency_key)
     (message_id,) = await gateway.channel.publish_messages([message])
     response = json_response(published(channel, message_id))
-    response.headers.update(replay_headers(message_id) or {})
+    if (headers := replay_headers(message_id)) is not None:
+        response.headers.update(headers)
     return response
 
 
