@@ -1,8 +1,9 @@
 """`python -m bench`: run the scenarios, write bench/results/latest.{jsonl,md,png}.
 
 Options: `--scenarios S1,S2`, `--rates 10,50`, `--subscribers N`, `--idle N`, `--step-seconds S`,
-`--out DIR`, `--render` (redraw the table and plot from the JSON lines); G1 (consumer groups,
-not run by default) takes `--g1-messages N` and `--g1-prefetch N`. A partial run writes the
+`--out DIR`, `--render` (redraw the table and plot from the JSON lines). Not run by default: G1
+(consumer groups; `--g1-messages N`, `--g1-prefetch N`), S1K (keyed publishes) and SW (gunicorn
+with one and two workers on Redis Streams, S1 and S2 at `--rates`). A partial run writes the
 same files, so the table and plot are always one run's output.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import idempotency
+from bench import idempotency, workers
 from bench.groups import markdown as groups_markdown
 
 Record = dict[str, Any]
@@ -129,6 +129,7 @@ def markdown(records: list[Record]) -> str:
                 f"{r['server_cpu_s']} | {r['loadavg']} |"
             )
         lines.append("")
+    lines += workers.markdown(records)
     lines += groups_markdown(records)
     checks = targets(records)
     if checks:

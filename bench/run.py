@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from bench import idempotency, servers
+from bench import idempotency, servers, workers
 from bench.groups import G1Config, g1
 from bench.load import Subscribers, connect, post_request, publish_at_rate, publish_flood
 from bench.servers import Server
@@ -394,6 +394,16 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
             with attempt("S4", scheme), servers.gateway(layer=url) as server:
                 fields = {"scenario": "S4", "target": scheme}
                 await fanout(server, config, f"s4-{int(time.time())}", emitter(fields))
+
+    if "SW" in config.scenarios:
+        await workers.run(
+            config.redis_url,
+            throughput,
+            lambda server, channel, out: fanout(server, config, channel, out),
+            stamp,
+            emit,
+            config.throughput_seconds,
+        )
 
     if "G1" in config.scenarios:
         group_layers = {

@@ -31,11 +31,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int) -> None:
+    def __init__(
+        self, name: str, command: list[str], env: dict[str, str], port: int, cpus: str = SERVER_CPU
+    ) -> None:
         self.name = name
         self.command = command
         self.env = env
         self.port = port
+        self.cpus = cpus  # for taskset; a multi-process server's workers inherit it
         self.process: subprocess.Popen[bytes] | None = None
         self.log: IO[bytes] | None = None
 
@@ -45,7 +48,7 @@ class Server:
         return self.process.pid
 
     def start(self) -> Server:
-        pin = ["taskset", "-c", SERVER_CPU] if shutil.which("taskset") else []
+        pin = ["taskset", "-c", self.cpus] if shutil.which("taskset") else []
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         self.process = subprocess.Popen(
             [*pin, *self.command],
@@ -72,15 +75,33 @@ class Server:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-3000:]
 
+    def pids(self) -> list[int]:
+        """The server's process and its children (a gunicorn master's workers)."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return [self.pid, *map(int, children)]
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        """utime + stime of the server's processes (a worker that exited is not counted)."""
+        ticks = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / CLOCK_TICKS
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        total = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        return total
 
     def libraries(self) -> list[str]:
         """Which of uvloop and httptools the process has loaded (uvicorn picks them if present)."""
@@ -120,6 +141,21 @@ def gateway(layer: str = "memory://", **settings: str) -> Server:
         **{f"GATEWAY_{key.upper()}": value for key, value in settings.items()},
     }
     return Server(f"gateway {layer}", [sys.executable, "-m", "app"], env, port)
+
+
+def gunicorn(layer: str, workers: int, cpus: str) -> Server:
+    """`gunicorn -c app/gunicorn_conf.py app.main:app`, the documented production start, with
+    `GATEWAY_WORKERS` workers on the CPUs `cpus` (taskset's list)."""
+    port = free_port()
+    env = {
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_LAYER": layer,
+        "GATEWAY_WORKERS": str(workers),
+        "GATEWAY_MAX_CONNECTIONS": "20000",
+        "GATEWAY_SHUTDOWN_GRACE_SECONDS": "1",
+    }
+    command = [sys.executable, "-m", "gunicorn", "-c", "app/gunicorn_conf.py", "app.main:app"]
+    return Server(f"gunicorn {workers}w {layer}", command, env, port, cpus)
 
 
 def baseline(**settings: str) -> Server:

@@ -10,7 +10,7 @@ import os
 import anyio
 import pytest
 
-from bench import servers
+from bench import servers, workers
 from bench.groups import G1Config, work_queue
 from bench.load import Subscribers, publish_at_rate
 from bench.report import markdown
@@ -116,3 +116,25 @@ async def test_litestar_peer_serves_the_gateway_routes_and_frames() -> None:
     assert record["published"] == 10
     assert record["deliveries"] == 5 * 10
     assert (record["missing"], record["sample_lost"], record["sample_duplicates"]) == (0, 0, 0)
+
+
+async def test_two_gunicorn_workers_serve_publishes_and_streams(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """SW in small: gunicorn with two workers on Redis Streams, its CPU counted over both."""
+    layer = redis_url.replace("redis://", "redis+streams://", 1) + f"?key_prefix={redis_prefix}"
+    with servers.gunicorn(layer, workers=2, cpus="0,1") as server:
+        with anyio.fail_after(60):
+            await workers.ready(server)
+            assert len(server.pids()) == 3  # the master and its two workers
+            subscribers = Subscribers("127.0.0.1", server.port, "/channels/sw/events")
+            try:
+                await subscribers.open(6, sample_every=1, within=10)
+                record = await fanout_step(server, subscribers, "/channels/sw/publish", 20, 0.5, 0)
+            finally:
+                subscribers.close()
+    assert record["deliveries"] == 6 * record["published"] > 0
+    assert (record["missing"], record["sample_lost"], record["sample_duplicates"]) == (0, 0, 0)
+    assert record["server_cpu_pct"] > 0
+    sw = {"scenario": "SW", "target": "cpus 0,1", "workers": 2, "measure": "S2", "loadavg": 0.0}
+    assert "| cpus 0,1 | 2 | S2 20 msg/s |" in markdown([{**sw, **record}])
