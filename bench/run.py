@@ -45,6 +45,7 @@ class Config:
     postgres_url: str = os.environ.get(
         "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/gateway_test"
     )
+    mqtt_url: str = os.environ.get("BENCH_MQTT_URL", "mqtt://127.0.0.1:1883")
     g1: G1Config = field(default_factory=G1Config)
 
 
@@ -312,6 +313,10 @@ def broker_layers(config: Config) -> dict[str, tuple[str, str | None]]:
         out[scheme] = (config.redis_url.replace("redis://", f"{scheme}://", 1), missing)
     missing = None if importlib.util.find_spec("nats") else "pip install -e '.[nats]'"
     out["nats"] = (f"{config.nats_url}?stream=BENCH&subject_prefix=bench", missing)
+    missing = None if importlib.util.find_spec("asyncpg") else "pip install -e '.[postgres]'"
+    out["postgresql"] = (f"{config.postgres_url}?table_prefix=bench_", missing)
+    missing = None if importlib.util.find_spec("aiomqtt") else "pip install -e '.[mqtt]'"
+    out["mqtt"] = (f"{config.mqtt_url}?topic_prefix=bench/", missing)
     return out
 
 

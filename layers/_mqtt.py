@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import logging
 import os
+import socket
 import ssl
 import tempfile
 from collections import OrderedDict
@@ -23,6 +24,7 @@ import anyio
 from anyio.abc import TaskGroup
 from paho.mqtt.client import Client as PahoClient
 from paho.mqtt.client import MQTTMessage
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -185,6 +187,8 @@ class MQTTConnections(ChannelLayer):
         # step with the packets without a queue in between. aiomqtt has no manual-ack option.
         client._client.on_message = on_message
         client._client.manual_ack_set(persistent)
+        paho = client._client
+        paho.loop_read = _acking_at_once(paho)  # type: ignore[method-assign,assignment]
         return client
 
     async def _until_disconnected(self, client: aiomqtt.Client) -> None:
@@ -256,3 +260,28 @@ class MQTTConnections(ChannelLayer):
                 f"MQTT broker at {self.address} refused subscribing to {', '.join(refused)}; "
                 "check its access control"
             )
+
+
+def _acking_at_once(paho: PahoClient) -> Callable[[int], MQTTErrorCode]:
+    """paho's `loop_read`, re-arming TCP_QUICKACK on the socket after each read (Linux).
+
+    A broker that leaves Nagle's algorithm on (Mosquitto does unless `set_tcp_nodelay true`) holds
+    every PUBACK after the first of a batch until that first one is acknowledged, and Linux delays
+    the acknowledgement by up to 40 ms when it has nothing to send back: a batch of QoS 1
+    publishes took 45 ms instead of 1 to 2, and publishing on mqtt:// ran at a fortieth of the
+    memory layer's rate. Acknowledging at once costs a system call per read.
+    """
+    read = paho.loop_read
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is None:
+        return read
+
+    def loop_read(max_packets: int = 1) -> MQTTErrorCode:
+        result = read(max_packets)
+        sock = paho.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        return result
+
+    return loop_read

@@ -70,9 +70,9 @@ async def test_open_loop_publisher_reports_the_ids(gateway: RunningGateway) -> N
     assert len(set(result.ids)) == 10
 
 
-def test_broker_layers_include_nats_with_a_stream_of_their_own() -> None:
+def test_broker_layers_are_every_cross_process_layer_nats_with_a_stream_of_its_own() -> None:
     layers = broker_layers(Config(nats_url="nats://127.0.0.1:4222"))
-    assert set(layers) == {"redis+streams", "redis", "nats"}
+    assert set(layers) == {"redis+streams", "redis", "nats", "postgresql", "mqtt"}
     url, missing = layers["nats"]
     assert missing is None  # the dev extra installs nats-py
     layer = create_layer(url)
