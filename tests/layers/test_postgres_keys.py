@@ -42,6 +42,35 @@ async def test_a_keyed_publish_is_one_round_trip(postgres_url: str, unique: str)
     await execute(postgres_url, "DELETE FROM gateway_idempotency_keys WHERE channel = $1", unique)
 
 
+async def test_concurrent_keyed_publishes_share_a_round_trip(
+    postgres_url: str, unique: str
+) -> None:
+    """The first publish goes at once, those arriving meanwhile in one call, each key once."""
+    async with proxied(postgres_url) as (proxy, url):
+        layer = PostgresLayer(url, pool_size=4, cleanup_interval=3600)
+        async with Channel(layer) as channel:
+            await channel.publish(unique, "warm up", idempotency_key="warm")
+            ids: dict[int, str] = {}
+
+            async def publish(n: int) -> None:
+                ids[n] = await channel.publish(unique, n % 5, idempotency_key=f"k{n % 5}")
+
+            before = proxy.writes_to_server
+            async with anyio.create_task_group() as tasks:
+                for n in range(30):
+                    tasks.start_soon(publish, n)
+            assert proxy.writes_to_server - before == 2
+    assert sorted(ids) == list(range(30))
+    first_of_key: dict[str, str] = {}
+    for n in sorted(ids):  # in order of arrival: the first of each key publishes
+        first = first_of_key.setdefault(f"k{n % 5}", ids[n])
+        assert ids[n] == first and isinstance(ids[n], Replayed) == (n >= 5)
+    assert len(set(first_of_key.values())) == 5
+    assert await keys_of(postgres_url, unique) == ["k0", "k1", "k2", "k3", "k4", "warm"]
+    await execute(postgres_url, "DELETE FROM gateway_messages WHERE channel = $1", unique)
+    await execute(postgres_url, "DELETE FROM gateway_idempotency_keys WHERE channel = $1", unique)
+
+
 async def test_expired_keys_are_deleted_by_the_cleanup(
     postgres_layer_factory: Factory, postgres_url: str, unique: str
 ) -> None:
