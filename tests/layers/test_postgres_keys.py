@@ -6,10 +6,10 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from layers import Channel, Replayed
+from layers import Channel, LayerUnavailable, Replayed
 from layers.postgres import PostgresLayer
 from tests.fixtures_postgres import execute
-from tests.layers.test_postgres import Factory, proxied
+from tests.layers.test_postgres import TIMEOUT, Factory, proxied
 
 pytestmark = [pytest.mark.anyio, pytest.mark.layer_quirk]
 
@@ -67,6 +67,48 @@ async def test_concurrent_keyed_publishes_share_a_round_trip(
         assert ids[n] == first and isinstance(ids[n], Replayed) == (n >= 5)
     assert len(set(first_of_key.values())) == 5
     assert await keys_of(postgres_url, unique) == ["k0", "k1", "k2", "k3", "k4", "warm"]
+    await execute(postgres_url, "DELETE FROM gateway_messages WHERE channel = $1", unique)
+    await execute(postgres_url, "DELETE FROM gateway_idempotency_keys WHERE channel = $1", unique)
+
+
+async def test_keyed_publishes_sharing_a_call_fail_together_in_an_outage_and_retry_once(
+    postgres_url: str, unique: str
+) -> None:
+    async with proxied(postgres_url) as (proxy, url):
+        layer = PostgresLayer(url, pool_size=2, connect_timeout=2, cleanup_interval=3600)
+        async with Channel(layer) as channel:
+            before = await channel.publish(unique, "before", idempotency_key="before")
+            await proxy.stop()
+            failures: list[BaseException] = []
+
+            async def publish(n: int) -> None:
+                try:
+                    await channel.publish(unique, n, idempotency_key=f"k{n}")
+                except LayerUnavailable as exc:
+                    failures.append(exc)
+
+            with anyio.fail_after(TIMEOUT):
+                async with anyio.create_task_group() as tasks:
+                    for n in range(10):
+                        tasks.start_soon(publish, n)
+            assert len(failures) == 10
+            await proxy.start()
+            with anyio.fail_after(TIMEOUT):
+                while True:  # no event says the server is back: retry as a client would
+                    try:
+                        again = await channel.publish(unique, "before", idempotency_key="before")
+                        break
+                    except LayerUnavailable:
+                        await anyio.sleep(0.05)
+            assert isinstance(again, Replayed) and again == before
+            ids = [await channel.publish(unique, n, idempotency_key=f"k{n}") for n in range(10)]
+            assert not any(isinstance(id, Replayed) for id in ids)
+            replays = [await channel.publish(unique, n, idempotency_key=f"k{n}") for n in range(10)]
+            assert replays == ids and all(isinstance(id, Replayed) for id in replays)
+    rows = await execute(
+        postgres_url, "SELECT data FROM gateway_messages WHERE channel = $1 ORDER BY id", unique
+    )
+    assert [row["data"] for row in rows] == ['"before"', *(str(n) for n in range(10))]
     await execute(postgres_url, "DELETE FROM gateway_messages WHERE channel = $1", unique)
     await execute(postgres_url, "DELETE FROM gateway_idempotency_keys WHERE channel = $1", unique)
 
