@@ -111,11 +111,11 @@ def collapse(messages: Sequence[Message]) -> tuple[Sequence[Message], list[int] 
     return sent, where
 
 
-def expand(ids: Sequence[str], where: list[int] | None) -> list[str]:
+def expand(ids: list[str], where: list[int] | None) -> list[str]:
     """The ids of `collapse`'s messages from those of what it sent: a repeat gets its first
     copy's id, as a `Replayed`."""
     if where is None:
-        return list(ids)
+        return ids
     answered: set[int] = set()
     out: list[str] = []
     for index in where:
