@@ -4,6 +4,7 @@ Each layer runs both in turn, `ROUNDS` times (a fresh gateway process each run),
 compares the medians, so a busy moment of the machine weighs on one run, not on one side: the
 cost ratio (server CPU per request, keyed / unkeyed) compares like with like. Layers get their
 own stream, table prefix or key prefix, apart from the other scenarios'.
+`BENCH_S1K_LAYERS=postgresql,redis` runs only those layers (default: all of them).
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ async def run(
     if not shutil.which("wrk"):
         emit(stamp({"scenario": "S1K", "target": "all", "not_run": "needs wrk"}))
         return
+    chosen = [name for name in os.environ.get("BENCH_S1K_LAYERS", "").split(",") if name]
     for scheme, (url, missing) in layers(redis_url, nats_url).items():
+        if chosen and scheme not in chosen:
+            continue
         if missing is not None:
             emit(stamp({"scenario": "S1K", "target": scheme, "not_run": missing}))
             continue

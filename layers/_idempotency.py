@@ -9,6 +9,9 @@ Design decisions:
 - A layer records a key atomically with the publish itself (one Lua script, one transaction, the
   broker's own deduplication), so concurrent duplicates never both publish and nothing is ever
   "in progress": the second of two concurrent publishes is answered from the record of the first.
+- Several callers' publishes may share one layer call (a layer's group commit), and two of them may
+  carry the same key: `collapse` sends such a key once, and `expand` answers the later copies with
+  the first one's id as a `Replayed`, as if they had come one after the other.
 - A replayed id is a `Replayed`, a `str` subclass: `ChannelLayer.publish` and
   `Channel.publish_messages` keep returning `list[str]`; callers that care ask
   `isinstance(id, Replayed)`.
@@ -71,6 +74,57 @@ def check_distinct(messages: Sequence[Message]) -> None:
                 f"messages[{index}] repeats the idempotency key of messages[{first}] on channel "
                 f"{message.channel!r}; give each message of a batch its own key"
             )
+
+
+def collapse(messages: Sequence[Message]) -> tuple[Sequence[Message], list[int] | None]:
+    """Several callers' messages as one layer call may take them: each (channel, key) once.
+
+    Returns the messages to send and, when some repeated an earlier message's channel and key,
+    for each given message the index of the sent one that answers for it (None when nothing
+    repeats: the messages go as they are). A repeat with another body raises
+    `IdempotencyKeyReused`: the callers must then go one by one, so that only the later one is
+    refused with the recorded id (group commit does so on `InvalidArgument`).
+    """
+    first: dict[tuple[str, str], int] = {}
+    repeats = False
+    for index, message in enumerate(messages):
+        key = message.idempotency_key
+        if key is not None and first.setdefault((message.channel, key), index) != index:
+            repeats = True
+    if not repeats:
+        return messages, None
+    sent: list[Message] = []
+    where: list[int] = []
+    for index, message in enumerate(messages):
+        key = message.idempotency_key
+        earlier = first[message.channel, key] if key is not None else index
+        if earlier == index:
+            where.append(len(sent))
+            sent.append(message)
+            continue
+        if fingerprint(message) != fingerprint(messages[earlier]):
+            raise IdempotencyKeyReused(
+                f"idempotency key {key!r} came twice at once on channel {message.channel!r}, "
+                "with two different messages; use a new key for a new message"
+            )
+        where.append(where[earlier])
+    return sent, where
+
+
+def expand(ids: list[str], where: list[int] | None) -> list[str]:
+    """The ids of `collapse`'s messages from those of what it sent: a repeat gets its first
+    copy's id, as a `Replayed`."""
+    if where is None:
+        return ids
+    answered: set[int] = set()
+    out: list[str] = []
+    for index in where:
+        id = ids[index]
+        if index in answered and not isinstance(id, Replayed):
+            id = Replayed(id)
+        answered.add(index)
+        out.append(id)
+    return out
 
 
 def reused(message: Message, recorded_id: str) -> IdempotencyKeyReused:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 
-SCHEMA_VERSION = 4  # bump when the schema or a function changes; migration re-runs it all
+SCHEMA_VERSION = 5  # bump when the schema or a function changes; migration re-runs it all
 LOCK_CLASS = 0x67617465  # first key of every advisory lock this layer takes ("gate")
 RELEASED = "released"  # notification "released <channel>": a consumer gave its messages back
 GROUP_NOTICE = "group"  # notification "group <GroupNotice JSON>": acks, nacks, extends, deletes
@@ -106,29 +106,27 @@ BEGIN
 END $$;
 
 -- Called by {p}publish under its lock, which serialises every publish: a key looked up here
--- cannot be recorded by another transaction before this one commits.
+-- cannot be recorded by another transaction before this one commits. No two messages of a call
+-- share a channel and key (the layer sends each once).
 CREATE OR REPLACE FUNCTION {p}publish_keyed(
     channels text[], events text[], payloads text[], published double precision[],
     expires double precision[], keys text[], fingerprints text[], key_ttl double precision
 ) RETURNS bigint[] LANGUAGE plpgsql AS $$
 DECLARE
-    ids bigint[] := array_fill(NULL::bigint, ARRAY[cardinality(channels)]);
+    ids bigint[];
+    clash integer;
     fresh integer[] := '{{}}';
-    recorded record;
 BEGIN
-    FOR i IN 1 .. cardinality(channels) LOOP
-        IF keys[i] IS NOT NULL THEN
-            SELECT k.message_id, k.fingerprint INTO recorded FROM {p}idempotency_keys k
-                WHERE k.channel = channels[i] AND k.key = keys[i]
-                  AND k.expires_at > published[i];
-            IF FOUND THEN
-                IF recorded.fingerprint <> fingerprints[i] THEN
-                    RETURN ARRAY[0, i, recorded.message_id];
-                END IF;
-                ids[i] := -recorded.message_id;
-            END IF;
-        END IF;
-    END LOOP;
+    -- One look-up for the whole call: each message's recorded id, negated (NULL if none).
+    SELECT array_agg(-k.message_id ORDER BY s.i), min(s.i) FILTER (WHERE k.fingerprint <> s.f)
+        INTO ids, clash
+        FROM unnest(channels, keys, fingerprints, published)
+            WITH ORDINALITY AS s(channel, key, f, published_at, i)
+        LEFT JOIN {p}idempotency_keys k ON k.channel = s.channel AND k.key = s.key
+            AND k.expires_at > s.published_at;
+    IF clash IS NOT NULL THEN
+        RETURN ARRAY[0, clash, -ids[clash]];
+    END IF;
     FOR i IN 1 .. cardinality(channels) LOOP
         IF ids[i] IS NULL THEN
             ids[i] := nextval('{p}message_ids');
