@@ -9,9 +9,9 @@ Design decisions:
 - A layer records a key atomically with the publish itself (one Lua script, one transaction, the
   broker's own deduplication), so concurrent duplicates never both publish and nothing is ever
   "in progress": the second of two concurrent publishes is answered from the record of the first.
-- Several callers' publishes may share one layer call (a layer's group commit), and two of them may
-  carry the same key: `collapse` sends such a key once, and `expand` answers the later copies with
-  the first one's id as a `Replayed`, as if they had come one after the other.
+- Several callers' publishes may share one layer call (the `Channel`'s group commit), and two of
+  them may carry the same key: `collapse` sends such a key once, and `expand` answers the later
+  copies with the first one's id as a `Replayed`, as if they had come one after the other.
 - A replayed id is a `Replayed`, a `str` subclass: `ChannelLayer.publish` and
   `Channel.publish_messages` keep returning `list[str]`; callers that care ask
   `isinstance(id, Replayed)`.

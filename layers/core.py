@@ -43,7 +43,7 @@ from anyio.abc import TaskGroup
 from ._broadcast import pattern_blob
 from ._group_commit import GroupCommit
 from ._groups import GroupPump
-from ._idempotency import Replayed, check_distinct, keyed, validate_key
+from ._idempotency import Replayed, check_distinct, collapse, expand, keyed, validate_key
 from ._presence import DEFAULT_TTL, Member, Presence
 from ._publish_queue import PublishQueue
 from ._router import Router
@@ -182,7 +182,7 @@ class Channel:
             self._wait_at_most = _wait_at_most_asyncio  # a timer, not a cancel scope, per wait
         self._listen_lock = anyio.Lock()
         if self.layer.capabilities.cross_process:
-            self._group_commit = GroupCommit(self.layer.publish, self._new_event)
+            self._group_commit = GroupCommit(self._publish_shared, self._new_event)
         self._token = anyio.lowlevel.current_token()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
@@ -262,15 +262,20 @@ class Channel:
                 raise self.layer._lacks("idempotency")
             check_distinct(messages)
         started = time.perf_counter()
-        # A keyed call is its own layer call: the layer records its keys atomically with its
-        # messages, which two callers' duplicates sharing one call would defeat.
-        if self._group_commit is None or replayable:
+        if self._group_commit is None:
             ids = await self.layer.publish(messages)
         else:
             ids = await self._group_commit.publish(messages, self._running())
         fresh = sum(not isinstance(id, Replayed) for id in ids) if replayable else len(ids)
         self.observer.published(fresh, time.perf_counter() - started)  # replays published nothing
         return ids
+
+    async def _publish_shared(self, messages: Sequence[Message]) -> list[str]:
+        """One layer call for several callers' messages: two copies of one key are sent once."""
+        if not keyed(messages):
+            return await self.layer.publish(messages)
+        sent, where = collapse(messages)
+        return expand(await self.layer.publish(sent), where)
 
     async def publish_pattern(self, pattern: str, data: Any, *, event: str | None = None) -> str:
         """Publish one JSON value to every channel the glob `pattern` matches, live only.

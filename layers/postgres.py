@@ -22,12 +22,6 @@ Design decisions:
   second round trip, is skipped. A keyed publish checks and writes its idempotency keys (table
   `<prefix>idempotency_keys`) in the same function call, under the same lock; the cleanup deletes
   expired keys.
-- Publishes that arrive while one is in flight share the next call (`layers._group_commit`),
-  keyed or not: the `Channel` group-commits only unkeyed publishes and hands each keyed one over
-  on its own, and one round trip per keyed request would cost a process several times the CPU of
-  an unkeyed one. Two callers' copies of one key in a shared call are sent once
-  (`layers._idempotency.collapse`); a key reused with another body splits the call into its
-  callers, so nothing of the refused caller's publish is written and the others' is.
 - History bounds are applied by readers (the newest `history_size` per channel; `expires_at` is
   set at publish from the publisher's `history_ttl`), so a background cleanup can delete late
   without being in the publish path. Each deletion records the channel's highest deleted id,
@@ -49,10 +43,9 @@ from urllib.parse import urlsplit
 
 import anyio
 import asyncpg  # type: ignore[import-untyped]
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
-from ._group_commit import GroupCommit
-from ._idempotency import DEFAULT_TTL, Replayed, collapse, expand, fingerprint, keyed, reused
+from ._idempotency import DEFAULT_TTL, Replayed, fingerprint, keyed, reused
 from ._postgres import event_of, parse_id
 from ._postgres_broadcast import BROADCAST, PostgresBroadcasts
 from ._postgres_groups import PostgresGroups
@@ -167,8 +160,6 @@ class PostgresLayer(PostgresBroadcasts, PostgresGroups):
         self._cleanup_due = anyio.Event()
         self._arrived: list[int] = []  # control messages notified, not read yet
         self._broadcast_wakeup = anyio.Event()
-        self._commits = GroupCommit(self._publish_call)  # see run()
-        self._tasks: TaskGroup | None = None  # where group commit publishes, while running
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -178,9 +169,6 @@ class PostgresLayer(PostgresBroadcasts, PostgresGroups):
         fatal: LayerConfigurationError | None = None
         try:
             async with anyio.create_task_group() as tasks:
-                # The backend's own Event class, looked up once rather than per waiting publish.
-                self._commits = GroupCommit(self._publish_call, type(anyio.Event()))
-                self._tasks = tasks
                 tasks.start_soon(self._deliver, sink)
                 tasks.start_soon(self._clean_up_periodically)
                 tasks.start_soon(self._receive_broadcasts, sink)
@@ -191,7 +179,6 @@ class PostgresLayer(PostgresBroadcasts, PostgresGroups):
                     tasks.cancel_scope.cancel()
         finally:
             self._sink = None
-            self._tasks = None
             with anyio.CancelScope(shield=True):
                 await self._close()
         if fatal is not None:
@@ -351,19 +338,6 @@ class PostgresLayer(PostgresBroadcasts, PostgresGroups):
     # -- publishing ------------------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> list[str]:
-        tasks = self._tasks
-        if tasks is None:  # not running: the call says so
-            return await self._publish_call(messages)
-        return await self._commits.publish(messages, tasks)
-
-    async def _publish_call(self, messages: Sequence[Message]) -> list[str]:
-        """One round trip for the messages of one caller or of several sharing the call."""
-        if not keyed(messages):
-            return await self._publish_now(messages)
-        sent, where = collapse(messages)
-        return expand(await self._publish_now(sent), where)
-
-    async def _publish_now(self, messages: Sequence[Message]) -> list[str]:
         ttl = self.history_ttl
         keys = keyed(messages)
         async with self._connection() as connection:
