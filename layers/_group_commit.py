@@ -91,16 +91,24 @@ class GroupCommit:
             for waiter in group:
                 if waiter.ids is None:
                     waiter.error = ChannelClosed("the channel closed while publishing")
+            for waiter in group:
+                waiter.done.set()
+            self._next(task_group)
             raise
         else:
             start = 0
             for waiter in group:
                 waiter.ids = ids[start : start + len(waiter.messages)]
                 start += len(waiter.messages)
+        self._next(task_group)
+        try:
+            if self._busy:
+                # The next group's call goes first, so its messages are on their way to the
+                # broker while this group's callers reply.
+                await anyio.lowlevel.checkpoint()
         finally:
             for waiter in group:
                 waiter.done.set()
-            self._next(task_group)
 
     async def _publish_each(self, group: list[_Waiter]) -> None:
         for waiter in group:

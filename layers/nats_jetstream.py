@@ -79,6 +79,7 @@ from ._nats import (
     check_names,
     decode,
     parse_id,
+    stream_sequence,
 )
 from ._nats_groups import JetStreamGroups
 from ._nats_publish import JetStreamPublishing
@@ -146,7 +147,8 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         self._channels: set[str] = set()
         self._patterns: dict[str, Any] = {}  # subscribed glob -> its matcher
         self._delivered = 0  # the live consumer has handed on every sequence up to this one
-        self._progress = anyio.Event()  # set (and replaced) whenever `_delivered` moves
+        self._progress = anyio.Event()  # set (and replaced) when `_delivered` moves, if awaited
+        self._progress_waiters = 0
         self._connected = False
         self._closing = False
         self._lost = anyio.Event()  # set when the connection drops, replaced when it is back
@@ -168,6 +170,7 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         try:
             self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT)
             info = await self._ensure_stream()
+            await self._listen_for_acks(nc)
             with self.unavailable():
                 await nc.subscribe(self._broadcast_subject, cb=self._on_broadcast)
             await self._follow(info.state.last_seq)
@@ -177,6 +180,7 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
             await anyio.sleep_forever()
         finally:
             self._nc = self._js = None
+            self._abandon_acks()
             await self._close(nc)
 
     async def _close(self, nc: Client) -> None:
@@ -191,6 +195,7 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         async def disconnected() -> None:
             self._connected = False
             self._lost.set()
+            self._abandon_acks()
             if self._sink is None or self._closing:
                 return
             logger.warning("%s: connection lost; reconnecting", self.where)
@@ -369,7 +374,7 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
             jsi._sseq = last_seq
 
     async def _on_live(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
+        seq = stream_sequence(msg)
         if seq <= self._delivered:
             return  # a recreated consumer never repeats, but a stale redelivery must not either
         self._delivered = seq
@@ -378,8 +383,9 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
             event = decode(seq, msg)
             if event is not None:
                 self._sink.deliver(event)
-        self._progress.set()
-        self._progress = anyio.Event()
+        if self._progress_waiters:  # a new anyio.Event costs a backend lookup: only when awaited
+            self._progress.set()
+            self._progress = anyio.Event()
 
     def _wants(self, channel: str) -> bool:
         return channel in self._channels or any(m(channel) for m in self._patterns.values())
@@ -574,6 +580,10 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         those the replay contained; an event the live consumer delivered later would be a
         duplicate.
         """
-        with anyio.move_on_after(self.publish_timeout):
-            while self._delivered < seq:
-                await self._progress.wait()
+        self._progress_waiters += 1
+        try:
+            with anyio.move_on_after(self.publish_timeout):
+                while self._delivered < seq:
+                    await self._progress.wait()
+        finally:
+            self._progress_waiters -= 1
