@@ -14,6 +14,9 @@ in flight into the next one, in their order of arrival, and hands each caller it
   for one caller. An unavailable broker is every member's error; a message the layer refuses
   (`InvalidArgument`, raised before a layer sends anything of the batch) is its caller's alone:
   the members are then published one by one.
+- A group's callers are woken once the next group's call has started (one yield after it is
+  scheduled), so its messages are on their way to the broker while the callers reply: the round
+  trip overlaps the replies instead of following them.
 """
 
 from __future__ import annotations

@@ -80,6 +80,17 @@ def test_url_takes_a_seed_list_and_refuses_unknown_options() -> None:
         assert named in refused.value.detail
 
 
+def test_the_stream_sequence_is_read_from_either_form_of_reply_subject() -> None:
+    from nats.aio.msg import Msg
+
+    from layers._nats import stream_sequence
+
+    short = "$JS.ACK.S.live.1.42.7.1700000000000000000.0"
+    long = "$JS.ACK.hub.ACCOUNTHASH.S.live.1.43.8.1700000000000000000.0.token"
+    assert stream_sequence(Msg(_client=None, reply=short)) == 42  # type: ignore[arg-type]
+    assert stream_sequence(Msg(_client=None, reply=long)) == 43  # type: ignore[arg-type]
+
+
 def test_patterns_become_the_narrowest_subject_filters() -> None:
     layer = NatsJetStreamLayer("nats://h", subject_prefix="gw")
     assert layer._filters(["a.b"], ["chat.rooms.*", "chat.rooms.x?", "*"]) == ["gw.>"]
