@@ -14,6 +14,9 @@ in flight into the next one, in their order of arrival, and hands each caller it
   for one caller. An unavailable broker is every member's error; a message the layer refuses
   (`InvalidArgument`, raised before a layer sends anything of the batch) is its caller's alone:
   the members are then published one by one.
+- A group's callers are woken once the next group's call has started (one yield after it is
+  scheduled), so its messages are on their way to the broker while the callers reply: the round
+  trip overlaps the replies instead of following them.
 """
 
 from __future__ import annotations
@@ -91,16 +94,24 @@ class GroupCommit:
             for waiter in group:
                 if waiter.ids is None:
                     waiter.error = ChannelClosed("the channel closed while publishing")
+            for waiter in group:
+                waiter.done.set()
+            self._next(task_group)
             raise
         else:
             start = 0
             for waiter in group:
                 waiter.ids = ids[start : start + len(waiter.messages)]
                 start += len(waiter.messages)
+        self._next(task_group)
+        try:
+            if self._busy:
+                # The next group's call goes first, so its messages are on their way to the
+                # broker while this group's callers reply.
+                await anyio.lowlevel.checkpoint()
         finally:
             for waiter in group:
                 waiter.done.set()
-            self._next(task_group)
 
     async def _publish_each(self, group: list[_Waiter]) -> None:
         for waiter in group:

@@ -117,6 +117,19 @@ class NoSuchConsumer(Exception):
     """A pull found no consumer of that name: deleted, or lost with a server's storage."""
 
 
+def stream_sequence(msg: Msg) -> int:
+    """The stream sequence of a message a JetStream consumer delivered.
+
+    Its reply subject is `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.
+    <timestamp>.<pending>`, or longer with a domain and an account hash, which nats-py's metadata
+    parses; the short form is read here without building the metadata objects.
+    """
+    tokens = msg.reply.split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5])
+    return msg.metadata.sequence.stream
+
+
 def decode(seq: int, msg: Msg) -> Event | None:
     """The event in a stream message; None (logged) for one the gateway did not write."""
     try:

@@ -75,6 +75,7 @@ class JetStreamGroups(JetStreamConnection):
     _sink: Sink | None
 
     def __init__(self) -> None:
+        super().__init__()
         self._groups: dict[tuple[str, str], _Group] = {}
 
     @property

@@ -30,8 +30,11 @@ Design decisions:
 - Control messages (`ChannelLayer.broadcast`) are core NATS messages on `$GW.<prefix>.broadcast`,
   outside every stream (no subject prefix starts with `$`), with one core subscription per process
   that nats-py restores after a reconnect.
-- Publishing waits for the PubAck. Each message carries a `Nats-Msg-Id`, so a publish retried after
-  a timeout (a node failing, a leader being elected) within `publish_timeout` is stored once.
+- Publishing waits until the stream stored the message: a batch learns it from the live
+  consumer, which delivers each of its messages with its sequence, and a message whose copy is
+  late, or a keyed one, from its PubAck (`layers._nats_publish`). Each message carries a
+  `Nats-Msg-Id`, so a publish retried after a timeout (a node failing, a leader being elected)
+  within `publish_timeout` is stored once.
 - Idempotent publish is JetStream's own deduplication: a keyed message's `Nats-Msg-Id` is its
   channel and key, and the stream's duplicate window is the idempotency TTL (at least
   `publish_timeout`, at most `max_age`).
@@ -79,6 +82,7 @@ from ._nats import (
     check_names,
     decode,
     parse_id,
+    stream_sequence,
 )
 from ._nats_groups import JetStreamGroups
 from ._nats_publish import JetStreamPublishing
@@ -146,7 +150,8 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         self._channels: set[str] = set()
         self._patterns: dict[str, Any] = {}  # subscribed glob -> its matcher
         self._delivered = 0  # the live consumer has handed on every sequence up to this one
-        self._progress = anyio.Event()  # set (and replaced) whenever `_delivered` moves
+        self._progress = anyio.Event()  # set (and replaced) when `_delivered` moves, if awaited
+        self._progress_waiters = 0
         self._connected = False
         self._closing = False
         self._lost = anyio.Event()  # set when the connection drops, replaced when it is back
@@ -177,6 +182,7 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
             await anyio.sleep_forever()
         finally:
             self._nc = self._js = None
+            self._abandon_batches()
             await self._close(nc)
 
     async def _close(self, nc: Client) -> None:
@@ -191,6 +197,7 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         async def disconnected() -> None:
             self._connected = False
             self._lost.set()
+            self._abandon_batches()
             if self._sink is None or self._closing:
                 return
             logger.warning("%s: connection lost; reconnecting", self.where)
@@ -369,17 +376,19 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
             jsi._sseq = last_seq
 
     async def _on_live(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
+        seq = stream_sequence(msg)
         if seq <= self._delivered:
             return  # a recreated consumer never repeats, but a stale redelivery must not either
         self._delivered = seq
+        self._confirm(msg, seq)
         channel = self.channel_of(msg.subject)
         if self._sink is not None and self._wants(channel):
             event = decode(seq, msg)
             if event is not None:
                 self._sink.deliver(event)
-        self._progress.set()
-        self._progress = anyio.Event()
+        if self._progress_waiters:  # a new anyio.Event costs a backend lookup: only when awaited
+            self._progress.set()
+            self._progress = anyio.Event()
 
     def _wants(self, channel: str) -> bool:
         return channel in self._channels or any(m(channel) for m in self._patterns.values())
@@ -574,6 +583,10 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         those the replay contained; an event the live consumer delivered later would be a
         duplicate.
         """
-        with anyio.move_on_after(self.publish_timeout):
-            while self._delivered < seq:
-                await self._progress.wait()
+        self._progress_waiters += 1
+        try:
+            with anyio.move_on_after(self.publish_timeout):
+                while self._delivered < seq:
+                    await self._progress.wait()
+        finally:
+            self._progress_waiters -= 1

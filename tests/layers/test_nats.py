@@ -16,6 +16,7 @@ from layers import (
     LayerUnavailable,
     Subscription,
     create_layer,
+    make_message,
 )
 from layers.nats_jetstream import NatsJetStreamLayer
 from tests.fixtures_nats import NatsServer
@@ -77,6 +78,17 @@ def test_url_takes_a_seed_list_and_refuses_unknown_options() -> None:
         with pytest.raises(LayerConfigurationError) as refused:
             create_layer(bad)
         assert named in refused.value.detail
+
+
+def test_the_stream_sequence_is_read_from_either_form_of_reply_subject() -> None:
+    from nats.aio.msg import Msg
+
+    from layers._nats import stream_sequence
+
+    short = "$JS.ACK.S.live.1.42.7.1700000000000000000.0"
+    long = "$JS.ACK.hub.ACCOUNTHASH.S.live.1.43.8.1700000000000000000.0.token"
+    assert stream_sequence(Msg(_client=None, reply=short)) == 42  # type: ignore[arg-type]
+    assert stream_sequence(Msg(_client=None, reply=long)) == 43  # type: ignore[arg-type]
 
 
 def test_patterns_become_the_narrowest_subject_filters() -> None:
@@ -282,3 +294,85 @@ async def test_a_group_whose_consumer_vanished_is_created_again(
                     break
         assert event.data == "after"
         assert int(event.id) >= int(message_id)
+
+
+async def _stored(url: str, stream: str) -> list[tuple[str, object, str]]:
+    """Every message of the stream: (id, data, Nats-Msg-Id), oldest first."""
+    import nats
+    import nats.js.errors
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        last = (await js.stream_info(stream)).state.last_seq
+        out = []
+        for seq in range(1, last + 1):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                msg = await js.get_msg(stream, seq)
+                event = Event.from_wire(str(seq), msg.data or b"")
+                out.append((event.id, event.data, (msg.headers or {}).get("Nats-Msg-Id", "")))
+        return out
+    finally:
+        await nc.close()
+
+
+async def test_batches_of_two_processes_get_the_ids_of_their_own_messages(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    """A batch is answered by its own messages coming back through the live consumer, which
+    also carries every other process's: each publisher gets the sequence of what it sent."""
+    stream, prefix = nats_stream
+    replies: dict[str, list[tuple[str, object]]] = {"a": [], "b": []}
+    async with (
+        Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)) as one,
+        Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)) as two,
+    ):
+
+        async def publisher(channel: Channel, name: str, caller: int) -> None:
+            for n in range(20):
+                data = [{"p": name, "c": caller, "n": n, "i": i} for i in range(1 + n % 3)]
+                ids = await channel.publish_messages(
+                    [make_message(f"{unique}.{name}", d) for d in data]
+                )
+                replies[name] += zip(ids, data, strict=True)
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tasks:
+                for caller in range(8):
+                    tasks.start_soon(publisher, one, "a", caller)
+                    tasks.start_soon(publisher, two, "b", caller)
+    stored = await _stored(nats_url, stream)
+    by_id = {id: data for id, data, _ in stored}
+    assert len(by_id) == len(stored) == len(replies["a"]) + len(replies["b"])
+    for name in ("a", "b"):
+        assert [by_id[id] for id, _ in replies[name]] == [data for _, data in replies[name]]
+    msg_ids = [msg_id for _, _, msg_id in stored]
+    assert all(msg_ids) and len(set(msg_ids)) == len(msg_ids)
+
+
+async def test_a_batch_is_answered_while_the_live_consumer_is_gone(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    """Without its copies from the live consumer a batch falls back to JetStream's PubAcks,
+    sending each message again with its Nats-Msg-Id: answered with the ids, stored once."""
+    import nats
+
+    stream, prefix = nats_stream
+    async with Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)) as channel:
+        before = await channel.publish(unique, "before")
+        nc = await nats.connect(nats_url)
+        try:
+            (live,) = await nc.jetstream().consumers_info(stream)
+            await nc.jetstream().delete_consumer(stream, live.name)
+        finally:
+            await nc.close()
+        messages = [make_message(unique, n) for n in range(5)]
+        with anyio.fail_after(TIMEOUT):
+            ids = await channel.publish_messages(messages)
+            after = await channel.publish(unique, "after")
+    stored = await _stored(nats_url, stream)
+    assert [(id, data) for id, data, _ in stored] == [
+        (before, "before"),
+        *zip(ids, range(5), strict=True),
+        (after, "after"),
+    ]
