@@ -1,22 +1,22 @@
-"""Publishing on the NATS layer: a batch in one write, answered by what the stream stored.
+"""Publishing on the NATS layer: one PubAck per message, a batch's acks awaited together.
 
 A publish is answered once the stream stored the message. Each message carries a `Nats-Msg-Id`,
 so one sent again after a dropped connection or during a failover is stored once; a keyed message
 (idempotent publish) carries its channel and key as that id, so JetStream's own deduplication
 answers a retry with the first message's sequence (see `layers.nats_jetstream`).
 
-A batch (what the group commit hands over) is written as one block of HPUB commands in one
-flush, with no reply subject: the layer's live consumer, which reads the whole stream anyway,
-delivers each stored message with its stream sequence and its `Nats-Msg-Id`, and that copy is the
-message's acknowledgement (on a replicated stream a consumer sees only what a quorum stored).
-A PubAck per message would be a second message in for every one out: under the publish benchmark
-(py-spy, one process, 32 messages per batch) nats-py's per-message `publish_async` (a future, a
-semaphore slot, a token, a header dictionary: 10% of the server's CPU), the uuid4 of each id (3%)
-and each PubAck's way in (read loop, subscription task, JSON, dataclass: about 10%) took about a
-quarter of it. A message whose copy does not come within `REQUEST_TIMEOUT` (a dropped
-connection, a failover, a live consumer being recreated, a message the server refused) is sent
-again, it and those after it, one by one with its `Nats-Msg-Id` through JetStream's publish
-request: its PubAck names the stored message's sequence, or the error.
+A batch (what the group commit hands over) is written as one block of HPUB commands, one flush,
+its PubAcks arriving on one wildcard reply subscription per connection: message `i` of batch `b`
+asks for its ack on `<inbox>.<b>.<i>`, and the batch is done when every message has an answer.
+This is what nats-py's own request mux and `publish_async` do, without a future, a task, a
+semaphore slot and a header dictionary per message: a profile of the publish benchmark (py-spy,
+one process, 32 messages per batch) had nats-py's per-message publish machinery, the uuid4 of each
+message id and the PubAck's JSON and dataclass at a third of the server's CPU. A message left
+without an ack (a dropped connection, a failover, an error answer) is sent again, it and those
+after it, one by one with its `Nats-Msg-Id` through JetStream's publish request, which answers the
+stored message's sequence and raises what the server says. Keyed messages go in the same
+batches: a PubAck marked `duplicate` answers a key published before, and the stored message's
+fingerprint tells a replay from a key reused with another body.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 import anyio
 import nats.js.errors
+import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -38,28 +39,43 @@ from .errors import InvalidArgument, LayerUnavailable
 from .event import Message
 
 FINGERPRINT = "Gw-Fingerprint"  # header of a keyed message: `layers._idempotency.fingerprint`
-MSG_ID = "Nats-Msg-Id"
-# The headers of a message of a batch: its id, and the stream that must store it.
-HEAD = b"NATS/1.0\r\nNats-Msg-Id: %b\r\nNats-Expected-Stream: %b\r\n\r\n"
 
 
 class _Batch:
-    """The messages of one batch awaiting their copy from the live consumer: the stream
-    sequence of each, None until it arrived."""
+    """The PubAcks of one batch: the stream sequence of each message, None while unanswered or
+    when the server answered an error, and which were duplicates of a stored message."""
 
-    __slots__ = ("done", "missing", "seqs")
+    __slots__ = ("answered", "done", "duplicates", "seqs")
 
     def __init__(self, size: int) -> None:
         self.seqs: list[int | None] = [None] * size
-        self.missing = size
+        self.duplicates: set[int] = set()
+        self.answered = 0
         self.done = anyio.Event()
 
-    def stored(self, index: int, seq: int) -> None:
-        if self.seqs[index] is None:
-            self.seqs[index] = seq
-            self.missing -= 1
-            if not self.missing:
-                self.done.set()
+    def take(self, index: int, data: bytes) -> None:
+        if self.seqs[index] is not None:
+            return
+        try:
+            ack = orjson.loads(data)  # b"" is a status message: no responders (no stream)
+            seq = ack["seq"] if "error" not in ack else None
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            seq = None
+        self.seqs[index] = seq if isinstance(seq, int) and seq > 0 else None
+        if self.seqs[index] is not None and ack.get("duplicate"):
+            self.duplicates.add(index)
+        self.answered += 1
+        if self.answered >= len(self.seqs):
+            self.done.set()
+
+
+def _head(headers: dict[str, str], stream: bytes) -> bytes:
+    """The header block of a message of a batch: its own headers, and the stream that must store
+    it."""
+    lines = b"".join(
+        b"%b: %b\r\n" % (name.encode(), value.encode()) for name, value in headers.items()
+    )
+    return b"NATS/1.0\r\n" + lines + b"Nats-Expected-Stream: " + stream + b"\r\n\r\n"
 
 
 class JetStreamPublishing(JetStreamConnection):
@@ -71,8 +87,9 @@ class JetStreamPublishing(JetStreamConnection):
 
     def __init__(self) -> None:
         super().__init__()
-        self._batches: set[_Batch] = set()  # batches awaiting their messages
-        self._awaiting: dict[str, tuple[_Batch, int]] = {}  # Nats-Msg-Id -> its batch, index
+        self._batches: dict[int, _Batch] = {}  # batch number -> its acks, while awaited
+        self._batch_numbers = itertools.count()
+        self._reply_prefix = ""  # `<inbox>.`: the reply subscription is `<inbox>.>`
         # Message ids: unique per process (64 random bits) and per message (a counter); the
         # stream remembers them for its duplicate window.
         self._msg_id_prefix = uuid.uuid4().hex[:16] + "-"
@@ -80,50 +97,53 @@ class JetStreamPublishing(JetStreamConnection):
 
     # -- publishing ------------------------------------------------------------------------------
 
-    def _confirm(self, msg: Msg, seq: int) -> None:
-        """The live consumer delivered stream message `seq`: a publish awaiting it is stored."""
-        if self._awaiting:
-            headers = msg.headers
-            if headers:
-                entry = self._awaiting.pop(headers.get(MSG_ID, ""), None)
-                if entry is not None:
-                    entry[0].stored(entry[1], seq)
+    async def _listen_for_acks(self, nc: Client) -> None:
+        """Subscribe the PubAck mux of this connection (nats-py renews it after a reconnect)."""
+        self._reply_prefix = nc.new_inbox() + "."
+        with self.unavailable():
+            await nc.subscribe(self._reply_prefix + ">", cb=self._on_ack)
 
-    def _abandon_batches(self) -> None:
-        """The connection dropped: no batch in flight gets its missing messages now."""
-        for batch in self._batches:
+    async def _on_ack(self, msg: Msg) -> None:
+        number, _, index = msg.subject[len(self._reply_prefix) :].partition(".")
+        try:
+            batch = self._batches.get(int(number))
+            if batch is not None:
+                batch.take(int(index), msg.data)
+        except (ValueError, IndexError):
+            return  # not an inbox this layer asked for
+
+    def _abandon_acks(self) -> None:
+        """The connection dropped: no batch in flight gets its missing acks now."""
+        for batch in self._batches.values():
             batch.done.set()
 
     async def publish(self, messages: Sequence[Message]) -> list[str]:
-        if any(m.idempotency_key is not None for m in messages):
-            # a keyed message's duplicate must be told from this call's own retry: one by one
-            return [await self._publish_one(message) for message in messages]
-        return await self._publish_batch(messages)
-
-    async def _publish_batch(self, messages: Sequence[Message]) -> list[str]:
-        """Every message written in order in one flush, then their copies from the live
-        consumer awaited together. A message whose copy did not come (a dropped connection, a
-        failover, a message the server refused) and those after it are sent again one by one with
-        the same `Nats-Msg-Id`, so none is stored twice; a message too large for the server is
-        refused before anything is sent."""
+        """Every message written in order in one flush, then the acks awaited together. A
+        message left unacknowledged (a dropped connection, a failover) and those after it are sent
+        again one by one with the same `Nats-Msg-Id`, so none is stored twice; a message too large
+        for the server is refused before anything is sent. A keyed message acknowledged as a
+        duplicate was published before with its key: a replay, if its body is the same."""
         nc, lost = self._client(), self._lost
         payloads = [self._payload(m) for m in messages]
-        msg_ids = [f"{self._msg_id_prefix}{next(self._msg_numbers)}" for _ in messages]
-        batch = _Batch(len(messages))
-        self._batches.add(batch)
+        headers = [self._headers(m) for m in messages]
+        deadline = time.monotonic() + self.publish_timeout
+        number = next(self._batch_numbers)
+        batch = self._batches[number] = _Batch(len(messages))
         try:
             if not lost.is_set() and nc.is_connected and not nc.is_draining:
+                reply = f"{self._reply_prefix}{number}.".encode()
                 stream = self.stream.encode()
                 commands = []
-                for index, (message, payload, msg_id) in enumerate(
-                    zip(messages, payloads, msg_ids, strict=True)
+                for index, (message, payload, fields) in enumerate(
+                    zip(messages, payloads, headers, strict=True)
                 ):
-                    self._awaiting[msg_id] = (batch, index)
-                    head = HEAD % (msg_id.encode(), stream)
+                    head = _head(fields, stream)
                     commands.append(
-                        b"HPUB %b %d %d\r\n%b%b\r\n"
+                        b"HPUB %b %b%d %d %d\r\n%b%b\r\n"
                         % (
                             self.subject(message.channel).encode(),
+                            reply,
+                            index,
                             len(head),
                             len(head) + len(payload),
                             head,
@@ -136,16 +156,20 @@ class JetStreamPublishing(JetStreamConnection):
                         with anyio.move_on_after(min(REQUEST_TIMEOUT, self.publish_timeout)):
                             await batch.done.wait()
         finally:
-            self._batches.discard(batch)
-            for msg_id in msg_ids:
-                self._awaiting.pop(msg_id, None)
+            del self._batches[number]
         ids: list[str] = []
-        for seq in batch.seqs:
+        for index, seq in enumerate(batch.seqs):
             if seq is None:
                 break
-            ids.append(str(seq))
-        for message, msg_id in zip(messages[len(ids) :], msg_ids[len(ids) :], strict=True):
-            ids.append(await self._publish_one(message, {MSG_ID: msg_id}))
+            message = messages[index]
+            if index in batch.duplicates and message.idempotency_key is not None:
+                replay = Replayed(str(seq))
+                await self._check_fingerprint(message, headers[index][FINGERPRINT], replay)
+                ids.append(replay)
+            else:
+                ids.append(str(seq))  # a duplicate of an unkeyed message is this call's retry
+        for message, fields in zip(messages[len(ids) :], headers[len(ids) :], strict=True):
+            ids.append(await self._publish_one(message, fields, deadline))
         return ids
 
     @staticmethod
@@ -168,15 +192,21 @@ class JetStreamPublishing(JetStreamConnection):
     def _headers(self, message: Message) -> dict[str, str]:
         key = message.idempotency_key
         if key is None:
-            return {MSG_ID: f"{self._msg_id_prefix}{next(self._msg_numbers)}"}
+            return {"Nats-Msg-Id": f"{self._msg_id_prefix}{next(self._msg_numbers)}"}
         # a channel name holds no space, so this never equals another channel's id
-        return {MSG_ID: f"{message.channel} {key}", FINGERPRINT: fingerprint(message)}
+        return {"Nats-Msg-Id": f"{message.channel} {key}", FINGERPRINT: fingerprint(message)}
 
-    async def _publish_one(self, message: Message, headers: dict[str, str] | None = None) -> str:
+    async def _publish_one(
+        self,
+        message: Message,
+        headers: dict[str, str] | None = None,
+        deadline: float | None = None,
+    ) -> str:
         key = message.idempotency_key
         headers = headers or self._headers(message)
         subject, payload = self.subject(message.channel), self._payload(message)
-        deadline = time.monotonic() + self.publish_timeout
+        if deadline is None:
+            deadline = time.monotonic() + self.publish_timeout
         while True:
             attempt = min(REQUEST_TIMEOUT, max(0.1, deadline - time.monotonic()))
             try:

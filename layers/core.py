@@ -141,6 +141,7 @@ class Channel:
         self._queue = PublishQueue(self, max_queued_publishes)  # what publish_nowait queued
         # concurrent publishes share a broker round trip (see __aenter__)
         self._group_commit: GroupCommit | None = None
+        self._keyed_commit: GroupCommit | None = None
 
     @property
     def capabilities(self) -> Any:
@@ -182,7 +183,12 @@ class Channel:
             self._wait_at_most = _wait_at_most_asyncio  # a timer, not a cancel scope, per wait
         self._listen_lock = anyio.Lock()
         if self.layer.capabilities.cross_process:
-            self._group_commit = GroupCommit(self._publish_shared, self._new_event)
+            self._group_commit = GroupCommit(self.layer.publish, self._new_event)
+            # Keyed publishes share calls only with each other. A layer may refuse a reused key
+            # after it stored the call's other messages (NATS learns of the reuse from the
+            # stream); the group commit then publishes the callers one by one, and a keyed
+            # message sent again is a replay, where an unkeyed one would be a second copy.
+            self._keyed_commit = GroupCommit(self._publish_keyed, self._new_event)
         self._token = anyio.lowlevel.current_token()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
@@ -262,18 +268,18 @@ class Channel:
                 raise self.layer._lacks("idempotency")
             check_distinct(messages)
         started = time.perf_counter()
-        if self._group_commit is None:
+        commit = self._keyed_commit if replayable else self._group_commit
+        if commit is None:
             ids = await self.layer.publish(messages)
         else:
-            ids = await self._group_commit.publish(messages, self._running())
+            ids = await commit.publish(messages, self._running())
         fresh = sum(not isinstance(id, Replayed) for id in ids) if replayable else len(ids)
         self.observer.published(fresh, time.perf_counter() - started)  # replays published nothing
         return ids
 
-    async def _publish_shared(self, messages: Sequence[Message]) -> list[str]:
-        """One layer call for several callers' messages: two copies of one key are sent once."""
-        if not keyed(messages):
-            return await self.layer.publish(messages)
+    async def _publish_keyed(self, messages: Sequence[Message]) -> list[str]:
+        """One layer call for several callers' keyed publishes: two copies of one key are sent
+        once."""
         sent, where = collapse(messages)
         return expand(await self.layer.publish(sent), where)
 

@@ -30,11 +30,8 @@ Design decisions:
 - Control messages (`ChannelLayer.broadcast`) are core NATS messages on `$GW.<prefix>.broadcast`,
   outside every stream (no subject prefix starts with `$`), with one core subscription per process
   that nats-py restores after a reconnect.
-- Publishing waits until the stream stored the message: a batch learns it from the live
-  consumer, which delivers each of its messages with its sequence, and a message whose copy is
-  late, or a keyed one, from its PubAck (`layers._nats_publish`). Each message carries a
-  `Nats-Msg-Id`, so a publish retried after a timeout (a node failing, a leader being elected)
-  within `publish_timeout` is stored once.
+- Publishing waits for the PubAck. Each message carries a `Nats-Msg-Id`, so a publish retried after
+  a timeout (a node failing, a leader being elected) within `publish_timeout` is stored once.
 - Idempotent publish is JetStream's own deduplication: a keyed message's `Nats-Msg-Id` is its
   channel and key, and the stream's duplicate window is the idempotency TTL (at least
   `publish_timeout`, at most `max_age`).
@@ -173,6 +170,7 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         try:
             self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT)
             info = await self._ensure_stream()
+            await self._listen_for_acks(nc)
             with self.unavailable():
                 await nc.subscribe(self._broadcast_subject, cb=self._on_broadcast)
             await self._follow(info.state.last_seq)
@@ -182,7 +180,7 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
             await anyio.sleep_forever()
         finally:
             self._nc = self._js = None
-            self._abandon_batches()
+            self._abandon_acks()
             await self._close(nc)
 
     async def _close(self, nc: Client) -> None:
@@ -197,7 +195,7 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         async def disconnected() -> None:
             self._connected = False
             self._lost.set()
-            self._abandon_batches()
+            self._abandon_acks()
             if self._sink is None or self._closing:
                 return
             logger.warning("%s: connection lost; reconnecting", self.where)
@@ -380,7 +378,6 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         if seq <= self._delivered:
             return  # a recreated consumer never repeats, but a stale redelivery must not either
         self._delivered = seq
-        self._confirm(msg, seq)
         channel = self.channel_of(msg.subject)
         if self._sink is not None and self._wants(channel):
             event = decode(seq, msg)
