@@ -1,12 +1,14 @@
-"""Plumbing of the MQTT layer: topics and payloads, client connections, instance slots.
+"""Plumbing of the MQTT layer: topics and payloads, client connections, instance slots, PUBACKs.
 
 `MQTTConnections` is what the layer (`layers.mqtt`) and its group sessions
 (`layers._mqtt_groups`) share: how a client is built and connected, and how aiomqtt's errors
-become `LayerUnavailable`. See `layers.mqtt` for the design.
+become `LayerUnavailable`. `Pubacks` publishes a batch and awaits its PUBACKs on one connection.
+See `layers.mqtt` for the design.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import itertools
@@ -17,13 +19,13 @@ import ssl
 import tempfile
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import anyio
 from anyio.abc import TaskGroup
+from paho.mqtt.client import CallbackOnPublish_v2, MQTTMessage, error_string
 from paho.mqtt.client import Client as PahoClient
-from paho.mqtt.client import MQTTMessage
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -132,6 +134,114 @@ def instance_slot(scope: str) -> Iterator[int]:
 
 def _is_failure(code: int | ReasonCode) -> bool:
     return code.is_failure if isinstance(code, ReasonCode) else code >= 0x80
+
+
+class _Batch:
+    """The PUBACKs one `Pubacks.publish` call waits for."""
+
+    __slots__ = ("future", "mids", "missing", "refused")
+
+    def __init__(self, future: asyncio.Future[None], count: int) -> None:
+        self.future = future
+        self.mids: list[int] = []
+        self.missing = count
+        self.refused: ReasonCode | int | None = None
+
+    def acked(self, reason_code: ReasonCode | int) -> None:
+        if self.refused is None and _is_failure(reason_code):
+            self.refused = reason_code
+        self.missing -= 1
+        if self.missing == 0 and not self.future.done():
+            self.future.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+class Pubacks:
+    """QoS 1 publishing on one connection, with one waiter per batch instead of one per message.
+
+    paho writes the PUBLISHes in call order and reports each PUBACK through its `on_publish`
+    callback, on the event loop, while it reads the socket: never during `publish`, which only
+    queues the packets. The callback set here counts the PUBACKs of each batch and completes the
+    batch's future at the last one; a PUBACK for any other packet id (aiomqtt's own `publish`)
+    goes on to the callback aiomqtt installed. A batch fails at once when `close` is called (the
+    connection ended: its PUBACKs will never come) and after `timeout` seconds; a PUBACK with a
+    failure reason code (the broker refused the message) fails it too, once every PUBACK is in.
+    """
+
+    def __init__(
+        self,
+        paho: PahoClient,
+        unavailable: Callable[[str], LayerUnavailable],
+        timeout: float,
+    ) -> None:
+        self._paho = paho
+        self._timeout = timeout
+        self._unavailable = unavailable
+        self._awaited: dict[int, _Batch] = {}  # packet id -> its batch
+        self._error: LayerUnavailable | None = None  # once the connection is over
+        chained = cast("CallbackOnPublish_v2 | None", paho.on_publish)
+        awaited = self._awaited
+
+        def on_publish(
+            client: PahoClient, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
+        ) -> None:
+            batch = awaited.pop(mid, None)
+            if batch is not None:
+                batch.acked(reason_code)
+            elif chained is not None:
+                chained(client, userdata, mid, reason_code, properties)
+
+        paho.on_publish = on_publish
+
+    async def publish(self, packets: Sequence[tuple[str, bytes]]) -> None:
+        """Publish `(topic, payload)` packets at QoS 1, in order; return once all are PUBACKed.
+
+        Raises `LayerUnavailable` when paho cannot send one (not connected), when the connection
+        ends or the timeout passes before every PUBACK came, and when the broker refused one.
+        Packets sent before a failure may still reach subscribers.
+        """
+        if self._error is not None:
+            raise self._error
+        loop = asyncio.get_running_loop()
+        batch = _Batch(loop.create_future(), len(packets))
+        awaited = self._awaited
+        mids = batch.mids
+        publish = self._paho.publish
+        try:
+            for topic, payload in packets:
+                info = publish(topic, payload, 1)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    raise self._unavailable(f"refused a publish ({error_string(info.rc)})")
+                awaited[info.mid] = batch
+                mids.append(info.mid)
+            timer = loop.call_later(self._timeout, self._time_out, batch)
+            try:
+                await batch.future
+            finally:
+                timer.cancel()
+        finally:
+            if batch.missing:  # failed or cancelled: later PUBACKs of the batch go nowhere
+                for mid in mids:
+                    if awaited.get(mid) is batch:
+                        del awaited[mid]
+        if batch.refused is not None:
+            raise self._unavailable(
+                f"refused a publish ({batch.refused}); check its access control and limits"
+            )
+
+    def _time_out(self, batch: _Batch) -> None:
+        batch.fail(self._unavailable(f"did not acknowledge a publish within {self._timeout:g} s"))
+
+    def close(self, error: LayerUnavailable) -> None:
+        """The connection ended: fail every batch still waiting, and every later call."""
+        self._error = error
+        batches = list(dict.fromkeys(self._awaited.values()))
+        self._awaited.clear()
+        for batch in batches:
+            batch.fail(error)
 
 
 class MQTTConnections(ChannelLayer):

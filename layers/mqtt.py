@@ -22,6 +22,11 @@ Design decisions:
   It reconnects (`layers._supervisor`, backoff up to `max_reconnect_delay`), also when the broker
   is down at start-up, and resubscribes everything; messages published while it was away are not
   seen by this process, since nothing keeps history (the core signals a gap).
+  A batch (what group commit gathered) goes to paho's `publish` message by message, written in
+  order, and waits for its PUBACKs with one future (`_mqtt.Pubacks`), not a task and a timer per
+  message as aiomqtt's `publish` would. A batch whose connection ends before every PUBACK came
+  fails at once, one whose PUBACKs take longer than `timeout` fails then, and a PUBACK with a
+  failure reason code (the broker refused a message) fails it too: never a silent success.
 - Consumer groups. Each (channel, group) a process joins gets its own connection: a persistent
   session (clean start off, `session_expiry` seconds) subscribed at QoS 1 to
   `$share/<group>/<topic>`, so several gateway processes share one group's messages. It stays
@@ -66,7 +71,7 @@ import secrets
 import socket
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -79,6 +84,7 @@ from paho.mqtt.client import MQTTMessage
 
 from ._ids import epoch
 from ._mqtt import (
+    Pubacks,
     RecentIds,
     channel_of,
     decode_payload,
@@ -170,6 +176,7 @@ class MQTTLayer(MQTTGroups):
         self.instance_name = ""  # what this process runs as, once running
         # The listener connection while it is up, and what it is (or should be) subscribed to.
         self._client: aiomqtt.Client | None = None
+        self._pubacks: Pubacks | None = None  # publishing on that connection
         self._up = anyio.Event()  # set (and replaced) whenever a connection is up again
         self._lock = anyio.Lock()  # subscription changes and resubscribing take turns
         self._broadcast_topic = prefix + _BROADCAST_TOPIC
@@ -211,16 +218,18 @@ class MQTTLayer(MQTTGroups):
     async def _listen(self, ready: Callable[[], None]) -> None:
         identifier = f"{self.client_id_prefix}{self.instance_name}|live|{secrets.token_hex(4)}"
         client = self._new_client(identifier, self._on_live_message, persistent=False)
+        pubacks = Pubacks(client._client, self._unavailable, self.timeout)
         async with self._connection(client):
             try:
                 async with self._lock:
                     if self._filters:
                         await self._subscribe_filters(client, list(self._filters))
-                    self._client = client
+                    self._client, self._pubacks = client, pubacks
                 self._connected(ready)
                 await self._until_disconnected(client)
             finally:
-                self._client = None
+                self._client = self._pubacks = None
+                pubacks.close(self._unavailable("closed the connection before acknowledging"))
 
     def _on_live_message(self, client: PahoClient, userdata: Any, message: MQTTMessage) -> None:
         if message.topic == self._broadcast_topic:
@@ -256,30 +265,17 @@ class MQTTLayer(MQTTGroups):
     # -- publish and subscribe --------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[Message]) -> list[str]:
-        client = self._client
-        if client is None:
+        pubacks = self._pubacks
+        if pubacks is None:
             raise self._unavailable("is not connected (reconnecting)")
         prefix = self.topic_prefix
         ids = [f"{self._epoch}-{next(self._sequence)}" for _ in messages]
+        # Every topic is checked before anything is sent (`InvalidArgument` is its caller's).
         packets = [
             (topic_for(prefix, message.channel), encode_payload(id, message))
             for id, message in zip(ids, messages, strict=True)
         ]
-        # paho writes them to the socket in call order; the PUBACKs are awaited together.
-        if len(packets) == 1:
-            results = [await _outcome(client.publish(*packets[0], qos=1, timeout=self.timeout))]
-        else:
-            results = await _gather(
-                [
-                    client.publish(topic, data, qos=1, timeout=self.timeout)
-                    for topic, data in packets
-                ]
-            )
-        for result in results:
-            if isinstance(result, aiomqtt.MqttError):
-                raise self._unavailable("did not acknowledge a publish", result)
-            if isinstance(result, BaseException):
-                raise result
+        await pubacks.publish(packets)
         return ids
 
     async def broadcast(self, blob: bytes) -> None:
@@ -346,24 +342,3 @@ class MQTTLayer(MQTTGroups):
             await client.unsubscribe(self.topic_prefix + _PING_FILTER, timeout=self.timeout)
         except aiomqtt.MqttError as exc:
             raise self._unavailable("did not answer", exc) from None
-
-
-async def _outcome(call: Awaitable[None]) -> Exception | None:
-    try:
-        await call
-    except Exception as exc:
-        return exc
-    return None
-
-
-async def _gather(calls: list[Awaitable[None]]) -> list[Exception | None]:
-    """Await every call concurrently; return each one's exception or None."""
-    results: list[Exception | None] = [None] * len(calls)
-
-    async def run(index: int, call: Awaitable[None]) -> None:
-        results[index] = await _outcome(call)
-
-    async with anyio.create_task_group() as tasks:
-        for index, call in enumerate(calls):
-            tasks.start_soon(run, index, call)
-    return results
