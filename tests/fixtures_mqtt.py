@@ -112,6 +112,15 @@ class Mosquitto:
             process.kill()
             process.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing is answered."""
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGCONT)
+
 
 def _free_port() -> int:
     for port in THROWAWAY_PORTS:

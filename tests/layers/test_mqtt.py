@@ -537,3 +537,55 @@ async def test_broker_crash_loses_its_state_but_not_what_this_process_holds(
         (following,) = await take(group, 1)
         assert (following.id, following.deliveries) == (next_id, 1)
         assert await following.ack()
+
+
+async def test_a_publish_whose_connection_ends_fails_at_once(
+    mqtt_layer_factory: LayerFactory, mosquitto: Mosquitto, unique: str
+) -> None:
+    """A batch waiting for its PUBACKs when the broker goes away gets LayerUnavailable when the
+    connection ends, not after the layer's timeout (a minute here)."""
+    layer = mqtt_layer(mqtt_layer_factory, mosquitto.url, timeout=60, max_reconnect_delay=0.2)
+    async with running(layer, RecordingSink()):
+        assert len(await layer.publish([make_message(unique, 0)])) == 1
+        mosquitto.pause()  # the PUBLISHes reach its socket, no PUBACK comes back
+        failures: list[BaseException] = []
+
+        async def in_flight() -> None:
+            try:
+                await layer.publish([make_message(unique, n) for n in range(50)])
+            except LayerUnavailable as exc:
+                failures.append(exc)
+
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(in_flight)
+                await anyio.wait_all_tasks_blocked()
+                assert not failures  # still waiting for its PUBACKs
+                await anyio.to_thread.run_sync(lambda: mosquitto.stop(signal.SIGKILL))
+        assert len(failures) == 1 and "closed the connection" in str(failures[0])
+        with pytest.raises(LayerUnavailable):  # and the next one at once
+            await layer.publish([make_message(unique, 1)])
+
+
+async def test_a_publish_without_its_pubacks_fails_after_the_timeout(
+    mqtt_layer_factory: LayerFactory, mosquitto: Mosquitto, unique: str
+) -> None:
+    """No PUBACK, no success: the batch fails after `timeout`; the PUBACKs that come later are
+    ignored and the connection goes on publishing."""
+    layer = mqtt_layer(mqtt_layer_factory, mosquitto.url, timeout=0.5)
+    sink = RecordingSink()
+    async with running(layer, sink):
+        await layer.subscribe([unique], [])
+        mosquitto.pause()
+        try:
+            with (
+                anyio.fail_after(TIMEOUT),
+                pytest.raises(LayerUnavailable, match="did not acknowledge a publish"),
+            ):
+                await layer.publish([make_message(unique, n) for n in range(5)])
+        finally:
+            mosquitto.resume()
+        with anyio.fail_after(TIMEOUT):
+            (after,) = await layer.publish([make_message(unique, "after")])
+        await sink.until(lambda: after in [e.id for e in sink.events])
+        assert [e.data for e in sink.events] == [0, 1, 2, 3, 4, "after"]  # in order, once each
