@@ -88,8 +88,9 @@ class Subscription:
         self._bytes = 0
         self.policy = policy
         self.dropped = 0
-        self._queue: deque[Item] = deque()
-        self._head: deque[Item] = deque()  # replayed events and gap notices come first
+        # Made at the first event: an idle subscriber holds no queue (a deque is 760 bytes).
+        self._queue: deque[Item] | None = None
+        self._head: list[Item] = []  # replayed events and gap notices come first
         self._held: list[Event] | None = None  # live events held back while replaying
         self._waiter: anyio.Event | None = None
         self._woken = False
@@ -115,6 +116,8 @@ class Subscription:
         if self._handoff is not None and isinstance(item, Event) and self._replayed(item):
             return
         queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
         size = len(item.raw) if isinstance(item, Event) else 0
         if len(queue) >= self.max_backlog or self._over_bytes(size):
             if self.policy is BacklogPolicy.DISCONNECT:
@@ -146,14 +149,17 @@ class Subscription:
 
     def _drop_newest(self) -> None:
         self.dropped += 1
-        last = self._queue[-1]
+        queue = self._queue
+        assert queue is not None
+        last = queue[-1]
         if isinstance(last, Gap) and last.reason == "dropped":
-            self._queue[-1] = Gap("dropped", dropped=last.dropped + 1)
+            queue[-1] = Gap("dropped", dropped=last.dropped + 1)
         else:
-            self._queue.append(Gap("dropped", dropped=1))
+            queue.append(Gap("dropped", dropped=1))
 
     def _drop_oldest(self) -> None:
         queue = self._queue
+        assert queue is not None
         lost = 0
         head = queue[0]
         if isinstance(head, Gap):
@@ -179,7 +185,7 @@ class Subscription:
         self._end_pacing()
 
     def _half_full(self) -> bool:
-        return 2 * len(self._queue) >= self.max_backlog or (
+        return 2 * len(self._queue or ()) >= self.max_backlog or (
             self.max_bytes is not None and 2 * self._bytes >= self.max_bytes
         )
 
@@ -253,7 +259,7 @@ class Subscription:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.max_backlog - len(self._queue))
+        return max(0, self.max_backlog - len(self._queue or ()))
 
     async def next_batch(self) -> list[Item]:
         """Wait for at least one item and return every item queued, in order; an empty list
@@ -265,8 +271,7 @@ class Subscription:
         """
         while True:
             if self._head:
-                items = list(self._head)
-                self._head.clear()
+                items, self._head = self._head, []
                 if self._held is None:
                     items.extend(self._take_queue())
                 self._woken = False
@@ -305,8 +310,10 @@ class Subscription:
                 self._pacing = None
 
     def _take_queue(self) -> list[Item]:
-        items = list(self._queue)
-        self._queue.clear()
+        queue = self._queue
+        items = list(queue) if queue else []
+        if queue:
+            queue.clear()
         self._bytes = 0
         if self._on_space is not None:
             self._on_space()
