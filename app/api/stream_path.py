@@ -19,7 +19,7 @@ any request this does not take (another method, a path with a trailing slash).
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any
 
 from fastapi.dependencies.utils import request_params_to_args
@@ -57,22 +57,16 @@ class StreamFastPath:
         self.events = _route(events.events)
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
-        # A plain function handing back the coroutine that serves the request: no frame of this
-        # middleware stays on the stack under a stream for as long as it lasts.
+        # A plain function: no frame of this middleware stays on the stack under a stream.
         if scope["type"] == "http" and scope["method"] == "GET":
             path = get_route_path(scope)
             if path == EVENTS:
-                return self._serve(self.events, None, scope, receive, send)
+                return _Respond(self._open(self.events, None, scope, receive), scope, receive, send)
             match = CHANNEL_EVENTS.fullmatch(path)
             if match is not None:
-                return self._serve(self.channel_events, match[1], scope, receive, send)
+                opening = self._open(self.channel_events, match[1], scope, receive)
+                return _Respond(opening, scope, receive, send)
         return self.app(scope, receive, send)
-
-    async def _serve(
-        self, route: APIRoute, channel: str | None, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        response = await self._open(route, channel, scope, receive)
-        await response(scope, receive, send)
 
     async def _open(
         self, route: APIRoute, channel: str | None, scope: Scope, receive: Receive
@@ -111,3 +105,51 @@ def _parameters(route: APIRoute, request: Request, path: Mapping[str, str]) -> d
     if errors:
         raise RequestValidationError(errors)
     return arguments
+
+
+class _Respond(Generator[Any, Any, None]):
+    """Awaits `opening`, then the response it gives: `await (await opening)(scope, receive,
+    send)`, without a coroutine of its own that would stay on the stack, holding the request's
+    scope, for as long as the response lasts (a stream: as long as its client stays).
+
+    It drives the awaited coroutines as the task drives it (`send`, `throw`); `close` and
+    `__next__` come from `Generator`.
+    """
+
+    __slots__ = ("_awaiting", "_receive", "_scope", "_send")
+
+    def __init__(
+        self, opening: Coroutine[Any, Any, Response], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        self._awaiting: Coroutine[Any, Any, Any] = opening
+        self._scope: Scope | None = scope
+        self._receive = receive
+        self._send = send
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        return self
+
+    def send(self, value: Any) -> Any:
+        try:
+            return self._awaiting.send(value)
+        except StopIteration as done:
+            return self._respond(done.value)
+
+    def throw(self, *exc_info: Any) -> Any:
+        try:
+            return self._awaiting.throw(*exc_info)
+        except StopIteration as done:
+            return self._respond(done.value)
+
+    def close(self) -> None:
+        self._awaiting.close()
+
+    def _respond(self, response: Any) -> Any:
+        """The opening is done: await its response from here on (`StopIteration` when the
+        opening already was the response's end)."""
+        scope = self._scope
+        if scope is None:  # that was the response: done
+            raise StopIteration
+        self._scope = None
+        self._awaiting = response(scope, self._receive, self._send)
+        return self._awaiting.send(None)

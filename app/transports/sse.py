@@ -68,6 +68,10 @@ def error_frame(code: str, detail: str) -> bytes:
     return b"event: error\ndata: " + error_body(code, detail) + b"\n\n"
 
 
+def _body(chunk: bytes) -> Message:
+    return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+
 class EventStream(Response):
     """The ASGI response that streams one `Subscription` as SSE.
 
@@ -194,45 +198,59 @@ class EventStream(Response):
         self.expired = True
         self.subscription.wake()
 
+    def _retry_ms(self) -> int:
+        return self.gateway.settings.retry_ms
+
+    def _ending(self, exc: SubscriberOverflow | UnknownGroup | ChannelClosed) -> bytes:
+        """The stream's last frame when its subscription ends."""
+        if isinstance(exc, SubscriberOverflow):
+            self.gateway.metrics.dropped("sse").inc()
+            return error_frame(exc.code, exc.detail) + b"retry: %d\n\n" % self._retry_ms()
+        if isinstance(exc, UnknownGroup):  # the group was deleted
+            return error_frame(exc.code, exc.detail)
+        # shutting down: reconnect soon, to another instance if there is one
+        return b"retry: %d\n\n" % min(self._retry_ms(), 1000)
+
+    def _frames(self, batch: list[Event | Gap]) -> bytes:
+        """One write for everything a subscriber had queued; counts what it drops and notes the
+        messages the write carries (`_in_flight`, counted delivered once it is done)."""
+        frames = []
+        events = 0
+        for item in batch:
+            if isinstance(item, Event):
+                frames.append(item.sse_frame())
+                events += not isinstance(item, PresenceEvent)  # a join or leave: no message
+            else:
+                if item.dropped:
+                    self.gateway.metrics.dropped("sse").inc(item.dropped)
+                frames.append(gap_frame(item))
+        self._in_flight = events
+        return b"".join(frames)
+
+    def _delivered(self) -> None:
+        self.gateway.metrics.delivered("sse").inc(self._in_flight)
+        self._in_flight = 0
+
     async def _send(self, send: Send, message: Message) -> None:
         self.sending_since = time.monotonic()
         await send(message)
         self.sending_since = None
 
     async def _write(self, send: Send) -> None:
-        """The writer task: the stream until it ends, which ends the request too."""
+        """The writer task: the stream until it ends, which ends the request too.
+
+        Few locals: its frame is held for as long as the stream waits for events."""
         try:
-            settings = self.gateway.settings
             await self._send(
                 send, {"type": "http.response.start", "status": 200, "headers": HEADERS}
             )
-            await self._send(
-                send,
-                {
-                    "type": "http.response.body",
-                    "body": b": connected\nretry: %d\n\n" % settings.retry_ms,
-                    "more_body": True,
-                },
-            )
-            delivered = self.gateway.metrics.delivered("sse")
-            dropped = self.gateway.metrics.dropped("sse")
+            await self._send(send, _body(b": connected\nretry: %d\n\n" % self._retry_ms()))
             subscription = self.subscription
-            ending = b""
             while True:
                 try:
                     batch = await subscription.next_batch()
-                except SubscriberOverflow as exc:
-                    dropped.inc()
-                    ending = (
-                        error_frame(exc.code, exc.detail) + b"retry: %d\n\n" % settings.retry_ms
-                    )
-                    break
-                except UnknownGroup as exc:  # the group was deleted
-                    ending = error_frame(exc.code, exc.detail)
-                    break
-                except ChannelClosed:
-                    # shutting down: reconnect soon, to another instance if there is one
-                    ending = b"retry: %d\n\n" % min(settings.retry_ms, 1000)
+                except (SubscriberOverflow, UnknownGroup, ChannelClosed) as exc:
+                    ending = self._ending(exc)
                     break
                 if self.expired:
                     ending = error_frame(
@@ -241,27 +259,10 @@ class EventStream(Response):
                     break
                 self.wrote = True
                 if not batch:  # woken by `Keepalives`
-                    await self._send(
-                        send, {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
-                    )
+                    await self._send(send, _body(KEEPALIVE))
                     continue
-                frames = []
-                events = 0
-                for item in batch:
-                    if isinstance(item, Event):
-                        frames.append(item.sse_frame())
-                        events += not isinstance(item, PresenceEvent)  # a join or leave: no message
-                    else:
-                        if item.dropped:
-                            dropped.inc(item.dropped)
-                        frames.append(gap_frame(item))
-                self._in_flight = events
-                await self._send(
-                    send,
-                    {"type": "http.response.body", "body": b"".join(frames), "more_body": True},
-                )
-                self._in_flight = 0
-                delivered.inc(events)
+                await self._send(send, _body(self._frames(batch)))
+                self._delivered()
             await self._send(
                 send, {"type": "http.response.body", "body": ending, "more_body": False}
             )
