@@ -25,6 +25,7 @@ from app import errors
 from app.api import document
 from app.api.fastpath import PublishFastPath
 from app.api.routes import channels, console, events, health, presence, publish, stats, ws
+from app.api.stream_path import StreamFastPath
 from app.gateway import Gateway
 from app.logs import RequestIdMiddleware, install_server_filters
 from app.settings import Settings, settings_or_exit
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     document.install(app)
     app.add_middleware(PublishFastPath, gateway=gateway)  # innermost: after CORS and request ids
+    app.add_middleware(StreamFastPath, gateway=gateway)  # beside it: streams skip its frame
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

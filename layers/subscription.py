@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Protocol
 
 import anyio
+import sniffio
 
 from ._presence import Member, new_member
 from .base import Replay
@@ -50,6 +51,30 @@ async def _wait_at_most_asyncio(event: anyio.Event, seconds: float) -> None:
         timer.cancel()
 
 
+class _Waiter:
+    """What a subscriber waits on under asyncio: one future, set once.
+
+    An `anyio.Event` there is an `asyncio.Event` inside a wrapper, with a deque of waiters: about
+    a kilobyte for the one waiter a subscriber ever has, held by every idle subscriber.
+    """
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def set(self) -> None:
+        if not self._future.done():  # done: set already, or its waiter was cancelled
+            self._future.set_result(None)
+
+    def wait(self) -> Awaitable[None]:
+        return self._future  # awaited as it is: no coroutine frame of its own while waiting
+
+
+class _Settable(Protocol):
+    def set(self) -> None: ...
+
+
 class Owner(Protocol):
     """What a subscription needs of the `Channel` that owns it."""
 
@@ -77,6 +102,34 @@ class Subscription:
     Iterate it for one `Event` or `Gap` at a time, or call `next_batch` for everything queued.
     """
 
+    # One per subscriber, for as long as it stays: slots, not a dict.
+    __slots__ = (
+        "_bytes",
+        "_closed",
+        "_core",
+        "_ending",
+        "_handoff",
+        "_head",
+        "_held",
+        "_new_waiter",
+        "_on_space",
+        "_overflowed",
+        "_pacing",
+        "_queue",
+        "_taken_at",
+        "_waiter",
+        "_woken",
+        "channels",
+        "dropped",
+        "max_backlog",
+        "max_bytes",
+        "member",
+        "patterns",
+        "policy",
+        "presence",
+        "releases_group",
+    )
+
     def __init__(
         self, core: Owner, max_backlog: int, policy: BacklogPolicy, max_bytes: int | None = None
     ) -> None:
@@ -88,10 +141,12 @@ class Subscription:
         self._bytes = 0
         self.policy = policy
         self.dropped = 0
-        self._queue: deque[Item] = deque()
-        self._head: deque[Item] = deque()  # replayed events and gap notices come first
+        # Made at the first event: an idle subscriber holds no queue (a deque is 760 bytes).
+        self._queue: deque[Item] | None = None
+        self._head: list[Item] = []  # replayed events and gap notices come first
         self._held: list[Event] | None = None  # live events held back while replaying
-        self._waiter: anyio.Event | None = None
+        self._waiter: _Settable | None = None
+        self._new_waiter: Callable[[], anyio.Event | _Waiter] | None = None  # at the first wait
         self._woken = False
         self._taken_at = -math.inf  # when `next_batch` last returned events
         self._pacing: anyio.Event | None = None  # set to end the wait for BATCH_INTERVAL
@@ -115,6 +170,8 @@ class Subscription:
         if self._handoff is not None and isinstance(item, Event) and self._replayed(item):
             return
         queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
         size = len(item.raw) if isinstance(item, Event) else 0
         if len(queue) >= self.max_backlog or self._over_bytes(size):
             if self.policy is BacklogPolicy.DISCONNECT:
@@ -146,14 +203,17 @@ class Subscription:
 
     def _drop_newest(self) -> None:
         self.dropped += 1
-        last = self._queue[-1]
+        queue = self._queue
+        assert queue is not None
+        last = queue[-1]
         if isinstance(last, Gap) and last.reason == "dropped":
-            self._queue[-1] = Gap("dropped", dropped=last.dropped + 1)
+            queue[-1] = Gap("dropped", dropped=last.dropped + 1)
         else:
-            self._queue.append(Gap("dropped", dropped=1))
+            queue.append(Gap("dropped", dropped=1))
 
     def _drop_oldest(self) -> None:
         queue = self._queue
+        assert queue is not None
         lost = 0
         head = queue[0]
         if isinstance(head, Gap):
@@ -179,7 +239,7 @@ class Subscription:
         self._end_pacing()
 
     def _half_full(self) -> bool:
-        return 2 * len(self._queue) >= self.max_backlog or (
+        return 2 * len(self._queue or ()) >= self.max_backlog or (
             self.max_bytes is not None and 2 * self._bytes >= self.max_bytes
         )
 
@@ -253,7 +313,7 @@ class Subscription:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.max_backlog - len(self._queue))
+        return max(0, self.max_backlog - len(self._queue or ()))
 
     async def next_batch(self) -> list[Item]:
         """Wait for at least one item and return every item queued, in order; an empty list
@@ -265,8 +325,7 @@ class Subscription:
         """
         while True:
             if self._head:
-                items = list(self._head)
-                self._head.clear()
+                items, self._head = self._head, []
                 if self._held is None:
                     items.extend(self._take_queue())
                 self._woken = False
@@ -288,7 +347,9 @@ class Subscription:
             if self._woken:
                 self._woken = False
                 return []
-            waiter = self._waiter = self._core._new_event()
+            new_waiter = self._new_waiter or self._waiters()
+            waiter = new_waiter()
+            self._waiter = waiter
             await waiter.wait()
             # Let the other woken tasks and the publishers run once before taking the batch:
             # under load, events published meanwhile join it, so a subscriber takes several
@@ -304,9 +365,19 @@ class Subscription:
                 await self._core._wait_at_most(self._pacing, wait)
                 self._pacing = None
 
+    def _waiters(self) -> Callable[[], anyio.Event | _Waiter]:
+        """What this subscriber's waits are made of, looked up once (in its first wait)."""
+        if sniffio.current_async_library() == "asyncio":
+            self._new_waiter = _Waiter
+        else:
+            self._new_waiter = self._core._new_event
+        return self._new_waiter
+
     def _take_queue(self) -> list[Item]:
-        items = list(self._queue)
-        self._queue.clear()
+        queue = self._queue
+        items = list(queue) if queue else []
+        if queue:
+            queue.clear()
         self._bytes = 0
         if self._on_space is not None:
             self._on_space()

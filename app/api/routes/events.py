@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
@@ -122,29 +121,28 @@ async def open_stream(
     else:
         for channel in channels:
             grant.require_group(channel, consumer)
-    cleanup = AsyncExitStack()
+    connection = gateway.connection()
+    connection.__enter__()
     try:
-        cleanup.enter_context(gateway.connection())
-        subscription = await cleanup.enter_async_context(
-            gateway.channel.subscribe(
-                *channels,
-                patterns=patterns,
-                # a group resumes from its own pending list; a reconnecting browser still sends
-                # its last id, which must not make the request fail
-                last_event_id=None if group else last_event_id,
-                history=history,
-                group=group,
-                consumer=consumer,
-                prefetch=prefetch,
-                start=start,
-                presence=presence,
-                member=new_member(grant.subject, "sse"),
-            )
+        subscribing = gateway.channel.subscribe(
+            *channels,
+            patterns=patterns,
+            # a group resumes from its own pending list; a reconnecting browser still sends
+            # its last id, which must not make the request fail
+            last_event_id=None if group else last_event_id,
+            history=history,
+            group=group,
+            consumer=consumer,
+            prefetch=prefetch,
+            start=start,
+            presence=presence,
+            member=new_member(grant.subject, "sse"),
         )
+        subscription = await subscribing.__aenter__()
     except BaseException:
-        await cleanup.aclose()
+        connection.__exit__(None, None, None)
         raise
-    return EventStream(gateway, subscription, cleanup, expires_at=grant.deadline())
+    return EventStream(gateway, subscription, subscribing, connection, grant.deadline())
 
 
 @router.get(
