@@ -22,7 +22,7 @@ in flight into the next one, in their order of arrival, and hands each caller it
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -34,10 +34,18 @@ if TYPE_CHECKING:
     from .event import Message
 
 
+class Settable(Protocol):
+    """A one-shot event: `anyio.Event`, or `layers.subscription.FutureWaiter` under asyncio."""
+
+    def set(self) -> None: ...
+
+    def wait(self) -> Awaitable[Any]: ...
+
+
 class _Waiter:
     __slots__ = ("done", "error", "ids", "messages")
 
-    def __init__(self, messages: Sequence[Message], done: anyio.Event) -> None:
+    def __init__(self, messages: Sequence[Message], done: Settable) -> None:
         self.messages = messages
         self.done = done
         self.ids: list[str] | None = None
@@ -48,7 +56,7 @@ class GroupCommit:
     def __init__(
         self,
         publish: Callable[[Sequence[Message]], Awaitable[list[str]]],
-        new_event: Callable[[], anyio.Event] = anyio.Event,
+        new_event: Callable[[], Settable] = anyio.Event,
     ) -> None:
         self._publish = publish
         self._new_event = new_event

@@ -70,6 +70,7 @@ from .names import (
 )
 from .subscription import (
     BacklogPolicy,
+    FutureWaiter,
     Item,
     Subscription,
     _wait_at_most,
@@ -178,17 +179,20 @@ class Channel:
         self._new_event = type(anyio.Event())
         # anyio.lowlevel.checkpoint() does the same lookup on every call; asyncio's bare yield
         # is what it amounts to there.
-        if sniffio.current_async_library() == "asyncio":
+        asyncio_backend = sniffio.current_async_library() == "asyncio"
+        if asyncio_backend:
             self._checkpoint = functools.partial(asyncio.sleep, 0)
             self._wait_at_most = _wait_at_most_asyncio  # a timer, not a cancel scope, per wait
         self._listen_lock = anyio.Lock()
         if self.layer.capabilities.cross_process:
-            self._group_commit = GroupCommit(self.layer.publish, self._new_event)
+            # a future per waiting publish under asyncio (see FutureWaiter), an Event elsewhere
+            new_waiter = FutureWaiter if asyncio_backend else self._new_event
+            self._group_commit = GroupCommit(self.layer.publish, new_waiter)
             # Keyed publishes share calls only with each other. A layer may refuse a reused key
             # after it stored the call's other messages (NATS learns of the reuse from the
             # stream); the group commit then publishes the callers one by one, and a keyed
             # message sent again is a replay, where an unkeyed one would be a second copy.
-            self._keyed_commit = GroupCommit(self._publish_keyed, self._new_event)
+            self._keyed_commit = GroupCommit(self._publish_keyed, new_waiter)
         self._token = anyio.lowlevel.current_token()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()

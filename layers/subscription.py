@@ -51,11 +51,13 @@ async def _wait_at_most_asyncio(event: anyio.Event, seconds: float) -> None:
         timer.cancel()
 
 
-class _Waiter:
-    """What a subscriber waits on under asyncio: one future, set once.
+class FutureWaiter:
+    """A one-shot event under asyncio: one future, set once (what a subscriber and a waiting
+    publish wait on there).
 
     An `anyio.Event` there is an `asyncio.Event` inside a wrapper, with a deque of waiters: about
-    a kilobyte for the one waiter a subscriber ever has, held by every idle subscriber.
+    a kilobyte for the one waiter a subscriber ever has, held by every idle subscriber; and its
+    wait looks the running loop up again, a `getpid` system call per wait on Python 3.11.
     """
 
     __slots__ = ("_future",)
@@ -146,7 +148,9 @@ class Subscription:
         self._head: list[Item] = []  # replayed events and gap notices come first
         self._held: list[Event] | None = None  # live events held back while replaying
         self._waiter: _Settable | None = None
-        self._new_waiter: Callable[[], anyio.Event | _Waiter] | None = None  # at the first wait
+        self._new_waiter: Callable[[], anyio.Event | FutureWaiter] | None = (
+            None  # at the first wait
+        )
         self._woken = False
         self._taken_at = -math.inf  # when `next_batch` last returned events
         self._pacing: anyio.Event | None = None  # set to end the wait for BATCH_INTERVAL
@@ -365,10 +369,10 @@ class Subscription:
                 await self._core._wait_at_most(self._pacing, wait)
                 self._pacing = None
 
-    def _waiters(self) -> Callable[[], anyio.Event | _Waiter]:
+    def _waiters(self) -> Callable[[], anyio.Event | FutureWaiter]:
         """What this subscriber's waits are made of, looked up once (in its first wait)."""
         if sniffio.current_async_library() == "asyncio":
-            self._new_waiter = _Waiter
+            self._new_waiter = FutureWaiter
         else:
             self._new_waiter = self._core._new_event
         return self._new_waiter
