@@ -96,19 +96,20 @@ class Metrics(ChannelObserver):
             ["layer"],
             registry=registry,
         ).labels(layer)
-        for transport in TRANSPORTS:  # every series exists from start-up, at zero
-            self.delivered(transport)
-            self.dropped(transport)
-            self.subscribers(transport)
+        # Every series exists from start-up, at zero; each transport's is looked up once here,
+        # not on every write (`labels` takes a lock and builds the key each call).
+        self._delivered_by = {t: self._delivered.labels(t, layer) for t in TRANSPORTS}
+        self._dropped_by = {t: self._dropped.labels(t, layer) for t in TRANSPORTS}
+        self._subscribers_by = {t: self._subscribers.labels(t, layer) for t in TRANSPORTS}
 
     def delivered(self, transport: str) -> Counter:
-        return self._delivered.labels(transport, self.layer)
+        return self._delivered_by[transport]
 
     def dropped(self, transport: str) -> Counter:
-        return self._dropped.labels(transport, self.layer)
+        return self._dropped_by[transport]
 
     def subscribers(self, transport: str) -> Gauge:
-        return self._subscribers.labels(transport, self.layer)
+        return self._subscribers_by[transport]
 
     def exposition(self) -> bytes:
         """The Prometheus text for `/metrics`: every worker's values under gunicorn."""

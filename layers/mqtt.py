@@ -279,14 +279,11 @@ class MQTTLayer(MQTTGroups):
         return ids
 
     async def broadcast(self, blob: bytes) -> None:
-        client = self._client
-        if client is None:
+        pubacks = self._pubacks
+        if pubacks is None:
             raise self._unavailable("is not connected (reconnecting)")
         payload = f"{self._epoch}-{next(self._sequence)}\n".encode() + blob
-        try:
-            await client.publish(self._broadcast_topic, payload, qos=1, timeout=self.timeout)
-        except aiomqtt.MqttError as exc:
-            raise self._unavailable("did not acknowledge a control message", exc) from None
+        await pubacks.publish([(self._broadcast_topic, payload)])
 
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         async with self._lock:

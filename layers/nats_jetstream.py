@@ -147,8 +147,8 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         self._channels: set[str] = set()
         self._patterns: dict[str, Any] = {}  # subscribed glob -> its matcher
         self._delivered = 0  # the live consumer has handed on every sequence up to this one
-        self._progress = anyio.Event()  # set (and replaced) when `_delivered` moves, if awaited
-        self._progress_waiters = 0
+        # made by a waiter, set (and dropped) when `_delivered` moves: none while nobody waits
+        self._progress: anyio.Event | None = None
         self._connected = False
         self._closing = False
         self._lost = anyio.Event()  # set when the connection drops, replaced when it is back
@@ -383,9 +383,9 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
             event = decode(seq, msg)
             if event is not None:
                 self._sink.deliver(event)
-        if self._progress_waiters:  # a new anyio.Event costs a backend lookup: only when awaited
-            self._progress.set()
-            self._progress = anyio.Event()
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.set()
 
     def _wants(self, channel: str) -> bool:
         return channel in self._channels or any(m(channel) for m in self._patterns.values())
@@ -580,10 +580,8 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         those the replay contained; an event the live consumer delivered later would be a
         duplicate.
         """
-        self._progress_waiters += 1
-        try:
-            with anyio.move_on_after(self.publish_timeout):
-                while self._delivered < seq:
-                    await self._progress.wait()
-        finally:
-            self._progress_waiters -= 1
+        with anyio.move_on_after(self.publish_timeout):
+            while self._delivered < seq:
+                if self._progress is None:
+                    self._progress = anyio.Event()
+                await self._progress.wait()
