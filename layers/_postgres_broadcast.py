@@ -6,6 +6,11 @@ message is not). Each process's listener hears the notification and one task rea
 id order. Rows are not kept: the layer's cleanup deletes those older than `KEEP_SECONDS`, and
 being UNLOGGED they cost no WAL. The table is no channel's, so no history, replay, group or
 pattern subscription ever reads it.
+
+Control messages and messages keep their notification order, though different tasks read them: a
+control message waits until the messages notified before it are handed on, and messages notified
+after it wait until it is (`_advance` holds them while one is unread). So a publish, a pattern
+publish and a publish again reach every process in that order.
 """
 
 from __future__ import annotations
@@ -29,8 +34,22 @@ KEEP_SECONDS = 60.0  # how long a control message's row is kept for a listener t
 class PostgresBroadcasts(PostgresConnections):
     """The control-message half of `PostgresLayer`."""
 
-    _arrived: list[int]
+    _arrived: list[tuple[int, int]]  # (row id, newest message id notified before it)
+    _newest: int
+    _last_seen: int
     _broadcast_wakeup: anyio.Event
+    _unread_broadcasts: int  # notified, not handed on yet
+    _held_newest: int  # the newest message id notified meanwhile
+
+    def _advance(self, newest: int) -> None: ...  # the message reader's (`PostgresLayer`)
+
+    async def _handed_on_up_to(self, newest: int) -> None: ...  # the same, once it read `newest`
+
+    def _broadcasts_handed_on(self, count: int) -> None:
+        self._unread_broadcasts -= count
+        if not self._unread_broadcasts and self._held_newest:
+            held, self._held_newest = self._held_newest, 0
+            self._advance(held)
 
     def _broadcast_statements(self) -> tuple[str, str, str]:
         p = self.table_prefix
@@ -64,7 +83,8 @@ class PostgresBroadcasts(PostgresConnections):
     def _broadcast_arrived(self, argument: str) -> None:
         """From the listener: the row of a control message was committed."""
         if argument.isdigit():
-            self._arrived.append(int(argument))
+            self._arrived.append((int(argument), self._newest))
+            self._unread_broadcasts += 1
             self._broadcast_wakeup.set()
 
     async def _receive_broadcasts(self, sink: Sink) -> None:
@@ -73,16 +93,20 @@ class PostgresBroadcasts(PostgresConnections):
         while True:
             await self._broadcast_wakeup.wait()
             self._broadcast_wakeup = anyio.Event()
-            ids, self._arrived = self._arrived, []
+            arrived, self._arrived = self._arrived, []
+            ids = [id for id, _ in arrived]
             try:
                 async with self._connection() as connection:
                     rows = await connection.fetch(read, ids)
+                await self._handed_on_up_to(max(before for _, before in arrived))
             except LayerUnavailable as exc:  # live only: those are lost, as in a disconnection
                 logger.warning("reading %d control messages failed: %s", len(ids), exc.detail)
                 sink.layer_error(exc)
+                self._broadcasts_handed_on(len(ids))
                 continue
             for row in rows:
                 sink.broadcast(row["blob"])
+            self._broadcasts_handed_on(len(ids))
 
     async def _forget_broadcasts(self, connection: Any) -> None:
         """Part of the layer's cleanup: rows every listener had time to read."""

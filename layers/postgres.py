@@ -158,8 +158,11 @@ class PostgresLayer(PostgresBroadcasts, PostgresGroups):
         self._dirty: set[str] = set()  # channels published to since the last cleanup
         self._published_since_cleanup = 0
         self._cleanup_due = anyio.Event()
-        self._arrived: list[int] = []  # control messages notified, not read yet
+        self._arrived: list[tuple[int, int]] = []  # control messages notified, not read yet
+        self._progress: anyio.Event | None = None  # made by a waiter, set when `_last_seen` moves
         self._broadcast_wakeup = anyio.Event()
+        self._unread_broadcasts = 0
+        self._held_newest = 0
 
     # -- lifetime --------------------------------------------------------------------------------
 
@@ -205,6 +208,7 @@ class PostgresLayer(PostgresBroadcasts, PostgresGroups):
                 self._advance(newest)  # the reader delivers what was committed meanwhile
             else:
                 self._last_seen = self._newest = newest  # live delivery starts now
+                self._moved()
                 self._positioned = True
             self._listener = connection
             self._listening = True
@@ -259,6 +263,9 @@ class PostgresLayer(PostgresBroadcasts, PostgresGroups):
             self._advance(int(kind))
 
     def _advance(self, newest: int) -> None:
+        if self._unread_broadcasts:  # a control message notified before these goes first
+            self._held_newest = max(self._held_newest, newest)
+            return
         if newest > self._newest:
             self._newest = newest
             self._wakeup.set()
@@ -317,6 +324,20 @@ class PostgresLayer(PostgresBroadcasts, PostgresGroups):
                 self._last_seen = rows[-1]["id"] if len(rows) == _READ_BATCH else newest
             else:
                 self._last_seen = newest
+            self._moved()
+
+    def _moved(self) -> None:
+        """`_last_seen` moved: wake whoever waits for it (`_handed_on_up_to`)."""
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.set()
+
+    async def _handed_on_up_to(self, newest: int) -> None:
+        """Until every message up to `newest` was handed to the sink."""
+        while self._last_seen < newest:
+            if self._progress is None:
+                self._progress = anyio.Event()
+            await self._progress.wait()
 
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         """Effective at once: the one LISTEN covers every channel; this only widens the read."""
