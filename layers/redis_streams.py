@@ -291,7 +291,9 @@ class RedisStreamsLayer(StreamGroups):
         if self._broadcast_cursor is None:  # from now on: control messages are live only
             with self.unavailable():
                 seconds, micros = await self.redis.time()
-            self._broadcast_cursor = (seconds * 1000 + micros // 1000, 0)
+            # XREAD reads after the cursor, and a control message added within this very
+            # millisecond has the id (now, 0): the cursor starts a millisecond back
+            self._broadcast_cursor = (seconds * 1000 + micros // 1000 - 1, 0)
         if self._control_cursor > clock or any(c > clock for c in self._cursors.values()):
             logger.warning("Redis at %s lost data (restarted?); reading from %s", self.where, clock)
             self._control_cursor = min(self._control_cursor, clock)
