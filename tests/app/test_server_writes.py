@@ -1,5 +1,5 @@
-"""How the server writes a response: its head leaves with the first part of its body, in one write
-(`app.server.HeadWithBody`), and never waits longer than the loop iteration it was written in."""
+"""How the server writes: what a connection is sent in one turn of the event loop leaves in one
+write at the next turn (`app.server.CoalescedWrites`), in order, and never waits longer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import anyio
 import orjson
 import pytest
 
-from app.server import HeadWithBody
+from app.server import FLUSH_AT, CoalescedWrites
 from tests.app.conftest import free_port
 from tests.app.processes import running, wait_serving
 
@@ -24,6 +24,7 @@ class Recorder(asyncio.Transport):
         super().__init__()
         self.calls: list[tuple[bytes, ...]] = []
         self.closed = False
+        self.eof = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.calls.append((bytes(data),))
@@ -37,38 +38,50 @@ class Recorder(asyncio.Transport):
     def close(self) -> None:
         self.closed = True
 
+    def write_eof(self) -> None:
+        self.eof = True
 
-def test_head_and_body_leave_in_one_call() -> None:
+
+def test_writes_of_one_turn_leave_together_at_the_next() -> None:
     async def main() -> None:
         transport = Recorder()
-        joined = HeadWithBody(transport, asyncio.get_running_loop())
-        joined.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        held = CoalescedWrites(transport, asyncio.get_running_loop())
+        held.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        held.write(bytearray(b"body"))
+        held.writelines([b"more"])
         assert transport.calls == []
-        joined.write(b"body")
-        joined.write(b"more")
-        assert transport.calls == [(b"HTTP/1.1 200 OK\r\n\r\n", b"body"), (b"more",)]
-        await asyncio.sleep(0)  # the scheduled flush finds nothing left to send
-        assert len(transport.calls) == 2
+        await asyncio.sleep(0)
+        assert transport.calls == [(b"HTTP/1.1 200 OK\r\n\r\n", b"body", b"more")]
+        held.write(b"event")  # a later turn's writes are held again, for one turn
+        assert len(transport.calls) == 1
+        await asyncio.sleep(0)
+        assert transport.calls[-1] == (b"event",)
 
     asyncio.run(main())
 
 
-def test_a_head_without_body_leaves_at_the_next_loop_iteration() -> None:
+def test_close_and_eof_send_what_is_held_first_and_large_writes_go_at_once() -> None:
     async def main() -> None:
-        transport = Recorder()
-        joined = HeadWithBody(transport, asyncio.get_running_loop())
-        joined.write(b"HTTP/1.1 200 OK\r\n\r\n")
-        await asyncio.sleep(0)
-        assert transport.calls == [(b"HTTP/1.1 200 OK\r\n\r\n",)]
-        joined.write(b"event")
-        assert transport.calls[-1] == (b"event",)
-
         closing = Recorder()
-        joined = HeadWithBody(closing, asyncio.get_running_loop())
-        joined.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
-        joined.close()  # an app that failed after starting its response: the head still goes
+        held = CoalescedWrites(closing, asyncio.get_running_loop())
+        held.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+        held.close()  # an app that failed after starting its response: the head still goes
         assert closing.calls == [(b"HTTP/1.1 500 Internal Server Error\r\n\r\n",)]
         assert closing.closed
+        await asyncio.sleep(0)  # the scheduled send finds nothing left
+        assert len(closing.calls) == 1
+
+        transport = Recorder()
+        held = CoalescedWrites(transport, asyncio.get_running_loop())
+        held.write(b"frame")
+        held.write_eof()
+        assert transport.calls == [(b"frame",)] and transport.eof
+
+        transport = Recorder()
+        held = CoalescedWrites(transport, asyncio.get_running_loop())
+        held.write(b"head")
+        held.write(b"x" * FLUSH_AT)  # past the bound: sent now, under the transport's flow control
+        assert transport.calls == [(b"head", b"x" * FLUSH_AT)]
 
     asyncio.run(main())
 
