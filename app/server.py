@@ -7,8 +7,8 @@ forever, and enough of them exhaust the process's file descriptors. So this prot
 uvicorn as `http=` by `python -m app` and the gunicorn configuration:
 
 - closes a connection whose request headers are not complete `GATEWAY_HEADER_TIMEOUT_SECONDS`
-  after it opened (or after the first byte of a following request on a kept-alive connection),
-  with a 408 answer;
+  after it opened (or after the read that brought the start of a following request on a
+  kept-alive connection, if its headers were not all in it), with a 408 answer;
 - answers 503 and closes at once a connection that would make more than `GATEWAY_MAX_SOCKETS`
   open in this process (requests, streams, WebSockets and unfinished requests alike).
 
@@ -57,6 +57,7 @@ def limits() -> tuple[float, int]:
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
+    _in_headers = False  # a request has begun and its headers are not all in
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -68,12 +69,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         self._start_header_timer()
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        if self._header_timer is None:  # the next request of a kept-alive connection
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # The next request of a kept-alive connection gets its timer only when this read did
+        # not bring all of its headers: most requests arrive whole and cost no timer.
+        if self._in_headers and self._header_timer is None:
             self._start_header_timer()
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_headers = True
+
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         self._stop_header_timer()
         super().on_headers_complete()
 

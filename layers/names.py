@@ -31,13 +31,17 @@ _NAME_RULE = (
 
 def validate_channel(name: str) -> str:
     """Return `name` if it is a valid channel name, else raise `InvalidArgument`."""
-    if (
-        not isinstance(name, str)
-        or len(name.removesuffix(DEAD_LETTER_SUFFIX)) > MAX_NAME_LENGTH
-        or not _NAME.fullmatch(name)
-    ):
+    if not isinstance(name, str) or not _is_channel(name):
         raise InvalidArgument(f"invalid channel name {name!r}: use {_NAME_RULE}")
     return name
+
+
+@lru_cache(maxsize=4096)  # every publish checks its channel's name, mostly one seen before
+def _is_channel(name: str) -> bool:
+    return (
+        len(name.removesuffix(DEAD_LETTER_SUFFIX)) <= MAX_NAME_LENGTH
+        and _NAME.fullmatch(name) is not None
+    )
 
 
 def validate_pattern(pattern: str) -> str:

@@ -45,10 +45,15 @@ async def until_closed(stream: SocketStream) -> bytes:
                 return received
 
 
-async def dribble(port: int, closed_after: list[float]) -> None:
-    """A slowloris client: a request line, then one header line every 0.2 s, never the end."""
+async def dribble(port: int, closed_after: list[float], kept_alive: bool = False) -> None:
+    """A slowloris client: a request line, then one header line every 0.2 s, never the end;
+    `kept_alive`: after a whole request answered on the same connection."""
     started = time.monotonic()
     async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        if kept_alive:
+            await stream.send(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            with anyio.fail_after(5):
+                assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
 
         async def send_slowly() -> None:
             try:
@@ -82,11 +87,12 @@ async def test_slow_headers_are_cut_and_sockets_have_a_ceiling(server: str, tmp_
     with running([sys.executable, *SERVERS[server]], log, env) as process:
         await wait_serving(url, process, log)
 
-        # 20 slowloris clients are cut after the header timeout; meanwhile the gateway answers
+        # 20 slowloris clients, half of them on a kept-alive connection, are cut after the
+        # header timeout; meanwhile the gateway answers
         closed_after: list[float] = []
         async with anyio.create_task_group() as tasks:
-            for _ in range(20):
-                tasks.start_soon(dribble, port, closed_after)
+            for index in range(20):
+                tasks.start_soon(dribble, port, closed_after, index % 2 == 1)
             await anyio.sleep(0.3)
             assert await healthz(url) == 200
         assert len(closed_after) == 20

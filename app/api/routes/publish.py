@@ -84,10 +84,14 @@ async def publish_one(
         except UnicodeDecodeError:
             raise ApiError(400, "invalid_text", "a text/plain body must be UTF-8") from None
     else:
-        body = PublishRequest.read(await read_json_object(request, limit, kind))
-        data = body.data
-        if "event" in body.model_fields_set:  # the body's own `event`, even null, wins
-            event = body.event
+        fields = await read_json_object(request, limit, kind)
+        if len(fields) == 1 and "data" in fields:  # the usual body: nothing else to check
+            data = fields["data"]
+        else:
+            body = PublishRequest.read(fields)
+            data = body.data
+            if "event" in body.model_fields_set:  # the body's own `event`, even null, wins
+                event = body.event
     message = make_message(channel, data, event, idempotency_key)
     (message_id,) = await gateway.channel.publish_messages([message])
     response = json_response(published(channel, message_id))
