@@ -37,11 +37,12 @@ from layers import (
     create_layer,
     make_message,
 )
+from layers._mqtt import MAX_PACKED_BYTES, MAX_PACKED_MESSAGES
 from layers.mqtt import (
     MQTTLayer,
     channel_of,
     decode_payload,
-    encode_payload,
+    encode_packets,
     filter_for,
     topic_for,
 )
@@ -110,16 +111,47 @@ def test_every_channel_a_pattern_matches_passes_its_filter(pattern: str, name: s
 
 def test_payload_carries_id_and_message() -> None:
     message = make_message("a.b", {"x": [1, 2]}, "chat")
-    event = decode_payload(encode_payload("abc-7", message))
-    assert event is not None
-    assert (event.id, event.channel, event.event, event.data) == (
-        "abc-7",
-        "a.b",
-        "chat",
-        {"x": [1, 2]},
-    )
-    assert decode_payload(b"published by something else") is None
-    assert decode_payload(b"id\nnot json") is None
+    ((topic, payload, properties),) = encode_packets("gw/", ["abc-7"], [message])
+    assert (topic, properties) == ("gw/a/b", None)  # one message: a plain payload, as ever
+    assert payload == b"abc-7\n" + message.to_wire()
+    events = decode_payload(payload, properties)
+    assert events is not None
+    assert [(e.id, e.channel, e.event, e.data) for e in events] == [
+        ("abc-7", "a.b", "chat", {"x": [1, 2]})
+    ]
+    assert decode_payload(b"published by something else", None) is None
+    assert decode_payload(b"id\nnot json", None) is None
+
+
+def test_runs_of_one_topic_are_packed_in_order() -> None:
+    messages = [make_message(c, n) for n, c in enumerate(["a", "a", "a", "b", "a", "a"])]
+    ids = [f"e-{n}" for n in range(len(messages))]
+    packets = encode_packets("gw/", ids, messages)
+    assert [(topic, props is not None) for topic, _, props in packets] == [
+        ("gw/a", True),
+        ("gw/b", False),
+        ("gw/a", True),
+    ]  # runs in the batch's order, not regrouped by topic
+    decoded = [decode_payload(payload, props) or [] for _, payload, props in packets]
+    assert [[(e.id, e.data) for e in events] for events in decoded] == [
+        [("e-0", 0), ("e-1", 1), ("e-2", 2)],
+        [("e-3", 3)],
+        [("e-4", 4), ("e-5", 5)],
+    ]
+    _, packed, properties = packets[0]
+    assert decode_payload(packed[:-1], properties) is None  # cut short
+    assert decode_payload(packed, None) is None  # not read as one message without its marker
+
+
+def test_packets_are_bounded_in_bytes_and_messages() -> None:
+    big = [make_message("a", "x" * (MAX_PACKED_BYTES // 3)) for _ in range(7)]
+    packets = encode_packets("gw/", [f"e-{n}" for n in range(7)], big)
+    assert [len(decode_payload(p, props) or []) for _, p, props in packets] == [2, 2, 2, 1]
+    assert all(len(payload) <= MAX_PACKED_BYTES for _, payload, _ in packets)
+    many = [make_message("a", n) for n in range(2 * MAX_PACKED_MESSAGES + 1)]
+    packets = encode_packets("gw/", [f"e-{n}" for n in range(len(many))], many)
+    sizes = [len(decode_payload(p, props) or []) for _, p, props in packets]
+    assert sizes == [MAX_PACKED_MESSAGES, MAX_PACKED_MESSAGES, 1]
 
 
 def test_url_options_and_their_errors() -> None:
