@@ -217,7 +217,7 @@ class _Batch:
 
 
 class Pubacks:
-    """QoS 1 publishing on one connection, with one waiter per batch instead of one per message.
+    """QoS 1 publishing on one connection, with one waiter per batch instead of one per packet.
 
     paho writes the PUBLISHes in call order and reports each PUBACK through its `on_publish`
     callback, on the event loop, while it reads the socket: never during `publish`, which only
@@ -225,7 +225,7 @@ class Pubacks:
     batch's future at the last one; a PUBACK for any other packet id (aiomqtt's own `publish`)
     goes on to the callback aiomqtt installed. A batch fails at once when `close` is called (the
     connection ended: its PUBACKs will never come) and after `timeout` seconds; a PUBACK with a
-    failure reason code (the broker refused the message) fails it too, once every PUBACK is in.
+    failure reason code (the broker refused a packet) fails it too, once every PUBACK is in.
     """
 
     def __init__(

@@ -124,12 +124,11 @@ class _Packet:
     """A PUBLISH the session received: its messages are pending entries, each acked on its own,
     and its PUBACK waits until every one of them is."""
 
-    __slots__ = ("key", "mid", "unacked")
+    __slots__ = ("key", "unacked")
 
     def __init__(self, key: str, unacked: int) -> None:
         self.key = key  # the id of its first message: the same in a resent copy
         self.unacked = unacked
-        self.mid: int | None = None  # its packet id on the current connection, while it lasts
 
 
 @dataclass
@@ -192,8 +191,6 @@ class GroupSession(PendingTable[_Entry]):
             self.connected = False
             self._paho = None
             self.receipts.clear()
-            for packet in self.packets.values():
-                packet.mid = None
 
     def _on_message(self, client: PahoClient, userdata: Any, message: MQTTMessage) -> None:
         mid = message.mid if message.qos > 0 else None
@@ -216,12 +213,9 @@ class GroupSession(PendingTable[_Entry]):
         self._received(mid, packet)
 
     def _received(self, mid: int | None, packet: _Packet | None) -> None:
-        if mid is None:
-            return
-        if packet is not None:
-            packet.mid = mid
-        self.receipts[mid] = packet
-        self._send_pubacks()
+        if mid is not None:
+            self.receipts[mid] = packet
+            self._send_pubacks()
 
     def _send_pubacks(self) -> None:
         """Send every PUBACK whose packet is acked and no longer behind an unacked one."""
