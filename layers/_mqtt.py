@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import tempfile
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -41,7 +42,7 @@ from .names import is_pattern
 logger = logging.getLogger("layers.mqtt")
 
 _RESERVED = frozenset("+#/$\0")
-RECEIVE_MAXIMUM = 1000  # group messages a session may hold unacked; the broker may allow fewer
+RECEIVE_MAXIMUM = 1000  # PUBLISHes a group session may hold unacked; the broker may allow fewer
 _KEEPALIVE = 30
 
 
@@ -73,18 +74,74 @@ def channel_of(prefix: str, topic: str) -> str | None:
     return topic[len(prefix) :].replace("/", ".")
 
 
-def encode_payload(id: str, message: Message) -> bytes:
-    return id.encode() + b"\n" + message.to_wire()
+PACKED = "application/vnd.channels-gateway.packed"  # the ContentType of a packed PUBLISH
+MAX_PACKED_BYTES = 256 * 1024  # payload of a packed PUBLISH, beyond which a run is split
+MAX_PACKED_MESSAGES = 100  # messages in a packed PUBLISH
+_FRAME = struct.Struct(">HI")  # a packed message's id length and wire blob length
+_PACKED_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+_PACKED_PROPERTIES.ContentType = PACKED
+
+Packet = tuple[str, bytes, Properties | None]  # topic, payload, PUBLISH properties
 
 
-def decode_payload(payload: bytes | bytearray) -> Event | None:
-    """The event in a payload `encode_payload` made; None for anything else on the topic."""
-    id, newline, blob = payload.partition(b"\n")
-    if not newline:
-        return None
+def encode_packets(prefix: str, ids: Sequence[str], messages: Sequence[Message]) -> list[Packet]:
+    """The PUBLISHes of a batch, in order: one per run of consecutive messages on one topic.
+
+    A run of one message is a plain payload, `<id>\\n<wire blob>`. A longer one is packed: its
+    ContentType is `PACKED` and its payload is, for each message, a `_FRAME` (the lengths of its
+    id and wire blob), the id and the wire blob. A run is split where a packet would exceed
+    `MAX_PACKED_BYTES` or `MAX_PACKED_MESSAGES`. Runs follow the batch's order, never regrouped
+    by topic, so a pattern subscriber still sees one publisher's messages in id order across
+    channels. Raises `InvalidArgument` for a channel MQTT cannot carry, before anything is sent.
+    """
+    runs: list[tuple[str, list[tuple[bytes, bytes]]]] = []  # topic, (id, wire blob)s
+    size = 0  # of the last run's packed payload
+    for id, message in zip(ids, messages, strict=True):
+        topic = topic_for(prefix, message.channel)
+        raw_id, blob = id.encode(), message.to_wire()
+        frame_size = _FRAME.size + len(raw_id) + len(blob)
+        if (
+            runs
+            and runs[-1][0] == topic
+            and len(runs[-1][1]) < MAX_PACKED_MESSAGES
+            and size + frame_size <= MAX_PACKED_BYTES
+        ):
+            runs[-1][1].append((raw_id, blob))
+            size += frame_size
+        else:
+            runs.append((topic, [(raw_id, blob)]))
+            size = frame_size
+    return [
+        (topic, run[0][0] + b"\n" + run[0][1], None)
+        if len(run) == 1
+        else (
+            topic,
+            b"".join(_FRAME.pack(len(raw_id), len(blob)) + raw_id + blob for raw_id, blob in run),
+            _PACKED_PROPERTIES,
+        )
+        for topic, run in runs
+    ]
+
+
+def decode_payload(payload: bytes | bytearray, properties: Properties | None) -> list[Event] | None:
+    """The events of a PUBLISH that `encode_packets` made, in order (its `properties` say whether
+    it is packed); None for anything else on the topic."""
     try:
-        return Event.from_wire(id.decode(), bytes(blob))
-    except (ValueError, KeyError, TypeError):  # JSON and UTF-8 errors are ValueErrors
+        if getattr(properties, "ContentType", None) != PACKED:
+            raw_id, newline, blob = payload.partition(b"\n")
+            return [Event.from_wire(raw_id.decode(), bytes(blob))] if newline else None
+        events = []
+        offset = 0
+        while offset < len(payload):
+            id_size, blob_size = _FRAME.unpack_from(payload, offset)
+            start = offset + _FRAME.size
+            offset = start + id_size + blob_size
+            if offset > len(payload):
+                return None  # cut short
+            id = payload[start : start + id_size].decode()
+            events.append(Event.from_wire(id, bytes(payload[start + id_size : offset])))
+        return events or None
+    except (ValueError, KeyError, TypeError, struct.error):  # JSON and UTF-8 errors: ValueErrors
         return None
 
 
@@ -160,7 +217,7 @@ class _Batch:
 
 
 class Pubacks:
-    """QoS 1 publishing on one connection, with one waiter per batch instead of one per message.
+    """QoS 1 publishing on one connection, with one waiter per batch instead of one per packet.
 
     paho writes the PUBLISHes in call order and reports each PUBACK through its `on_publish`
     callback, on the event loop, while it reads the socket: never during `publish`, which only
@@ -168,7 +225,7 @@ class Pubacks:
     batch's future at the last one; a PUBACK for any other packet id (aiomqtt's own `publish`)
     goes on to the callback aiomqtt installed. A batch fails at once when `close` is called (the
     connection ended: its PUBACKs will never come) and after `timeout` seconds; a PUBACK with a
-    failure reason code (the broker refused the message) fails it too, once every PUBACK is in.
+    failure reason code (the broker refused a packet) fails it too, once every PUBACK is in.
     """
 
     def __init__(
@@ -196,8 +253,8 @@ class Pubacks:
 
         paho.on_publish = on_publish
 
-    async def publish(self, packets: Sequence[tuple[str, bytes]]) -> None:
-        """Publish `(topic, payload)` packets at QoS 1, in order; return once all are PUBACKed.
+    async def publish(self, packets: Sequence[Packet]) -> None:
+        """Publish packets at QoS 1, in order; return once all are PUBACKed.
 
         Raises `LayerUnavailable` when paho cannot send one (not connected), when the connection
         ends or the timeout passes before every PUBACK came, and when the broker refused one.
@@ -211,8 +268,8 @@ class Pubacks:
         mids = batch.mids
         publish = self._paho.publish
         try:
-            for topic, payload in packets:
-                info = publish(topic, payload, 1)
+            for topic, payload, properties in packets:
+                info = publish(topic, payload, 1, properties=properties)
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     raise self._unavailable(f"refused a publish ({error_string(info.rc)})")
                 awaited[info.mid] = batch

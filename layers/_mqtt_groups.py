@@ -1,18 +1,18 @@
 """MQTT consumer groups: a persistent session per (channel, group) in each process.
 
-See `layers.mqtt` for the design: shared subscriptions (`$share/<group>/<topic>`), PUBACKs sent
-by hand once a message is acked and in the order MQTT requires, and group state kept in this
-process in a `layers._pending.PendingTable`.
+See `layers.mqtt` for the design: shared subscriptions (`$share/<group>/<topic>`), each message
+of a packed PUBLISH a pending entry of its own, the packet's PUBACK sent by hand once all of them
+are acked and in the order MQTT requires, and group state kept in this process in a
+`layers._pending.PendingTable`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -120,10 +120,20 @@ class MQTTGroups(MQTTConnections):
         return self._group(channel, group).info()
 
 
+class _Packet:
+    """A PUBLISH the session received: its messages are pending entries, each acked on its own,
+    and its PUBACK waits until every one of them is."""
+
+    __slots__ = ("key", "unacked")
+
+    def __init__(self, key: str, unacked: int) -> None:
+        self.key = key  # the id of its first message: the same in a resent copy
+        self.unacked = unacked
+
+
 @dataclass
 class _Entry(PendingEntry):
-    # The packet id on the current connection; None once that connection is gone.
-    mid: int | None = None
+    packet: _Packet = field(kw_only=True)  # the PUBLISH that brought it
 
 
 class GroupSession(PendingTable[_Entry]):
@@ -135,9 +145,13 @@ class GroupSession(PendingTable[_Entry]):
         self.client_id = layer._group_client_id(channel, group)
         self.filter = f"$share/{group}/{topic_for(layer.topic_prefix, channel)}"
         self.fresh: OrderedDict[str, _Entry] = OrderedDict()  # received, not handed out yet
-        # Packet ids of this connection in the order their PUBLISHes arrived -> acked yet.
-        self.receipts: OrderedDict[int, bool] = OrderedDict()
-        # Acked ids whose PUBACK may not have reached the broker: PUBACKed again if resent.
+        # Packets with unacked messages, by key; they outlive a connection, as their entries do.
+        self.packets: dict[str, _Packet] = {}
+        # Packet ids of this connection in the order their PUBLISHes arrived -> their packets
+        # (None: nothing to wait for).
+        self.receipts: OrderedDict[int, _Packet | None] = OrderedDict()
+        # Keys of acked packets whose PUBACK may not have reached the broker: PUBACKed again if
+        # resent.
         self.acked = RecentIds(2 * RECEIVE_MAXIMUM)
         self._paho: PahoClient | None = None
         self.connected = False
@@ -173,42 +187,41 @@ class GroupSession(PendingTable[_Entry]):
                 await self.layer._until_disconnected(client)
         finally:
             # Packet ids die with the connection; the broker resends what it has not had a
-            # PUBACK for, and `_on_message` matches those to the entries by id.
+            # PUBACK for, and `_on_message` matches those to their packets by key.
             self.connected = False
             self._paho = None
             self.receipts.clear()
-            for entry in itertools.chain(self.fresh.values(), self.pending.values()):
-                entry.mid = None
 
     def _on_message(self, client: PahoClient, userdata: Any, message: MQTTMessage) -> None:
         mid = message.mid if message.qos > 0 else None
-        if mid is not None:
-            self.receipts[mid] = False
-        event = decode_payload(message.payload)
-        if event is None:
+        events = decode_payload(message.payload, message.properties)
+        if events is None:
             logger.warning("dropping a message on %s that no gateway published", message.topic)
-            self._acknowledge(mid)
+            self._received(mid, None)
             return
-        if event.id in self.acked:
-            self._acknowledge(mid)
-            return
-        held = self.pending.get(event.id) or self.fresh.get(event.id)
-        if held is not None:
-            held.mid = mid
-            return
-        # A resent message counts as delivered once before (MQTT only says DUP, not how often).
-        self.fresh[event.id] = _Entry(event, deliveries=1 if message.dup else 0, mid=mid)
-        if self.layer._sink is not None:
-            self.layer._sink.wake(self.channel)
+        key = events[0].id
+        packet = self.packets.get(key)
+        if packet is None and key not in self.acked:
+            packet = self.packets[key] = _Packet(key, len(events))
+            # A resent message counts as delivered once before (MQTT only says DUP, not how often).
+            deliveries = 1 if message.dup else 0
+            for event in events:
+                self.fresh[event.id] = _Entry(event, deliveries=deliveries, packet=packet)
+            if self.layer._sink is not None:
+                self.layer._sink.wake(self.channel)
+        # else resent: its unacked messages are still held here, its acked ones are not again
+        self._received(mid, packet)
 
-    def _acknowledge(self, mid: int | None) -> None:
-        """Mark a packet acked and send every PUBACK that is no longer behind an unacked one."""
-        if mid is None or mid not in self.receipts:
-            return
-        self.receipts[mid] = True
+    def _received(self, mid: int | None, packet: _Packet | None) -> None:
+        if mid is not None:
+            self.receipts[mid] = packet
+            self._send_pubacks()
+
+    def _send_pubacks(self) -> None:
+        """Send every PUBACK whose packet is acked and no longer behind an unacked one."""
         while self.receipts:
-            first, done = next(iter(self.receipts.items()))
-            if not done:
+            first, packet = next(iter(self.receipts.items()))
+            if packet is not None and packet.unacked:
                 break
             del self.receipts[first]
             if self._paho is not None:
@@ -219,9 +232,14 @@ class GroupSession(PendingTable[_Entry]):
         return self.hand_out(fresh, consumer)
 
     def acknowledge(self, ids: Sequence[str]) -> list[str]:
-        """Ack group messages; their PUBACKs go out as MQTT's order allows."""
+        """Ack group messages; a packet's PUBACK goes once all its messages are acked, as MQTT's
+        order allows."""
         acked = self.ack(ids)
         for entry in acked:
-            self.acked.add(entry.event.id)
-            self._acknowledge(entry.mid)
+            packet = entry.packet
+            packet.unacked -= 1
+            if not packet.unacked:
+                del self.packets[packet.key]
+                self.acked.add(packet.key)
+                self._send_pubacks()
         return [entry.event.id for entry in acked]

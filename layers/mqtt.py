@@ -11,9 +11,17 @@ Design decisions:
   sees messages a local subscription wants.
 - Ids. MQTT has no server-side ids, so the publishing layer assigns `<epoch>-<sequence>`: the epoch
   is unique per layer instance and the sequence counts up, so ids are unique, and ordered per
-  channel for each publishing process (not across publishers). A payload is `<id>\\n<wire blob>`.
+  channel for each publishing process (not across publishers).
+- Payloads. A PUBLISH carrying one message has the payload `<id>\\n<wire blob>`. A batch's run of
+  consecutive messages on one topic goes as one packed PUBLISH (`_mqtt.encode_packets`): its
+  MQTT 5 ContentType is `_mqtt.PACKED`, so it is never taken for one message, and its payload
+  frames each message's id and wire blob with their lengths. A packet holds at most
+  `MAX_PACKED_MESSAGES` messages and `MAX_PACKED_BYTES` of payload (a larger message goes alone);
+  runs are cut at each change of topic, not regrouped, so ids stay in publish order across
+  channels. Listener and group sessions read both forms through one decoder (`decode_payload`).
 - One delivery per message. Mosquitto sends a copy for every matching subscription (a channel and
-  an overlapping pattern filter); the listener drops an id it has just delivered.
+  an overlapping pattern filter); the listener drops an id it has just delivered, message by
+  message within a packet.
 - Control messages (`ChannelLayer.broadcast`) go at QoS 1 to `<topic_prefix>.broadcast`, which the
   listener always subscribes to: a level holding a dot is no channel's, and the copies a `#`
   filter of a pattern subscription brings are recognised by topic (and their ids deduplicated).
@@ -22,22 +30,26 @@ Design decisions:
   It reconnects (`layers._supervisor`, backoff up to `max_reconnect_delay`), also when the broker
   is down at start-up, and resubscribes everything; messages published while it was away are not
   seen by this process, since nothing keeps history (the core signals a gap).
-  A batch (what group commit gathered) goes to paho's `publish` message by message, written in
+  A batch (what group commit gathered) goes to paho's `publish` packet by packet, written in
   order, and waits for its PUBACKs with one future (`_mqtt.Pubacks`), not a task and a timer per
-  message as aiomqtt's `publish` would. A batch whose connection ends before every PUBACK came
-  fails at once, one whose PUBACKs take longer than `timeout` fails then, and a PUBACK with a
-  failure reason code (the broker refused a message) fails it too: never a silent success.
+  message as aiomqtt's `publish` would; one PUBACK confirms every message of its packet. A batch
+  whose connection ends before every PUBACK came fails at once, one whose PUBACKs take longer
+  than `timeout` fails then, and a PUBACK with a failure reason code (the broker refused a
+  packet) fails it too: never a silent success.
 - Consumer groups. Each (channel, group) a process joins gets its own connection: a persistent
   session (clean start off, `session_expiry` seconds) subscribed at QoS 1 to
   `$share/<group>/<topic>`, so several gateway processes share one group's messages. It stays
   connected while the layer runs, so messages arriving while no local consumer listens wait here.
-  PUBACKs are sent by hand (paho's manual ack), only once the message was acked through the group
-  (or dead-lettered by the core). MQTT requires PUBACKs in the order the PUBLISHes arrived
-  (MQTT 5.0 section 4.6, [MQTT-4.6.0-2]), so an ack that overtakes an earlier unacked message is
-  held until that one is acked. The core hands unacked messages out again after `ack_timeout`
-  from this process's pending table; after a reconnect the broker resends what was not PUBACKed
-  (DUP flag), and a resent message is matched to the pending table by id instead of being handed
-  out twice.
+  The broker hands a packed PUBLISH to one session as a whole; each of its messages is a pending
+  entry of its own, handed out and acked on its own (as Pulsar's shared subscriptions treat a
+  batch). PUBACKs are sent by hand (paho's manual ack): a packet's only once every message of it
+  was acked through the group (or dead-lettered by the core). MQTT requires PUBACKs in the order
+  the PUBLISHes arrived (MQTT 5.0 section 4.6, [MQTT-4.6.0-2]), so an acked packet behind an
+  earlier unacked one is held until that one is acked. The core hands unacked messages out again
+  after `ack_timeout` from this process's pending table; after a reconnect the broker resends
+  the packets it had no PUBACK for (DUP flag), and a resent packet is matched to the one held
+  here by the id of its first message: its unacked messages stay the pending entries they were,
+  its acked ones are not handed out again.
 - Client ids. A persistent session is found again by its client id:
   `<client_id_prefix><instance>|<group>|<channel>`. `instance` defaults to the host name plus the
   lowest slot number no other process on this host holds (a lock file per slot), so gunicorn
@@ -57,8 +69,15 @@ Limits, with Mosquitto 2.0 as the reference broker:
 - Acks are per process too: an ack must reach the process that delivered the message (a
   WebSocket ack does; HTTP acks behind a load balancer need sticky sessions). Elsewhere the group
   is unknown, or the id is reported unknown.
-- The broker has at most `max_inflight_messages` (Mosquitto: 20) unPUBACKed messages out per
-  session; a message nobody acks holds later acks back until the core dead-letters it.
+- The broker has at most `RECEIVE_MAXIMUM` (1000) unPUBACKed PUBLISHes out per session: the
+  Receive Maximum a session asks for, which Mosquitto uses for MQTT 5 clients instead of its
+  `max_inflight_messages` (20). The window counts packets, so with packing a session may hold
+  up to `MAX_PACKED_MESSAGES` times as many messages (bounded in bytes by `MAX_PACKED_BYTES` per
+  packet). A message nobody acks holds its packet's PUBACK, and the later ones, back until the
+  core dead-letters it.
+- A partly acked packet comes back whole to a restarted process (the broker resends it, and the
+  acks were this process's): its acked messages are delivered again, as any message acked while
+  its PUBACK was held back.
 - Each (channel, group) a process joined keeps one connection open while the layer runs.
 """
 
@@ -88,7 +107,7 @@ from ._mqtt import (
     RecentIds,
     channel_of,
     decode_payload,
-    encode_payload,
+    encode_packets,
     filter_for,
     instance_slot,
     topic_for,
@@ -102,7 +121,7 @@ from .urls import redact, split_options
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MQTTLayer", "channel_of", "decode_payload", "encode_payload", "filter_for", "topic_for"]
+__all__ = ["MQTTLayer", "channel_of", "decode_payload", "encode_packets", "filter_for", "topic_for"]
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 URL_OPTIONS = ("instance", "topic_prefix", "client_id_prefix", "session_expiry")
@@ -246,15 +265,14 @@ class MQTTLayer(MQTTGroups):
             compile_pattern(pattern)(channel) for pattern in self._patterns
         ):
             return  # the filter was wider than the pattern, or the subscription just ended
-        id = message.payload.partition(b"\n")[0].decode(errors="replace")
-        if id in self._recent:
-            return  # another copy through an overlapping subscription
-        event = decode_payload(message.payload)
-        if event is None:
+        events = decode_payload(message.payload, message.properties)
+        if events is None:
             logger.debug("ignoring a message on %s that no gateway published", message.topic)
             return
-        self._recent.add(event.id)
-        self._sink.deliver(event)
+        for event in events:
+            if event.id not in self._recent:  # else another copy, through an overlapping filter
+                self._recent.add(event.id)
+                self._sink.deliver(event)
 
     async def wait_connected(self) -> None:
         """Wait until the listener and every group session are connected (after a broker restart,
@@ -268,14 +286,8 @@ class MQTTLayer(MQTTGroups):
         pubacks = self._pubacks
         if pubacks is None:
             raise self._unavailable("is not connected (reconnecting)")
-        prefix = self.topic_prefix
         ids = [f"{self._epoch}-{next(self._sequence)}" for _ in messages]
-        # Every topic is checked before anything is sent (`InvalidArgument` is its caller's).
-        packets = [
-            (topic_for(prefix, message.channel), encode_payload(id, message))
-            for id, message in zip(ids, messages, strict=True)
-        ]
-        await pubacks.publish(packets)
+        await pubacks.publish(encode_packets(self.topic_prefix, ids, messages))
         return ids
 
     async def broadcast(self, blob: bytes) -> None:
@@ -283,7 +295,7 @@ class MQTTLayer(MQTTGroups):
         if pubacks is None:
             raise self._unavailable("is not connected (reconnecting)")
         payload = f"{self._epoch}-{next(self._sequence)}\n".encode() + blob
-        await pubacks.publish([(self._broadcast_topic, payload)])
+        await pubacks.publish([(self._broadcast_topic, payload, None)])
 
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
         async with self._lock:

@@ -21,7 +21,7 @@ import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from paho.mqtt.client import topic_matches_sub
+from paho.mqtt.client import MQTTMessage, topic_matches_sub
 
 from layers import (
     Channel,
@@ -37,11 +37,12 @@ from layers import (
     create_layer,
     make_message,
 )
+from layers._mqtt import MAX_PACKED_BYTES, MAX_PACKED_MESSAGES
 from layers.mqtt import (
     MQTTLayer,
     channel_of,
     decode_payload,
-    encode_payload,
+    encode_packets,
     filter_for,
     topic_for,
 )
@@ -110,16 +111,47 @@ def test_every_channel_a_pattern_matches_passes_its_filter(pattern: str, name: s
 
 def test_payload_carries_id_and_message() -> None:
     message = make_message("a.b", {"x": [1, 2]}, "chat")
-    event = decode_payload(encode_payload("abc-7", message))
-    assert event is not None
-    assert (event.id, event.channel, event.event, event.data) == (
-        "abc-7",
-        "a.b",
-        "chat",
-        {"x": [1, 2]},
-    )
-    assert decode_payload(b"published by something else") is None
-    assert decode_payload(b"id\nnot json") is None
+    ((topic, payload, properties),) = encode_packets("gw/", ["abc-7"], [message])
+    assert (topic, properties) == ("gw/a/b", None)  # one message: a plain payload, as ever
+    assert payload == b"abc-7\n" + message.to_wire()
+    events = decode_payload(payload, properties)
+    assert events is not None
+    assert [(e.id, e.channel, e.event, e.data) for e in events] == [
+        ("abc-7", "a.b", "chat", {"x": [1, 2]})
+    ]
+    assert decode_payload(b"published by something else", None) is None
+    assert decode_payload(b"id\nnot json", None) is None
+
+
+def test_runs_of_one_topic_are_packed_in_order() -> None:
+    messages = [make_message(c, n) for n, c in enumerate(["a", "a", "a", "b", "a", "a"])]
+    ids = [f"e-{n}" for n in range(len(messages))]
+    packets = encode_packets("gw/", ids, messages)
+    assert [(topic, props is not None) for topic, _, props in packets] == [
+        ("gw/a", True),
+        ("gw/b", False),
+        ("gw/a", True),
+    ]  # runs in the batch's order, not regrouped by topic
+    decoded = [decode_payload(payload, props) or [] for _, payload, props in packets]
+    assert [[(e.id, e.data) for e in events] for events in decoded] == [
+        [("e-0", 0), ("e-1", 1), ("e-2", 2)],
+        [("e-3", 3)],
+        [("e-4", 4), ("e-5", 5)],
+    ]
+    _, packed, properties = packets[0]
+    assert decode_payload(packed[:-1], properties) is None  # cut short
+    assert decode_payload(packed, None) is None  # not read as one message without its marker
+
+
+def test_packets_are_bounded_in_bytes_and_messages() -> None:
+    big = [make_message("a", "x" * (MAX_PACKED_BYTES // 3)) for _ in range(7)]
+    packets = encode_packets("gw/", [f"e-{n}" for n in range(7)], big)
+    assert [len(decode_payload(p, props) or []) for _, p, props in packets] == [2, 2, 2, 1]
+    assert all(len(payload) <= MAX_PACKED_BYTES for _, payload, _ in packets)
+    many = [make_message("a", n) for n in range(2 * MAX_PACKED_MESSAGES + 1)]
+    packets = encode_packets("gw/", [f"e-{n}" for n in range(len(many))], many)
+    sizes = [len(decode_payload(p, props) or []) for _, p, props in packets]
+    assert sizes == [MAX_PACKED_MESSAGES, MAX_PACKED_MESSAGES, 1]
 
 
 def test_url_options_and_their_errors() -> None:
@@ -235,6 +267,90 @@ async def test_one_delivery_per_message_despite_overlapping_filters(
             await layer.publish([make_message(f"{unique}.b", 2)])
         await sink.until(lambda: len(sink.events) >= 2)
     assert [(e.channel, e.data) for e in sink.events] == [(f"{unique}.a", 1), (f"{unique}.b", 2)]
+
+
+def packets_received(layer: MQTTLayer, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The ids in each PUBLISH of a channel that the layer's listener receives (set before it
+    runs)."""
+    packets: list[list[str]] = []
+    receive = layer._on_live_message
+
+    def spy(client: Any, userdata: Any, message: MQTTMessage) -> None:
+        if message.topic != layer._broadcast_topic:
+            events = decode_payload(message.payload, message.properties) or []
+            packets.append([e.id for e in events])
+        receive(client, userdata, message)
+
+    monkeypatch.setattr(layer, "_on_live_message", spy)
+    return packets
+
+
+async def test_concurrent_publishes_share_a_packet_and_arrive_once_each_in_order(
+    mqtt_layer_factory: LayerFactory, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = mqtt_layer(mqtt_layer_factory)
+    packets = packets_received(receiver, monkeypatch)
+    sink = RecordingSink()
+    published: dict[str, int] = {}
+    async with running(receiver, sink), Channel(mqtt_layer_factory()) as channel:
+        with anyio.fail_after(TIMEOUT):
+            await receiver.subscribe([unique], [])
+
+            async def one(n: int) -> None:
+                published[await channel.publish(unique, n)] = n
+
+            async with anyio.create_task_group() as tasks:  # group commit: one layer call
+                for n in range(20):
+                    tasks.start_soon(one, n)
+        await sink.until(lambda: len(sink.events) >= 20)
+        await anyio.sleep(0.1)  # no copy comes after
+    assert any(len(ids) > 1 for ids in packets), packets  # some arrived packed
+    assert sorted(len(ids) for ids in packets) != [1] * 20
+    in_order = sorted(published, key=lambda id: int(id.rsplit("-", 1)[1]))
+    assert [e.id for e in sink.events] == in_order  # once each, in id order
+    assert [e.data for e in sink.events] == [published[id] for id in in_order]
+    assert all(e.channel == unique for e in sink.events)
+
+
+async def test_a_batch_across_channels_is_packed_per_run_and_delivered_once_in_order(
+    mqtt_layer_factory: LayerFactory, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs on one channel are packed, a lone message is not; a channel and an overlapping
+    pattern bring two copies of both kinds, and each message is delivered once."""
+    receiver = mqtt_layer(mqtt_layer_factory)
+    packets = packets_received(receiver, monkeypatch)
+    sink = RecordingSink()
+    names = ["a", "a", "a", "b", "a", "b", "b"]
+    async with running(receiver, sink), running(mqtt_layer_factory(), RecordingSink()) as sender:
+        with anyio.fail_after(TIMEOUT):
+            await receiver.subscribe([f"{unique}.a"], [f"{unique}.*"])
+            ids = await sender.publish(
+                [make_message(f"{unique}.{c}", n) for n, c in enumerate(names)]
+            )
+        await sink.until(lambda: len(sink.events) >= len(names))
+        await anyio.sleep(0.1)  # no copy comes after
+    assert [(e.id, e.channel, e.data) for e in sink.events] == [
+        (id, f"{unique}.{c}", n) for id, (n, c) in zip(ids, enumerate(names), strict=True)
+    ]
+    runs = [ids[0:3], ids[3:4], ids[4:5], ids[5:7]]
+    # the 'a' runs come twice (channel and pattern filter), the 'b' ones once (pattern only)
+    assert sorted(packets) == sorted([runs[0], runs[0], runs[1], runs[2], runs[2], runs[3]])
+
+
+async def test_a_batch_over_the_size_bound_is_split(
+    mqtt_layer_factory: LayerFactory, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = mqtt_layer(mqtt_layer_factory)
+    packets = packets_received(receiver, monkeypatch)
+    sink = RecordingSink()
+    data = "x" * (MAX_PACKED_BYTES // 3)
+    async with running(receiver, sink), running(mqtt_layer_factory(), RecordingSink()) as sender:
+        with anyio.fail_after(TIMEOUT):
+            await receiver.subscribe([unique], [])
+            ids = await sender.publish([make_message(unique, [n, data]) for n in range(5)])
+        await sink.until(lambda: len(sink.events) >= 5)
+    assert packets == [ids[0:2], ids[2:4], ids[4:5]]
+    assert [(e.id, e.data) for e in sink.events] == [(id, [n, data]) for n, id in enumerate(ids)]
 
 
 async def test_wide_filters_are_narrowed_to_the_pattern(
@@ -433,6 +549,72 @@ async def test_shared_subscription_splits_a_group_between_processes(
     assert got["a"] and got["b"]
 
 
+async def test_a_packet_goes_to_one_session_of_a_group(
+    mqtt_layer_factory: LayerFactory, unique: str
+) -> None:
+    async with (
+        Channel(mqtt_layer_factory(instance=f"{unique}-a")) as first,
+        Channel(mqtt_layer_factory(instance=f"{unique}-b")) as second,
+        first.subscribe(unique, group="g", consumer="a") as on_first,
+        second.subscribe(unique, group="g", consumer="b") as on_second,
+    ):
+        batches = [
+            await first.publish_messages([make_message(unique, [b, n]) for n in range(5)])
+            for b in range(6)
+        ]
+        got: dict[str, list[Event]] = {"a": [], "b": []}
+        with anyio.fail_after(TIMEOUT):
+            while len(got["a"]) + len(got["b"]) < 30:
+                for name, sub in (("a", on_first), ("b", on_second)):
+                    events: list[Event] = []
+                    with anyio.move_on_after(0.05):
+                        events = [e for e in await sub.next_batch() if isinstance(e, Event)]
+                    for event in events:  # acked as they come: a consumer's prefetch is 10
+                        assert await event.ack()
+                    got[name] += events
+    where = {event.id: name for name, events in got.items() for event in events}
+    assert sorted(where) == sorted(id for ids in batches for id in ids)  # each once
+    for ids in batches:
+        assert len({where[id] for id in ids}) == 1  # a packet is one session's, whole
+        assert [e.id for e in got[where[ids[0]]] if e.id in ids] == ids  # in order
+    assert got["a"] and got["b"]
+
+
+async def test_a_packets_puback_waits_for_every_message_of_it(
+    mqtt_layer_factory: LayerFactory, unique: str
+) -> None:
+    """Four of five acked: the PUBACK is held, so a restarted process gets the whole packet
+    again (the acks were the old process's); once all five are acked it is gone."""
+    instance = f"{unique}-host"
+    async with (
+        Channel(mqtt_layer_factory(instance=instance)) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as sub,
+    ):
+        ids = await channel.publish_messages([make_message(unique, n) for n in range(5)])
+        events = await take(sub, 5)
+        assert [e.id for e in events] == ids
+        for event in events[:2] + events[3:]:
+            assert await event.ack()
+        info = await channel.group_info(unique, "g")
+        assert (info.pending, info.oldest_unacked_id) == (1, ids[2])
+    async with (
+        Channel(mqtt_layer_factory(instance=instance)) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as sub,
+    ):
+        again = await take(sub, 5)
+        assert [(e.id, e.deliveries) for e in again] == [(id, 2) for id in ids]
+        for event in reversed(again):  # the last ack sends the PUBACK
+            assert await event.ack()
+    async with (
+        Channel(mqtt_layer_factory(instance=instance)) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as sub,
+    ):
+        marker_id = await publish(channel, unique, "marker")
+        (first_seen,) = await take(sub, 1)
+        assert first_seen.id == marker_id
+        assert await first_seen.ack()
+
+
 async def test_group_state_is_per_process(mqtt_layer_factory: LayerFactory, unique: str) -> None:
     async with (
         Channel(mqtt_layer_factory(instance=f"{unique}-a")) as member,
@@ -508,6 +690,48 @@ async def test_broker_restart_reconnects_resubscribes_and_keeps_group_messages(
         marker_id = await publish(channel, unique, "marker")
         (first_seen,) = await take(group, 1)
         assert first_seen.id == marker_id  # both acks reached the broker
+        assert await first_seen.ack()
+
+
+async def test_a_resent_packet_is_matched_to_the_one_held_here(
+    mqtt_layer_factory: LayerFactory, mosquitto: Mosquitto, unique: str
+) -> None:
+    """A broker restart: the session gets the partly acked packet again (DUP). Its acked
+    messages are not handed out again, its unacked one stays the pending entry it was; acking
+    it sends the PUBACK."""
+    layer = mqtt_layer(
+        mqtt_layer_factory, mosquitto.url, instance=f"{unique}-host", max_reconnect_delay=0.2
+    )
+    async with (
+        Channel(layer, ack_timeout=60) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as group,
+    ):
+        ids = await channel.publish_messages([make_message(unique, n) for n in range(5)])
+        events = await take(group, 5)
+        for event in events[:2] + events[3:]:
+            assert await event.ack()
+
+        await anyio.to_thread.run_sync(mosquitto.stop)  # SIGTERM: Mosquitto saves the session
+        await anyio.to_thread.run_sync(mosquitto.start)
+        with anyio.fail_after(TIMEOUT):
+            await layer.wait_connected()  # the resent packet came before the SUBACK
+
+        info = await channel.group_info(unique, "g")
+        assert (info.pending, info.oldest_unacked_id) == (1, ids[2])
+        assert await channel.nack(unique, "g", [ids[2]]) == ([ids[2]], [])
+        (redelivered,) = await take(group, 1)
+        assert (redelivered.id, redelivered.deliveries) == (ids[2], 2)
+        marker_id = await publish(channel, unique, "marker")
+        (marker,) = await take(group, 1)  # none of the acked ones came first
+        assert (marker.id, marker.deliveries) == (marker_id, 1)
+        assert await redelivered.ack() and await marker.ack()
+    async with (
+        Channel(mqtt_layer_factory(mosquitto.url, instance=f"{unique}-host")) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as group,
+    ):
+        marker_id = await publish(channel, unique, "second marker")
+        (first_seen,) = await take(group, 1)
+        assert first_seen.id == marker_id  # both PUBACKs reached the broker
         assert await first_seen.ack()
 
 
