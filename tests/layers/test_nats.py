@@ -319,8 +319,8 @@ async def _stored(url: str, stream: str) -> list[tuple[str, object, str]]:
 async def test_batches_of_two_processes_get_the_ids_of_their_own_messages(
     nats_url: str, nats_stream: tuple[str, str], unique: str
 ) -> None:
-    """A batch is answered by its own messages coming back through the live consumer, which
-    also carries every other process's: each publisher gets the sequence of what it sent."""
+    """Batches of two processes on one stream, at once: each publisher gets the sequences of
+    what it sent, from its own PubAcks."""
     stream, prefix = nats_stream
     replies: dict[str, list[tuple[str, object]]] = {"a": [], "b": []}
     async with (
@@ -350,26 +350,36 @@ async def test_batches_of_two_processes_get_the_ids_of_their_own_messages(
     assert all(msg_ids) and len(set(msg_ids)) == len(msg_ids)
 
 
-async def test_a_batch_is_answered_while_the_live_consumer_is_gone(
-    nats_url: str, nats_stream: tuple[str, str], unique: str
-) -> None:
-    """Without its copies from the live consumer a batch falls back to JetStream's PubAcks,
-    sending each message again with its Nats-Msg-Id: answered with the ids, stored once."""
+async def _consumers(url: str, stream: str) -> int:
+    """How many consumers the stream has on the server."""
     import nats
 
+    nc = await nats.connect(url)
+    try:
+        return len(await nc.jetstream().consumers_info(stream))
+    finally:
+        await nc.close()
+
+
+async def test_a_process_that_only_publishes_reads_nothing_of_the_stream(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    """No subscription, no live consumer: neither the publishing process nor another idle one
+    is sent the stream's messages, and batches are answered by their PubAcks alone."""
     stream, prefix = nats_stream
-    async with Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)) as channel:
+    publisher = create_layer(nats_url, stream=stream, subject_prefix=prefix)
+    idle = create_layer(nats_url, stream=stream, subject_prefix=prefix)
+    assert isinstance(publisher, NatsJetStreamLayer) and isinstance(idle, NatsJetStreamLayer)
+    async with Channel(publisher) as channel, Channel(idle):
+        received = idle._client().stats["in_msgs"]
         before = await channel.publish(unique, "before")
-        nc = await nats.connect(nats_url)
-        try:
-            (live,) = await nc.jetstream().consumers_info(stream)
-            await nc.jetstream().delete_consumer(stream, live.name)
-        finally:
-            await nc.close()
         messages = [make_message(unique, n) for n in range(5)]
         with anyio.fail_after(TIMEOUT):
             ids = await channel.publish_messages(messages)
-            after = await channel.publish(unique, "after")
+        after = await channel.publish(unique, "after")
+        await idle._client().flush()
+        assert await _consumers(nats_url, stream) == 0
+        assert idle._client().stats["in_msgs"] == received
     stored = await _stored(nats_url, stream)
     assert [(id, data) for id, data, _ in stored] == [
         (before, "before"),
