@@ -18,10 +18,17 @@ Design decisions:
   sequence delivered, so nothing is lost or repeated. The layer hands on only the messages of
   channels and patterns this process subscribes to, matched exactly with `layers.names`; NATS
   2.9 takes one filter per consumer, which for several channels would be the prefix anyway.
+- The live consumer runs only while this process subscribes to something: a process that only
+  publishes (an API node) reads nothing of the stream. The first subscription starts it just
+  after the stream's last sequence, read before it is created, so every message published once
+  `subscribe` returns is delivered; the last unsubscription deletes it. A lock orders starts and
+  stops, and a start is shielded from cancellation, so a consumer runs exactly while something is
+  subscribed.
 - Replay reads with short-lived pull consumers, one per subject filter: a channel is its subject,
   a pattern the widest literal head it starts with (`chat.rooms.*` -> `gw.chat.rooms.>`, since a
-  glob `*` spans dots and a NATS `*` does not), then matched exactly. It returns only once the
-  live consumer has passed the newest replayed sequence, so the core's hand-off can drop every
+  glob `*` spans dots and a NATS `*` does not), then matched exactly. A replay of something
+  subscribed returns only once the live consumer has passed the newest replayed sequence (a
+  consumer just started begins past it, or delivers it), so the core's hand-off can drop every
   replayed event it held aside and none arrives live after it.
 - Gaps: trimming removes the oldest messages of a subject first; expiry and `max_bytes` the
   oldest of the stream. After id P a channel lost messages if it holds `history_size` messages
@@ -146,8 +153,12 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         self._sink: Sink | None = None
         self._channels: set[str] = set()
         self._patterns: dict[str, Any] = {}  # subscribed glob -> its matcher
+        # the live ordered consumer, while anything is subscribed; the lock orders starts and stops
+        self._live: JetStreamContext.PushSubscription | None = None
+        self._live_lock = anyio.Lock()
         self._delivered = 0  # the live consumer has handed on every sequence up to this one
-        # made by a waiter, set (and dropped) when `_delivered` moves: none while nobody waits
+        # made by a waiter, set (and dropped) when `_delivered` moves or the live consumer stops:
+        # none while nobody waits
         self._progress: anyio.Event | None = None
         self._connected = False
         self._closing = False
@@ -169,17 +180,20 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         nc = await self._connect()
         try:
             self._nc, self._js = nc, nc.jetstream(timeout=REQUEST_TIMEOUT)
-            info = await self._ensure_stream()
+            await self._ensure_stream()
             await self._listen_for_acks(nc)
             with self.unavailable():
                 await nc.subscribe(self._broadcast_subject, cb=self._on_broadcast)
-            await self._follow(info.state.last_seq)
+            async with self._live_lock:
+                if self._channels or self._patterns:  # subscribed while an earlier attempt ran
+                    await self._follow(self._delivered)
             with self.unavailable():
                 await nc.subscribe(self.notices_subject, cb=self._on_notice)
             ready()
             await anyio.sleep_forever()
         finally:
             self._nc = self._js = None
+            self._live = None  # closed with its connection
             self._abandon_acks()
             await self._close(nc)
 
@@ -354,10 +368,13 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
     # -- live delivery ---------------------------------------------------------------------------
 
     async def _follow(self, last_seq: int) -> None:
-        """Start the live ordered consumer just after `last_seq`."""
+        """Start the live ordered consumer just after `last_seq` (under `_live_lock`)."""
         self._delivered = last_seq
-        with self.unavailable():
-            subscription = await self._jetstream().subscribe(
+        self._wake()
+        # Shielded (each request has its timeout): a subscribe cancelled half-way must not leave
+        # a consumer on the server that nothing here stops.
+        with anyio.CancelScope(shield=True), self.unavailable():
+            subscription = self._live = await self._jetstream().subscribe(
                 f"{self.prefix}.>",
                 stream=self.stream,
                 cb=self._on_live,
@@ -373,6 +390,21 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         if jsi is not None:
             jsi._sseq = last_seq
 
+    async def _stop(self) -> None:
+        """Unsubscribe the live consumer and delete it on the server (under `_live_lock`)."""
+        live, self._live = self._live, None
+        if live is None:
+            return
+        self._wake()  # a replay waiting on `_delivered` has nothing left to wait for
+        # Should the deletion fail, the server drops the consumer, which has no subscriber left.
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(REQUEST_TIMEOUT),
+            contextlib.suppress(*UNAVAILABLE),
+        ):
+            await live.unsubscribe()
+            await self._jetstream().delete_consumer(self.stream, live._consumer)
+
     async def _on_live(self, msg: Msg) -> None:
         seq = stream_sequence(msg)
         if seq <= self._delivered:
@@ -383,6 +415,10 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
             event = decode(seq, msg)
             if event is not None:
                 self._sink.deliver(event)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake whoever waits on `_delivered` (`_delivered_up_to`)."""
         progress, self._progress = self._progress, None
         if progress is not None:
             progress.set()
@@ -401,15 +437,26 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
             await nc.flush(timeout=REQUEST_TIMEOUT)  # type: ignore[arg-type]
 
     async def subscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
-        """Effective at once: the live consumer already reads every channel of the stream."""
-        self._channels.update(channels)
-        for pattern in patterns:
-            self._patterns[pattern] = compile_pattern(pattern)
+        """The first subscription starts the live consumer just after the stream's last
+        sequence; while it runs, it reads every channel of the stream, and a subscription is
+        effective at once. Raises `LayerUnavailable` when the consumer cannot be started."""
+        matchers = {pattern: compile_pattern(pattern) for pattern in patterns}
+        async with self._live_lock:
+            if self._live is None and (channels or patterns):
+                with self.unavailable():
+                    info = await self._jetstream().stream_info(self.stream)
+                await self._follow(info.state.last_seq)
+            self._channels.update(channels)
+            self._patterns.update(matchers)
 
     async def unsubscribe(self, channels: Collection[str], patterns: Collection[str]) -> None:
-        self._channels.difference_update(channels)
-        for pattern in patterns:
-            self._patterns.pop(pattern, None)
+        """The last unsubscription stops the live consumer."""
+        async with self._live_lock:
+            self._channels.difference_update(channels)
+            for pattern in patterns:
+                self._patterns.pop(pattern, None)
+            if not self._channels and not self._patterns:
+                await self._stop()
 
     async def ping(self) -> None:
         nc = self._client()
@@ -573,15 +620,15 @@ class NatsJetStreamLayer(JetStreamGroups, JetStreamPublishing):
         return False
 
     async def _delivered_up_to(self, seq: int) -> None:
-        """Wait until live delivery has passed `seq` (bounded: a stalled consumer risks a
-        duplicate rather than a hung subscribe).
+        """Wait until live delivery has passed `seq`, or stopped (bounded: a stalled consumer
+        risks a duplicate rather than a hung subscribe).
 
         The core holds a resuming subscriber's live events aside while it replays, then drops
         those the replay contained; an event the live consumer delivered later would be a
-        duplicate.
+        duplicate. A consumer started after `seq` was stored begins past it.
         """
         with anyio.move_on_after(self.publish_timeout):
-            while self._delivered < seq:
+            while self._live is not None and self._delivered < seq:
                 if self._progress is None:
                     self._progress = anyio.Event()
                 await self._progress.wait()

@@ -7,6 +7,7 @@ import signal
 
 import anyio
 import pytest
+from nats.aio.msg import Msg
 
 from layers import (
     Channel,
@@ -18,6 +19,7 @@ from layers import (
     create_layer,
     make_message,
 )
+from layers._nats import stream_sequence
 from layers.nats_jetstream import NatsJetStreamLayer
 from tests.fixtures_nats import NatsServer
 
@@ -319,8 +321,8 @@ async def _stored(url: str, stream: str) -> list[tuple[str, object, str]]:
 async def test_batches_of_two_processes_get_the_ids_of_their_own_messages(
     nats_url: str, nats_stream: tuple[str, str], unique: str
 ) -> None:
-    """A batch is answered by its own messages coming back through the live consumer, which
-    also carries every other process's: each publisher gets the sequence of what it sent."""
+    """Batches of two processes on one stream, at once: each publisher gets the sequences of
+    what it sent, from its own PubAcks."""
     stream, prefix = nats_stream
     replies: dict[str, list[tuple[str, object]]] = {"a": [], "b": []}
     async with (
@@ -350,29 +352,192 @@ async def test_batches_of_two_processes_get_the_ids_of_their_own_messages(
     assert all(msg_ids) and len(set(msg_ids)) == len(msg_ids)
 
 
-async def test_a_batch_is_answered_while_the_live_consumer_is_gone(
-    nats_url: str, nats_stream: tuple[str, str], unique: str
-) -> None:
-    """Without its copies from the live consumer a batch falls back to JetStream's PubAcks,
-    sending each message again with its Nats-Msg-Id: answered with the ids, stored once."""
+async def _consumers(url: str, stream: str) -> int:
+    """How many consumers the stream has on the server."""
     import nats
 
+    nc = await nats.connect(url)
+    try:
+        return len(await nc.jetstream().consumers_info(stream))
+    finally:
+        await nc.close()
+
+
+async def _until_consumers(url: str, stream: str, count: int) -> None:
+    with anyio.fail_after(TIMEOUT):
+        while True:
+            if await _consumers(url, stream) == count:
+                return
+            await anyio.sleep(0.02)  # the core unsubscribes from the layer in the background
+
+
+async def test_a_process_that_only_publishes_reads_nothing_of_the_stream(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    """No subscription, no live consumer: neither the publishing process nor another idle one
+    is sent the stream's messages, and batches are answered by their PubAcks alone."""
     stream, prefix = nats_stream
-    async with Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)) as channel:
+    publisher = create_layer(nats_url, stream=stream, subject_prefix=prefix)
+    idle = create_layer(nats_url, stream=stream, subject_prefix=prefix)
+    assert isinstance(publisher, NatsJetStreamLayer) and isinstance(idle, NatsJetStreamLayer)
+    async with Channel(publisher) as channel, Channel(idle):
+        received = idle._client().stats["in_msgs"]
         before = await channel.publish(unique, "before")
-        nc = await nats.connect(nats_url)
-        try:
-            (live,) = await nc.jetstream().consumers_info(stream)
-            await nc.jetstream().delete_consumer(stream, live.name)
-        finally:
-            await nc.close()
         messages = [make_message(unique, n) for n in range(5)]
         with anyio.fail_after(TIMEOUT):
             ids = await channel.publish_messages(messages)
-            after = await channel.publish(unique, "after")
+        after = await channel.publish(unique, "after")
+        await idle._client().flush()
+        assert await _consumers(nats_url, stream) == 0
+        assert idle._client().stats["in_msgs"] == received
     stored = await _stored(nats_url, stream)
     assert [(id, data) for id, data, _ in stored] == [
         (before, "before"),
         *zip(ids, range(5), strict=True),
         (after, "after"),
     ]
+
+
+async def test_each_first_subscribe_gets_all_published_after_it_while_publishes_race(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    """Another process publishes without a pause while this one subscribes, unsubscribes (which
+    deletes the live consumer) and subscribes again: each time, the events are a run of
+    consecutive publishes that starts no later than the first publish begun once `subscribe`
+    returned, in order, none twice."""
+    stream, prefix = nats_stream
+    accepted: list[str] = []
+    begun = 0
+
+    async def publish(channel: Channel) -> None:
+        nonlocal begun
+        while True:
+            begun += 1
+            accepted.append(await channel.publish(unique, begun - 1))
+
+    async with (
+        Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)) as publisher,
+        Channel(create_layer(nats_url, stream=stream, subject_prefix=prefix)) as subscriber,
+        anyio.create_task_group() as tasks,
+    ):
+        tasks.start_soon(publish, publisher)
+        for _ in range(5):
+            async with subscriber.subscribe(unique, max_backlog=100_000) as sub:
+                first_after = begun
+                assert await _consumers(nats_url, stream) == 1
+                received: list[Event] = []
+                while not received or received[-1].data < first_after + 20:
+                    received += await _events(sub, 1)
+            start = received[0].data
+            assert start <= first_after
+            assert [e.data for e in received] == list(range(start, start + len(received)))
+            # the newest may arrive before its publisher had the PubAck
+            assert all(e.id == accepted[e.data] for e in received if e.data < len(accepted))
+            await _until_consumers(nats_url, stream, 0)
+        tasks.cancel_scope.cancel()
+
+
+async def test_a_resume_as_the_first_subscription_hands_off_without_loss_or_duplicates(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    """Resuming with `Last-Event-ID` starts the live consumer and replays at once, while another
+    process publishes: round after round, each resuming from the last event of the one before,
+    the events add up to every publish, in order, once."""
+    stream, prefix = nats_stream
+    # every publish stays in the history: a resume finds no gap
+    layers = [
+        create_layer(nats_url, stream=stream, subject_prefix=prefix, history_size=1_000_000)
+        for _ in range(2)
+    ]
+    accepted: list[tuple[str, int]] = []
+
+    async def publish(channel: Channel) -> None:
+        for n in range(1_000_000):
+            accepted.append((await channel.publish(unique, n), n))
+
+    async with (
+        Channel(layers[0]) as publisher,
+        Channel(layers[1]) as subscriber,
+        anyio.create_task_group() as tasks,
+    ):
+        first = await publisher.publish(unique, "first")
+        tasks.start_soon(publish, publisher)
+        received: list[Event] = []
+        for _ in range(5):
+            resume_from = received[-1].id if received else first
+            async with subscriber.subscribe(
+                unique, last_event_id=resume_from, max_backlog=100_000
+            ) as sub:
+                goal = len(received) + 30
+                while len(received) < goal:
+                    received += await _events(sub, 1)
+            await _until_consumers(nats_url, stream, 0)
+        tasks.cancel_scope.cancel()
+    assert [e.data for e in received] == list(range(len(received)))
+    assert all(e.id == accepted[e.data][0] for e in received if e.data < len(accepted))
+
+
+async def test_subscribes_cancelled_at_any_point_leave_a_consumer_exactly_while_subscribed(
+    nats_url: str, nats_stream: tuple[str, str], unique: str
+) -> None:
+    stream, prefix = nats_stream
+    layer = create_layer(nats_url, stream=stream, subject_prefix=prefix)
+    assert isinstance(layer, NatsJetStreamLayer)
+    async with Channel(layer):
+        for step in range(30):
+            with anyio.move_on_after(step * 0.0002):
+                await layer.subscribe([unique], [])
+            subscribed = unique in layer._channels
+            assert (layer._live is not None) == subscribed
+            assert await _consumers(nats_url, stream) == int(subscribed)
+            await layer.unsubscribe([unique], [])
+            assert layer._live is None
+            assert await _consumers(nats_url, stream) == 0
+
+
+async def test_a_server_restarted_while_subscribed_resumes_after_the_last_sequence(
+    nats_server: NatsServer, nats_names: tuple[str, str], unique: str
+) -> None:
+    """The live consumer, started after older messages, is recreated from where it started
+    (nothing old is read again), then from the last sequence delivered (nothing lost)."""
+    stream, prefix = nats_names
+    layer = create_layer(nats_server.url, stream=stream, subject_prefix=prefix)
+    assert isinstance(layer, NatsJetStreamLayer)
+    seen: list[int] = []
+    on_live = layer._on_live
+
+    async def spy(msg: Msg) -> None:
+        seen.append(stream_sequence(msg))
+        await on_live(msg)
+
+    layer._on_live = spy  # type: ignore[method-assign]
+
+    async def restart() -> None:
+        nats_server.stop(signal.SIGKILL)
+        nats_server.start()
+        with anyio.fail_after(TIMEOUT):
+            while True:
+                try:
+                    await channel.ping()
+                    break
+                except LayerUnavailable:
+                    await anyio.sleep(0.1)  # the client reconnects on its own schedule
+
+    async def publish_all(numbers: range) -> list[str]:
+        with anyio.fail_after(TIMEOUT):
+            return [await channel.publish(unique, n) for n in numbers]
+
+    async with Channel(layer) as channel:
+        old = await publish_all(range(20))
+        async with channel.subscribe(unique) as sub:
+            await restart()
+            ids = await publish_all(range(20, 25))
+            assert [e.id for e in await _events(sub, 5)] == ids
+            await restart()
+            ids += await publish_all(range(25, 30))
+            received = await _events(sub, 5)
+            with anyio.move_on_after(0.5):
+                extra = await sub.next_batch()
+                pytest.fail(f"delivered twice: {extra}")
+    assert [e.id for e in received] == ids[5:]
+    assert min(seen) > int(old[-1])  # the stream was never read from its start again
