@@ -7,16 +7,16 @@ in flight into the next one, in their order of arrival, and hands each caller it
 
 - The first publish with nothing in flight is the call itself, in its caller's task: no hand-off
   and no added latency when publishes do not overlap.
-- The following group is published by a task of the `Channel`, so a caller that goes away does
-  not cancel the call the others wait for; its messages may still be published, as they may be
-  once any layer call has started. A caller that goes away before its group starts is left out.
+- The following groups are published by one task of the `Channel` (`run`), so a caller that goes
+  away does not cancel the call the others wait for; its messages may still be published, as
+  they may be once any layer call has started. A caller that goes away before its group starts
+  is left out.
 - One call at a time: groups go to the layer in order, so ids follow arrival order as they do
   for one caller. An unavailable broker is every member's error; a message the layer refuses
   (`InvalidArgument`, raised before a layer sends anything of the batch) is its caller's alone:
   the members are then published one by one.
-- A group's callers are woken once the next group's call has started (one yield after it is
-  scheduled), so its messages are on their way to the broker while the callers reply: the round
-  trip overlaps the replies instead of following them.
+- A group's callers are woken as the next group's call starts, and resume once its messages are
+  on their way to the broker: the round trip overlaps the replies instead of following them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import anyio
 from .errors import ChannelClosed, InvalidArgument
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup
+    from anyio.abc import TaskStatus
 
     from .event import Message
 
@@ -61,15 +61,19 @@ class GroupCommit:
         self._publish = publish
         self._new_event = new_event
         self._waiting: list[_Waiter] = []
-        self._busy = False
+        self._busy = False  # a layer call is in flight: a caller's own, or the worker's
+        self._wake: Settable | None = None  # what the worker waits on while it is idle
+        self._closed = False
 
-    async def publish(self, messages: Sequence[Message], task_group: TaskGroup) -> list[str]:
+    async def publish(self, messages: Sequence[Message]) -> list[str]:
+        if self._closed:
+            raise ChannelClosed("the channel is closed")
         if not self._busy:
             self._busy = True
             try:
                 return await self._publish(messages)
             finally:
-                self._next(task_group)
+                self._hand_on()
         waiter = _Waiter(messages, self._new_event())
         self._waiting.append(waiter)
         try:
@@ -83,14 +87,48 @@ class GroupCommit:
         assert waiter.ids is not None
         return waiter.ids
 
-    def _next(self, task_group: TaskGroup) -> None:
-        if self._waiting:
-            task_group.start_soon(self._publish_group, task_group)
-        else:
-            self._busy = False
+    def _hand_on(self) -> None:
+        """A caller's own call ended: the worker takes what waits meanwhile, if anything does."""
+        wake = self._wake
+        if self._waiting and wake is not None:
+            self._wake = None
+            wake.set()
+            return
+        self._busy = False
+        self._fail(self._take())  # only once the worker is gone: the channel closed
 
-    async def _publish_group(self, task_group: TaskGroup) -> None:
+    def _take(self) -> list[_Waiter]:
         group, self._waiting = self._waiting, []
+        return group
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Publish the groups that wait, one call at a time, for the life of the channel.
+
+        One task of the `Channel` for all groups, woken when a caller's own call ends with
+        others waiting: no task is started per group.
+        """
+        group: list[_Waiter] = []
+        try:
+            self._wake = self._new_event()
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                group = self._take()
+                while group:
+                    await self._publish_group(group)
+                    # The next group's call goes first: these callers resume once it is on its
+                    # way to the broker, so their replies overlap its round trip.
+                    done, group = group, self._take()
+                    for waiter in done:
+                        waiter.done.set()
+                self._busy = False
+                self._wake = self._new_event()
+        finally:
+            self._closed = True
+            self._wake = None
+            self._fail([*group, *self._take()])
+
+    async def _publish_group(self, group: list[_Waiter]) -> None:
         try:
             ids = await self._publish([m for waiter in group for m in waiter.messages])
         except InvalidArgument:
@@ -98,28 +136,11 @@ class GroupCommit:
         except Exception as exc:
             for waiter in group:
                 waiter.error = exc
-        except BaseException:
-            for waiter in group:
-                if waiter.ids is None:
-                    waiter.error = ChannelClosed("the channel closed while publishing")
-            for waiter in group:
-                waiter.done.set()
-            self._next(task_group)
-            raise
         else:
             start = 0
             for waiter in group:
                 waiter.ids = ids[start : start + len(waiter.messages)]
                 start += len(waiter.messages)
-        self._next(task_group)
-        try:
-            if self._busy:
-                # The next group's call goes first, so its messages are on their way to the
-                # broker while this group's callers reply.
-                await anyio.lowlevel.checkpoint()
-        finally:
-            for waiter in group:
-                waiter.done.set()
 
     async def _publish_each(self, group: list[_Waiter]) -> None:
         for waiter in group:
@@ -127,3 +148,11 @@ class GroupCommit:
                 waiter.ids = await self._publish(waiter.messages)
             except Exception as exc:
                 waiter.error = exc
+
+    @staticmethod
+    def _fail(waiters: list[_Waiter]) -> None:
+        """Wake waiters left without an answer: the channel closed."""
+        for waiter in waiters:
+            if waiter.ids is None and waiter.error is None:
+                waiter.error = ChannelClosed("the channel closed while publishing")
+            waiter.done.set()

@@ -204,6 +204,9 @@ class Channel:
             raise
         self._task_group = task_group
         task_group.start_soon(self._presence.run)
+        for commit in (self._group_commit, self._keyed_commit):
+            if commit is not None:
+                await task_group.start(commit.run)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
@@ -276,7 +279,7 @@ class Channel:
         if commit is None:
             ids = await self.layer.publish(messages)
         else:
-            ids = await commit.publish(messages, self._running())
+            ids = await commit.publish(messages)
         fresh = sum(not isinstance(id, Replayed) for id in ids) if replayable else len(ids)
         self.observer.published(fresh, time.perf_counter() - started)  # replays published nothing
         return ids
