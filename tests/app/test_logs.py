@@ -15,6 +15,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from app.logs import REQUEST_ID, RequestIdFilter
+from app.main import create_app
+from app.settings import Settings
 from tests.app.conftest import RunningGateway, free_port
 from tests.app.processes import output, running, wait_serving
 from tests.app.test_auth import SECRET, token
@@ -84,3 +86,20 @@ async def test_no_token_reaches_the_log(argv: list[str], tmp_path: Path) -> None
     assert secret_token not in text
     assert "not.a.token" not in text
     assert "/ws?access_token=[redacted]" in text
+
+
+async def test_an_unexpected_error_answers_500_with_request_id_and_cors() -> None:
+    app = create_app(Settings(cors_origins=["https://app.example"]))
+
+    @app.get("/broken")
+    async def broken() -> None:
+        raise RuntimeError("a defect")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+        reply = await http.get(
+            "/broken", headers={"Origin": "https://app.example", "X-Request-ID": "req-500"}
+        )
+    assert reply.status_code == 500
+    assert reply.headers["x-request-id"] == "req-500"
+    assert reply.headers["access-control-allow-origin"] == "https://app.example"
