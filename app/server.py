@@ -22,6 +22,7 @@ It also holds a connection's writes until the loop's next turn and sends them to
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Iterable
 from functools import cache
 from typing import Any
@@ -57,11 +58,10 @@ def limits() -> tuple[float, int]:
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
-    _in_headers = False  # a request has begun and its headers are not all in
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.transport = CoalescedWrites(transport, self.loop)  # type: ignore[assignment]
+        self.transport = CoalescedWrites(transport, outbox(self.loop))  # type: ignore[assignment]
         _, max_sockets = limits()
         if len(self.connections) > max_sockets:
             transport.write(UNAVAILABLE)
@@ -71,17 +71,20 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        # The next request of a kept-alive connection gets its timer only when this read did
-        # not bring all of its headers: most requests arrive whole and cost no timer.
-        if self._in_headers and self._header_timer is None:
+        # A following request of a kept-alive connection whose headers this read did not bring
+        # whole (its cycle is not made yet, the last one is complete) gets its timer now: most
+        # requests arrive whole and cost no timer. (A flag of its own would grow every
+        # connection's attribute dictionary past a resize: a kilobyte per idle stream.)
+        cycle = self.cycle
+        if (
+            self._header_timer is None
+            and cycle is not None
+            and cycle.response_complete
+            and not self.transport.is_closing()
+        ):
             self._start_header_timer()
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._in_headers = True
-
     def on_headers_complete(self) -> None:
-        self._in_headers = False
         self._stop_header_timer()
         super().on_headers_complete()
 
@@ -105,29 +108,65 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+class Outbox:
+    """The connections of one event loop with writes held this turn: one callback at the start
+    of the next turn sends them all, in the order their first writes came."""
+
+    __slots__ = ("_held", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._held: list[CoalescedWrites] = []
+
+    def add(self, connection: CoalescedWrites) -> None:
+        if not self._held:
+            self._loop.call_soon(self._send)
+        self._held.append(connection)
+
+    def _send(self) -> None:
+        held, self._held = self._held, []
+        for connection in held:
+            connection.flush()
+
+
+_outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def outbox(loop: asyncio.AbstractEventLoop) -> Outbox:
+    """The loop's `Outbox` (one per loop, so per server process)."""
+    found = _outboxes.get(loop)
+    if found is None:
+        found = _outboxes[loop] = Outbox(loop)
+    return found
+
+
 class CoalescedWrites:
     """A connection's transport whose writes leave together at the loop's next turn.
 
     Everything written to the connection during one turn of the event loop (a response's head and
-    body, several SSE events, pipelined responses) is held and sent in one `writelines` at the
-    start of the next turn. Responses to many connections finished in one turn then leave back to
-    back: a client waiting on several of them is woken once, not once per response, and each
-    connection makes one system call instead of one per write. In a profile of the publish
-    benchmark, the sends were a third of the server's CPU, mostly waking the client each time.
+    body, several SSE events, pipelined responses) is held and sent in one system call at the
+    start of the next turn, by the loop's `Outbox`. Responses to many connections finished in one
+    turn then leave back to back: a client waiting on several of them is woken once, not once per
+    response, and each connection makes one system call instead of one per write. In a profile of
+    the publish benchmark, the sends were a third of the server's CPU, mostly waking the client
+    each time.
 
     Nothing waits longer than that turn, and order is kept: every writer of the connection
     (uvicorn's protocol and request cycles, the WebSocket protocol after an upgrade) writes
     through this view, and `close` and `write_eof` send what is held first. More than
     `FLUSH_AT` bytes held are sent at once, so a large body still meets the transport's flow
-    control. Everything else goes straight to the real transport.
+    control. Everything else goes straight to the real transport. One write held is kept as it
+    is, a list only from the second: most turns write a connection once (a reply, a keepalive).
     """
 
-    __slots__ = ("_held", "_held_bytes", "_loop", "_transport")
+    __slots__ = ("_held", "_held_bytes", "_outbox", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, outbox: Outbox) -> None:
         self._transport = transport
-        self._loop = loop
-        self._held: list[bytes] | None = None
+        self._outbox = outbox
+        self._held: bytes | list[bytes] | None = None
         self._held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -135,10 +174,12 @@ class CoalescedWrites:
             data = bytes(data)  # held, so a buffer the caller reuses must not change under it
         held = self._held
         if held is None:
-            self._held = [data]
+            self._held = data
             self._held_bytes = len(data)
-            self._loop.call_soon(self.flush)
+            self._outbox.add(self)
         else:
+            if isinstance(held, bytes):
+                self._held = held = [held]
             held.append(data)
             self._held_bytes += len(data)
         if self._held_bytes >= FLUSH_AT:
@@ -150,7 +191,11 @@ class CoalescedWrites:
 
     def flush(self) -> None:
         held, self._held = self._held, None
-        if held and not self._transport.is_closing():
+        if held is None or self._transport.is_closing():
+            return
+        if isinstance(held, bytes):
+            self._transport.write(held)
+        else:
             self._transport.writelines(held)
 
     def is_closing(self) -> bool:

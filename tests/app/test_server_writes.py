@@ -12,7 +12,7 @@ import anyio
 import orjson
 import pytest
 
-from app.server import FLUSH_AT, CoalescedWrites
+from app.server import FLUSH_AT, CoalescedWrites, outbox
 from tests.app.conftest import free_port
 from tests.app.processes import running, wait_serving
 
@@ -45,7 +45,7 @@ class Recorder(asyncio.Transport):
 def test_writes_of_one_turn_leave_together_at_the_next() -> None:
     async def main() -> None:
         transport = Recorder()
-        held = CoalescedWrites(transport, asyncio.get_running_loop())
+        held = CoalescedWrites(transport, outbox(asyncio.get_running_loop()))
         held.write(b"HTTP/1.1 200 OK\r\n\r\n")
         held.write(bytearray(b"body"))
         held.writelines([b"more"])
@@ -60,10 +60,25 @@ def test_writes_of_one_turn_leave_together_at_the_next() -> None:
     asyncio.run(main())
 
 
+def test_every_connection_written_in_a_turn_is_sent_at_the_next() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        first, second = Recorder(), Recorder()
+        a, b = CoalescedWrites(first, outbox(loop)), CoalescedWrites(second, outbox(loop))
+        b.write(b"to b")
+        a.write(b"to a")
+        a.write(b"again")
+        assert first.calls == second.calls == []
+        await asyncio.sleep(0)
+        assert first.calls == [(b"to a", b"again")] and second.calls == [(b"to b",)]
+
+    asyncio.run(main())
+
+
 def test_close_and_eof_send_what_is_held_first_and_large_writes_go_at_once() -> None:
     async def main() -> None:
         closing = Recorder()
-        held = CoalescedWrites(closing, asyncio.get_running_loop())
+        held = CoalescedWrites(closing, outbox(asyncio.get_running_loop()))
         held.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
         held.close()  # an app that failed after starting its response: the head still goes
         assert closing.calls == [(b"HTTP/1.1 500 Internal Server Error\r\n\r\n",)]
@@ -72,13 +87,13 @@ def test_close_and_eof_send_what_is_held_first_and_large_writes_go_at_once() -> 
         assert len(closing.calls) == 1
 
         transport = Recorder()
-        held = CoalescedWrites(transport, asyncio.get_running_loop())
+        held = CoalescedWrites(transport, outbox(asyncio.get_running_loop()))
         held.write(b"frame")
         held.write_eof()
         assert transport.calls == [(b"frame",)] and transport.eof
 
         transport = Recorder()
-        held = CoalescedWrites(transport, asyncio.get_running_loop())
+        held = CoalescedWrites(transport, outbox(asyncio.get_running_loop()))
         held.write(b"head")
         held.write(b"x" * FLUSH_AT)  # past the bound: sent now, under the transport's flow control
         assert transport.calls == [(b"head", b"x" * FLUSH_AT)]
