@@ -3,8 +3,7 @@ with the fast path and to one without it, gets the same status, headers and body
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -12,7 +11,7 @@ import httpx
 import pytest
 
 from app.api.fastpath import PublishFastPath
-from tests.app.conftest import RunningGateway, serve
+from tests.app.conftest import RunningGateway, serve, serve_without
 from tests.app.test_auth import SECRET, bearer, token
 
 pytestmark = pytest.mark.anyio
@@ -26,14 +25,9 @@ SETTINGS: dict[str, Any] = {
 REQUEST_ID = {"X-Request-ID": "same-request"}
 
 
-@contextmanager
-def without_fast_path(**settings: Any) -> Iterator[RunningGateway]:
-    """A gateway whose publishes all go through FastAPI's router (the route itself)."""
-    with serve(**settings) as running:
-        app = running.app
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not PublishFastPath]
-        app.middleware_stack = app.build_middleware_stack()
-        yield running
+def without_fast_path(**settings: Any) -> AbstractContextManager[RunningGateway]:
+    """A gateway whose publishes all go through FastAPI's router."""
+    return serve_without(PublishFastPath, **settings)
 
 
 def cases() -> list[tuple[str, dict[str, Any]]]:

@@ -5,8 +5,7 @@ its opening), and an open stream keeps nothing of its request."""
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -16,7 +15,7 @@ import pytest
 from starlette.requests import Request
 
 from app.api.stream_path import StreamFastPath
-from tests.app.conftest import RunningGateway, serve
+from tests.app.conftest import RunningGateway, serve, serve_without
 from tests.app.test_auth import SECRET, bearer, token
 from tests.fixtures_redis import REDIS_URL, redis_reachable
 
@@ -32,14 +31,9 @@ REQUEST_ID = {"X-Request-ID": "same-request"}
 ORIGIN = {"Origin": "https://app.example"}
 
 
-@contextmanager
-def without_fast_path(**settings: Any) -> Iterator[RunningGateway]:
-    """A gateway whose streams all go through FastAPI's router (the routes themselves)."""
-    with serve(**settings) as running:
-        app = running.app
-        app.user_middleware = [m for m in app.user_middleware if m.cls is not StreamFastPath]
-        app.middleware_stack = app.build_middleware_stack()
-        yield running
+def without_fast_path(**settings: Any) -> AbstractContextManager[RunningGateway]:
+    """A gateway whose streams all go through FastAPI's router."""
+    return serve_without(StreamFastPath, **settings)
 
 
 def cases() -> list[tuple[str, str, dict[str, str]]]:

@@ -641,6 +641,19 @@ class ConnectionObserver(ChannelObserver):
         self.errors.append(error)
 
 
+async def first_seen_is_new(factory: LayerFactory, url: str, unique: str, text: str) -> None:
+    """A new process on the session `<unique>-host` gets first a message published now: every
+    PUBACK of the one before reached the broker, which holds nothing back for it."""
+    async with (
+        Channel(factory(url, instance=f"{unique}-host")) as channel,
+        channel.subscribe(unique, group="g", consumer="c") as group,
+    ):
+        marker_id = await publish(channel, unique, text)
+        (first_seen,) = await take(group, 1)
+        assert first_seen.id == marker_id
+        assert await first_seen.ack()
+
+
 async def test_broker_restart_reconnects_resubscribes_and_keeps_group_messages(
     mqtt_layer_factory: LayerFactory, mosquitto: Mosquitto, unique: str
 ) -> None:
@@ -683,14 +696,7 @@ async def test_broker_restart_reconnects_resubscribes_and_keeps_group_messages(
         (following,) = await take(group, 1)
         assert (following.id, following.deliveries) == (next_id, 1)
         assert await pending.ack() and await following.ack()
-    async with (
-        Channel(mqtt_layer_factory(mosquitto.url, instance=f"{unique}-host")) as channel,
-        channel.subscribe(unique, group="g", consumer="c") as group,
-    ):
-        marker_id = await publish(channel, unique, "marker")
-        (first_seen,) = await take(group, 1)
-        assert first_seen.id == marker_id  # both acks reached the broker
-        assert await first_seen.ack()
+    await first_seen_is_new(mqtt_layer_factory, mosquitto.url, unique, "marker")
 
 
 async def test_a_resent_packet_is_matched_to_the_one_held_here(
@@ -725,14 +731,7 @@ async def test_a_resent_packet_is_matched_to_the_one_held_here(
         (marker,) = await take(group, 1)  # none of the acked ones came first
         assert (marker.id, marker.deliveries) == (marker_id, 1)
         assert await redelivered.ack() and await marker.ack()
-    async with (
-        Channel(mqtt_layer_factory(mosquitto.url, instance=f"{unique}-host")) as channel,
-        channel.subscribe(unique, group="g", consumer="c") as group,
-    ):
-        marker_id = await publish(channel, unique, "second marker")
-        (first_seen,) = await take(group, 1)
-        assert first_seen.id == marker_id  # both PUBACKs reached the broker
-        assert await first_seen.ack()
+    await first_seen_is_new(mqtt_layer_factory, mosquitto.url, unique, "second marker")
 
 
 async def test_broker_crash_loses_its_state_but_not_what_this_process_holds(

@@ -167,6 +167,18 @@ async def test_a_trimmed_busy_channel_gives_a_gap_and_a_quiet_one_none(
     assert [i.data for i in items if isinstance(i, Event)] == ["q1", 7, 8, 9]
 
 
+async def until_answering(channel: Channel) -> None:
+    """Wait until the layer reaches its server again (the client reconnects on its own
+    schedule)."""
+    with anyio.fail_after(TIMEOUT):
+        while True:
+            try:
+                await channel.ping()
+                return
+            except LayerUnavailable:
+                await anyio.sleep(0.1)
+
+
 async def test_ping_and_publish_fail_while_no_server_answers_then_recover(
     nats_server: NatsServer, nats_names: tuple[str, str], unique: str
 ) -> None:
@@ -183,13 +195,8 @@ async def test_ping_and_publish_fail_while_no_server_answers_then_recover(
             with pytest.raises(LayerUnavailable):
                 await channel.publish(unique, "nobody hears")
         nats_server.start()
+        await until_answering(channel)
         with anyio.fail_after(TIMEOUT):
-            while True:
-                try:
-                    await channel.ping()
-                    break
-                except LayerUnavailable:
-                    await anyio.sleep(0.1)  # the client reconnects on its own schedule
             assert await channel.publish(unique, "back")
 
 
@@ -216,13 +223,7 @@ async def test_a_server_killed_mid_stream_loses_nothing(
         nats_server.stop(signal.SIGKILL)
         await publish(range(100, 103))  # refused while the server is down
         nats_server.start()
-        with anyio.fail_after(TIMEOUT):
-            while True:
-                try:
-                    await channel.ping()
-                    break
-                except LayerUnavailable:
-                    await anyio.sleep(0.1)  # the client reconnects on its own schedule
+        await until_answering(channel)
         await publish(range(110, 200))
         received = await _events(sub, len(accepted))
         with anyio.move_on_after(0.5):
@@ -515,13 +516,7 @@ async def test_a_server_restarted_while_subscribed_resumes_after_the_last_sequen
     async def restart() -> None:
         nats_server.stop(signal.SIGKILL)
         nats_server.start()
-        with anyio.fail_after(TIMEOUT):
-            while True:
-                try:
-                    await channel.ping()
-                    break
-                except LayerUnavailable:
-                    await anyio.sleep(0.1)  # the client reconnects on its own schedule
+        await until_answering(channel)
 
     async def publish_all(numbers: range) -> list[str]:
         with anyio.fail_after(TIMEOUT):
