@@ -38,6 +38,7 @@ class PostgresBroadcasts(PostgresConnections):
     _newest: int
     _last_seen: int
     _broadcast_wakeup: anyio.Event
+    _wakeup: anyio.Event  # the message reader's
     _unread_broadcasts: int  # notified, not handed on yet
     _held_newest: int  # the newest message id notified meanwhile
 
@@ -56,7 +57,7 @@ class PostgresBroadcasts(PostgresConnections):
         send = f"""
             WITH row AS (INSERT INTO {p}broadcasts (blob) VALUES ($1) RETURNING id)
             SELECT pg_notify('{p}messages', '{BROADCAST} ' || row.id) FROM row"""
-        read = f"SELECT blob FROM {p}broadcasts WHERE id = ANY($1::bigint[]) ORDER BY id"
+        read = f"SELECT id, blob FROM {p}broadcasts WHERE id = ANY($1::bigint[])"
         forget = f"""DELETE FROM {p}broadcasts
             WHERE created_at < now() - make_interval(secs => {KEEP_SECONDS})"""
         return send, read, forget
@@ -83,7 +84,8 @@ class PostgresBroadcasts(PostgresConnections):
     def _broadcast_arrived(self, argument: str) -> None:
         """From the listener: the row of a control message was committed."""
         if argument.isdigit():
-            self._arrived.append((int(argument), self._newest))
+            # messages held behind an earlier control message were notified before this one too
+            self._arrived.append((int(argument), max(self._newest, self._held_newest)))
             self._unread_broadcasts += 1
             self._broadcast_wakeup.set()
 
@@ -97,16 +99,25 @@ class PostgresBroadcasts(PostgresConnections):
             ids = [id for id, _ in arrived]
             try:
                 async with self._connection() as connection:
-                    rows = await connection.fetch(read, ids)
-                await self._handed_on_up_to(max(before for _, before in arrived))
+                    blobs = {row["id"]: row["blob"] for row in await connection.fetch(read, ids)}
             except LayerUnavailable as exc:  # live only: those are lost, as in a disconnection
                 logger.warning("reading %d control messages failed: %s", len(ids), exc.detail)
                 sink.layer_error(exc)
                 self._broadcasts_handed_on(len(ids))
                 continue
-            for row in rows:
-                sink.broadcast(row["blob"])
-            self._broadcasts_handed_on(len(ids))
+            for id, before in arrived:  # each after the messages notified before it, in turn
+                self._release(before)
+                await self._handed_on_up_to(before)
+                if id in blobs:
+                    sink.broadcast(blobs[id])
+                self._broadcasts_handed_on(1)
+
+    def _release(self, newest: int) -> None:
+        """Let the message reader hand on up to `newest`, notified before the control message
+        going next, though messages are held while one is unread."""
+        if newest > self._newest:
+            self._newest = newest
+            self._wakeup.set()
 
     async def _forget_broadcasts(self, connection: Any) -> None:
         """Part of the layer's cleanup: rows every listener had time to read."""
