@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 
-SCHEMA_VERSION = 5  # bump when the schema or a function changes; migration re-runs it all
+SCHEMA_VERSION = 6  # bump when the schema or a function changes; migration re-runs it all
 LOCK_CLASS = 0x67617465  # first key of every advisory lock this layer takes ("gate")
 RELEASED = "released"  # notification "released <channel>": a consumer gave its messages back
 GROUP_NOTICE = "group"  # notification "group <GroupNotice JSON>": acks, nacks, extends, deletes
@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS {p}trimmed (
     channel text COLLATE "C" PRIMARY KEY,
     max_deleted_id bigint NOT NULL
 );
+-- The channel has no row at or below this id: the size trim deleted all of them. The next trim
+-- deletes from there up, and never walks the index over rows deleted before.
+ALTER TABLE {p}trimmed ADD COLUMN IF NOT EXISTS trimmed_to bigint NOT NULL DEFAULT 0;
 
 CREATE TABLE IF NOT EXISTS {p}groups (
     channel text COLLATE "C" NOT NULL,
@@ -271,18 +274,30 @@ class Statements:
                 ON CONFLICT (channel)
                 DO UPDATE SET max_deleted_id = greatest(t.max_deleted_id, excluded.max_deleted_id)
             )"""
+        # Every row at or below the edge goes, so the next trim starts above it (`trimmed_to`):
+        # rows committed later have higher ids (see `layers.postgres`).
         self.trim_to_size = f"""
             WITH edges AS (
-                SELECT c.name, e.id FROM unnest($1::text[]) AS c(name)
+                SELECT c.name, e.id, coalesce(t.trimmed_to, 0) AS low
+                FROM unnest($1::text[]) AS c(name)
                 CROSS JOIN LATERAL (
                     SELECT m.id FROM {p}messages m WHERE m.channel = c.name
                     ORDER BY m.id DESC OFFSET $2 LIMIT 1
                 ) AS e
+                LEFT JOIN {p}trimmed t ON t.channel = c.name
             ), gone AS (
                 DELETE FROM {p}messages m USING edges
-                WHERE m.channel = edges.name AND m.id <= edges.id
+                WHERE m.channel = edges.name AND m.id > edges.low AND m.id <= edges.id
                 RETURNING m.channel, m.id
-            ), {note_trimmed}
+            ), noted AS (
+                INSERT INTO {p}trimmed AS t (channel, max_deleted_id, trimmed_to)
+                SELECT e.name, coalesce(g.id, 0), e.id FROM edges e
+                LEFT JOIN (SELECT channel, max(id) AS id FROM gone GROUP BY channel) g
+                    ON g.channel = e.name
+                ON CONFLICT (channel) DO UPDATE SET
+                    max_deleted_id = greatest(t.max_deleted_id, excluded.max_deleted_id),
+                    trimmed_to = greatest(t.trimmed_to, excluded.trimmed_to)
+            )
             SELECT count(*) FROM gone"""
         self.expire = f"""
             WITH gone AS (

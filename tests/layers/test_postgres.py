@@ -391,6 +391,38 @@ async def test_trimming_keeps_gap_detection_exact(
         assert await layer.clean_up() == 0
 
 
+async def test_each_trim_starts_where_the_last_one_ended(
+    factory: Factory, postgres_url: str, unique: str
+) -> None:
+    """A trim records its edge (`trimmed_to`); the next deletes only rows above it, so it never
+    walks the index over the rows deleted before (dead until a vacuum)."""
+    async with Channel(factory(history_size=5, cleanup_interval=3600)) as channel:
+        layer = channel.layer
+        assert isinstance(layer, PostgresLayer)
+
+        async def bounds() -> tuple[int, int, int]:
+            row = (
+                await execute(
+                    postgres_url,
+                    "SELECT t.trimmed_to, t.max_deleted_id, (SELECT count(*) FROM "
+                    "gateway_messages m WHERE m.channel = $1) AS n FROM gateway_trimmed t "
+                    "WHERE t.channel = $1",
+                    unique,
+                )
+            )[0]
+            return row["trimmed_to"], row["max_deleted_id"], row["n"]
+
+        first = await channel.publish_messages([make_message(unique, n) for n in range(10)])
+        assert await layer.clean_up() == 5
+        assert await bounds() == (int(first[4]), int(first[4]), 5)
+        second = await channel.publish_messages([make_message(unique, n) for n in range(10, 17)])
+        assert await layer.clean_up() == 7
+        assert await bounds() == (int(second[1]), int(second[1]), 5)
+        assert [e.data for e in (await channel.history(unique)).events] == list(range(12, 17))
+        gap = await channel.history(unique, after=first[9])
+        assert gap.gap and [e.id for e in gap.events] == second[2:]
+
+
 async def test_expired_rows_are_deleted_and_reported_as_a_gap(
     factory: Factory, unique: str
 ) -> None:
