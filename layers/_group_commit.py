@@ -11,10 +11,11 @@ in flight into the next one, in their order of arrival, and hands each caller it
   away does not cancel the call the others wait for; its messages may still be published, as
   they may be once any layer call has started. A caller that goes away before its group starts
   is left out.
-- One call at a time: groups go to the layer in order, so ids follow arrival order as they do
-  for one caller. An unavailable broker is every member's error; a message the layer refuses
-  (`InvalidArgument`, raised before a layer sends anything of the batch) is its caller's alone:
-  the members are then published one by one.
+- `calls` calls at a time (one unless the layer takes more, see `ChannelLayer.publish_calls`):
+  groups go to the layer in order, so ids follow arrival order as they do for one caller, except
+  between calls in flight at once, whose order the broker decides. An unavailable broker is every
+  member's error; a message the layer refuses (`InvalidArgument`, raised before a layer sends
+  anything of the batch) is its caller's alone: the members are then published one by one.
 - A group's callers are woken as the next group's call starts, and resume once its messages are
   on their way to the broker: the round trip overlaps the replies instead of following them.
 """
@@ -57,25 +58,30 @@ class GroupCommit:
         self,
         publish: Callable[[Sequence[Message]], Awaitable[list[str]]],
         new_event: Callable[[], Settable] = anyio.Event,
+        *,
+        calls: int = 1,
     ) -> None:
         self._publish = publish
         self._new_event = new_event
+        self._max_calls = calls
         self._waiting: list[_Waiter] = []
-        self._busy = False  # a layer call is in flight: a caller's own, or the worker's
-        self._wake: Settable | None = None  # what the worker waits on while it is idle
+        self._calls = 0  # layer calls in flight or handed to a worker: callers' own and workers'
+        self._idle: list[Settable] = []  # what each idle worker waits on
         self._closed = False
 
     async def publish(self, messages: Sequence[Message]) -> list[str]:
         if self._closed:
             raise ChannelClosed("the channel is closed")
-        if not self._busy:
-            self._busy = True
+        if not self._calls:
+            self._calls += 1
             try:
                 return await self._publish(messages)
             finally:
+                self._calls -= 1
                 self._hand_on()
         waiter = _Waiter(messages, self._new_event())
         self._waiting.append(waiter)
+        self._hand_on()
         try:
             await waiter.done.wait()
         except BaseException:
@@ -88,31 +94,43 @@ class GroupCommit:
         return waiter.ids
 
     def _hand_on(self) -> None:
-        """A caller's own call ended: the worker takes what waits meanwhile, if anything does."""
-        wake = self._wake
-        if self._waiting and wake is not None:
-            self._wake = None
-            wake.set()
+        """Wake an idle worker for what waits, if a call is free; fail it once the workers are
+        gone (the channel closed)."""
+        if not self._waiting or self._calls >= self._max_calls:
             return
-        self._busy = False
-        self._fail(self._take())  # only once the worker is gone: the channel closed
+        if self._idle:
+            self._calls += 1
+            self._idle.pop().set()
+        elif self._closed:
+            self._fail(self._take())
 
     def _take(self) -> list[_Waiter]:
         group, self._waiting = self._waiting, []
         return group
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Publish the groups that wait, one call at a time, for the life of the channel.
+        """Publish the groups that wait, `calls` at a time, for the life of the channel.
 
-        One task of the `Channel` for all groups, woken when a caller's own call ends with
-        others waiting: no task is started per group.
+        One worker task per call, each woken when it is free and a group waits: no task is
+        started per group.
         """
-        group: list[_Waiter] = []
         try:
-            self._wake = self._new_event()
-            task_status.started()
+            async with anyio.create_task_group() as workers:
+                for _ in range(self._max_calls):
+                    await workers.start(self._work)
+                task_status.started()
+        finally:
+            self._closed = True
+            self._fail(self._take())
+
+    async def _work(self, *, task_status: TaskStatus[None]) -> None:
+        group: list[_Waiter] = []
+        wake = self._new_event()
+        self._idle.append(wake)
+        task_status.started()
+        try:
             while True:
-                await self._wake.wait()
+                await wake.wait()  # whoever woke this counted its call
                 group = self._take()
                 while group:
                     await self._publish_group(group)
@@ -121,12 +139,14 @@ class GroupCommit:
                     done, group = group, self._take()
                     for waiter in done:
                         waiter.done.set()
-                self._busy = False
-                self._wake = self._new_event()
+                self._calls -= 1
+                wake = self._new_event()
+                self._idle.append(wake)
+                self._hand_on()
         finally:
-            self._closed = True
-            self._wake = None
-            self._fail([*group, *self._take()])
+            if wake in self._idle:
+                self._idle.remove(wake)
+            self._fail(group)
 
     async def _publish_group(self, group: list[_Waiter]) -> None:
         try:

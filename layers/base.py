@@ -158,6 +158,11 @@ class ChannelLayer(ABC):
 
     scheme: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    # How many `publish` calls the core keeps in flight at once (`layers._group_commit`). More
+    # than one only where the broker, not the call order, orders ids so that they become visible
+    # in id order, and where a call waits on the broker's own work (a commit) more than on the
+    # round trip.
+    publish_calls: ClassVar[int] = 1
 
     @abstractmethod
     async def run(self, sink: Sink, *, task_status: TaskStatus[None]) -> None:

@@ -187,11 +187,15 @@ class Channel:
         if self.layer.capabilities.cross_process:
             # a future per waiting publish under asyncio (see FutureWaiter), an Event elsewhere
             new_waiter = FutureWaiter if asyncio_backend else self._new_event
-            self._group_commit = GroupCommit(self.layer.publish, new_waiter)
+            self._group_commit = GroupCommit(
+                self.layer.publish, new_waiter, calls=self.layer.publish_calls
+            )
             # Keyed publishes share calls only with each other. A layer may refuse a reused key
             # after it stored the call's other messages (NATS learns of the reuse from the
             # stream); the group commit then publishes the callers one by one, and a keyed
             # message sent again is a replay, where an unkeyed one would be a second copy.
+            # One call at a time, whatever the layer takes: of two publishes of one key, the one
+            # that arrived first is the one published.
             self._keyed_commit = GroupCommit(self._publish_keyed, new_waiter)
         self._token = anyio.lowlevel.current_token()
         task_group = anyio.create_task_group()

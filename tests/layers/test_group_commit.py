@@ -90,3 +90,49 @@ async def test_a_message_the_layer_refuses_fails_only_its_own_publish(
     assert isinstance(outcomes.pop(5), InvalidArgument)
     assert all(isinstance(value, str) for value in outcomes.values()), outcomes
     assert len(set(outcomes.values())) == 9
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+async def test_calls_in_flight_are_bounded_and_groups_still_share_them(calls: int) -> None:
+    """`GroupCommit(calls=n)` keeps up to n layer calls in flight; what arrives meanwhile waits
+    and shares the next free call, and every caller gets its own ids."""
+    from layers._group_commit import GroupCommit
+
+    in_flight: list[int] = []
+    most = 0
+    sizes: list[int] = []
+    release, bound_reached = anyio.Event(), anyio.Event()
+    issued = iter(range(1_000_000))
+
+    async def publish(messages: Sequence[Message]) -> list[str]:
+        nonlocal most
+        in_flight.append(len(messages))
+        most = max(most, len(in_flight))
+        sizes.append(len(messages))
+        if len(in_flight) == calls:
+            bound_reached.set()
+        await release.wait()
+        in_flight.pop()
+        return [str(next(issued)) for _ in messages]
+
+    commit = GroupCommit(publish, calls=calls)
+    replies: dict[int, list[str]] = {}
+
+    async def caller(index: int) -> None:
+        replies[index] = await commit.publish([make_message("gc.unit", index)])
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tasks:
+            await tasks.start(commit.run)
+            async with anyio.create_task_group() as callers:
+                for index in range(20):
+                    callers.start_soon(caller, index)
+                await bound_reached.wait()
+                await anyio.sleep(0.05)  # a call past the bound would have started by now
+                assert len(in_flight) == calls
+                release.set()
+            tasks.cancel_scope.cancel()
+    assert most == calls
+    assert sum(sizes) == 20 and len(sizes) <= calls + 1
+    ids = [i for reply in replies.values() for i in reply]
+    assert sorted(replies) == list(range(20)) and len(set(ids)) == 20
