@@ -7,8 +7,6 @@ asyncpg's exceptions become `LayerUnavailable`.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -19,8 +17,6 @@ from ._postgres_sql import LOCK_CLASS, SCHEMA_VERSION, Statements, lock_key, sch
 from .base import ChannelLayer, Sink
 from .errors import LayerConfigurationError, LayerUnavailable
 from .event import Event
-
-logger = logging.getLogger(__name__)
 
 # What "the server cannot be reached right now" looks like through asyncpg.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -49,7 +45,6 @@ class PostgresConnections(ChannelLayer):
     _publish_lock: int
     _sink: Sink | None
     _pool: Any
-    _releases: set[asyncio.Task[None]]  # connections on their way back to the pool
 
     @contextmanager
     def _unavailable(self) -> Iterator[None]:
@@ -84,23 +79,8 @@ class PostgresConnections(ChannelLayer):
                 "the postgresql:// layer is not running; use it inside 'async with Channel(layer)'"
             )
         with self._unavailable():
-            connection = await pool.acquire()
-        try:
-            with self._unavailable():
+            async with pool.acquire() as connection:
                 yield connection
-        finally:
-            # asyncpg hands a connection back in a task of its own (shielded); the borrower goes
-            # on at once instead of after the turns of a busy event loop that task takes.
-            # `pool.close` waits for it.
-            release = asyncio.get_running_loop().create_task(pool.release(connection))
-            self._releases.add(release)
-            release.add_done_callback(self._released)
-
-    def _released(self, release: asyncio.Task[None]) -> None:
-        self._releases.discard(release)
-        if not release.cancelled() and release.exception() is not None:
-            # The pool closed the connection; it opens another when one is needed.
-            logger.debug("returning a connection to the pool failed", exc_info=release.exception())
 
     async def _open_pool(self) -> Any:
         try:

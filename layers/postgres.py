@@ -19,13 +19,12 @@ Design decisions:
   after the replay (see `ChannelLayer.replay`).
 - A publish (one message or a batch) is one round trip: a plpgsql function takes the lock,
   inserts and notifies. Pooled connections keep no session state, so their reset on release, a
-  second round trip, is skipped; the connection goes back to the pool without the publisher
-  waiting for it. Two publish calls are in flight at once (`publish_calls`): while one
-  commits, the next waits at the server for the lock, instead of being sent only once the first
-  one's reply made it through a busy event loop. Publishes in two such calls take their ids in
-  the order the server grants the lock. A keyed publish checks and writes its idempotency keys
-  (table `<prefix>idempotency_keys`) in the same function call, under the same lock; the
-  cleanup deletes expired keys.
+  second round trip, is skipped. Two publish calls are in flight at once (`publish_calls`):
+  while one commits, the next waits at the server for the lock, instead of being sent only once
+  the first one's reply made it through a busy event loop. Publishes in two such calls take
+  their ids in the order the server grants the lock. A keyed publish checks and writes its
+  idempotency keys (table `<prefix>idempotency_keys`) in the same function call, under the same
+  lock; the cleanup deletes expired keys.
 - History bounds are applied by readers (the newest `history_size` per channel; `expires_at` is
   set at publish from the publisher's `history_ttl`), so a background cleanup can delete late
   without being in the publish path. Each deletion records the channel's highest deleted id,
@@ -152,7 +151,6 @@ class PostgresLayer(PostgresBroadcasts, PostgresGroups):
         self._sql = Statements(table_prefix)
         self._sink: Sink | None = None
         self._pool: Any = None
-        self._releases = set()
         self._listener: Any = None
         self._listening = False
         self._supervisor: Supervisor | None = None

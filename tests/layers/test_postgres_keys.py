@@ -47,8 +47,7 @@ async def test_concurrent_keyed_publishes_share_a_round_trip(
 ) -> None:
     """The first publish goes at once, those arriving meanwhile in one call, each key once."""
     async with proxied(postgres_url) as (proxy, url):
-        # One connection: opening a second one for the second call would count as writes too.
-        layer = PostgresLayer(url, pool_size=1, cleanup_interval=3600)
+        layer = PostgresLayer(url, pool_size=4, cleanup_interval=3600)
         async with Channel(layer) as channel:
             await channel.publish(unique, "warm up", idempotency_key="warm")
             ids: dict[int, str] = {}
