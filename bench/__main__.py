@@ -2,8 +2,9 @@
 
 Options: `--scenarios S1,S2`, `--rates 10,50`, `--subscribers N`, `--idle N`, `--step-seconds S`,
 `--out DIR`, `--render` (redraw the table and plot from the JSON lines). Not run by default: G1
-(consumer groups; `--g1-messages N`, `--g1-prefetch N`), S1K (keyed publishes) and SW (gunicorn
-with one and two workers on Redis Streams, S1 and S2 at `--rates`). A partial run writes the
+(consumer groups; `--g1-messages N`, `--g1-prefetch N`), S1K (keyed publishes), S1L (S1 on each
+cross-process layer in pairs with memory://) and SW (gunicorn with one and two workers on Redis
+Streams, S1 and S2 at `--rates`). A partial run writes the
 same files, so the table and plot are always one run's output.
 """
 

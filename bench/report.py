@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench import idempotency, workers
+from bench import idempotency, pairs, workers
 from bench.groups import markdown as groups_markdown
 
 Record = dict[str, Any]
@@ -65,6 +65,7 @@ def markdown(records: list[Record]) -> str:
                 f"{_fmt(r['server_cpu_us_per_request'])} | {r['tool']} | {r['loadavg']} |"
             )
         lines.append("")
+    lines += pairs.markdown(records)
     lines += idempotency.markdown(records)
     s2 = _by(records, "S2") + _by(records, "S4")
     if s2:

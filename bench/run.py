@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from bench import idempotency, servers, workers
+from bench import idempotency, pairs, servers, workers
 from bench.groups import G1Config, g1
 from bench.load import Subscribers, connect, post_request, publish_at_rate, publish_flood
 from bench.servers import Server
@@ -383,8 +383,8 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
 
     layers = broker_layers(config)
     for scheme, (_, missing) in layers.items():
-        if missing is not None and {"S1", "S4"} & set(config.scenarios):
-            emit(stamp({"scenario": "S1,S4", "target": scheme, "not_run": missing}))
+        if missing is not None and {"S1", "S1L", "S4"} & set(config.scenarios):
+            emit(stamp({"scenario": "S1,S1L,S4", "target": scheme, "not_run": missing}))
     runnable = {scheme: url for scheme, (url, missing) in layers.items() if missing is None}
 
     if "S1" in config.scenarios:
@@ -401,6 +401,9 @@ async def run(config: Config, emit: Callable[[Record], None]) -> None:
                 await asyncio.sleep(0.5)
                 result = await throughput(server, config.throughput_seconds)
                 emit(stamp({"scenario": "S1", "target": name, **info(server), **result}))
+
+    if "S1L" in config.scenarios:
+        await pairs.run(runnable, throughput, vacuum, stamp, emit, config.throughput_seconds)
 
     if "S1K" in config.scenarios:
         await idempotency.run(

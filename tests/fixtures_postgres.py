@@ -20,7 +20,16 @@ from tests.conftest import LayerFactory, require_service
 POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/gateway_test"
 )
-TABLES = ("messages", "trimmed", "groups", "consumers", "pending", "idempotency_keys", "schema")
+TABLES = (
+    "messages",
+    "trimmed",
+    "groups",
+    "consumers",
+    "pending",
+    "idempotency_keys",
+    "broadcasts",
+    "schema",
+)
 
 T = TypeVar("T")
 

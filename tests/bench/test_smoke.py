@@ -18,6 +18,7 @@ from bench.run import Config, broker_layers, fanout_step, storm
 from bench.servers import Server
 from layers import create_layer
 from tests.app.conftest import RunningGateway, serve
+from tests.fixtures_postgres import drop_tables
 
 pytestmark = pytest.mark.anyio
 
@@ -138,3 +139,28 @@ async def test_two_gunicorn_workers_serve_publishes_and_streams(
     assert record["server_cpu_pct"] > 0
     sw = {"scenario": "SW", "target": "cpus 0,1", "workers": 2, "measure": "S2", "loadavg": 0.0}
     assert "| cpus 0,1 | 2 | S2 20 msg/s |" in markdown([{**sw, **record}])
+
+
+async def test_layer_pairs_measure_each_layer_right_after_memory(
+    postgres_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S1L in small: one pair on postgresql://, its tables vacuumed first, and its table row."""
+    from bench import pairs
+    from bench.run import throughput, vacuum
+
+    monkeypatch.setattr(pairs, "ROUNDS", 1)
+    prefix = f"bench_{unique}_"[:30]
+    layer = f"{postgres_url}?table_prefix={prefix}"
+    records: list[dict[str, object]] = []
+    with anyio.fail_after(60):
+        await pairs.run({"postgresql": layer}, throughput, vacuum, lambda r: r, records.append, 1)
+        await vacuum(layer)  # its tables exist now: VACUUM runs outside a transaction
+        await drop_tables(postgres_url, prefix)
+    assert [(r["target"], r["layer"], r["round"]) for r in records] == [
+        ("memory", "postgresql", 0),
+        ("postgresql", "postgresql", 0),
+    ]
+    assert all(float(r["requests_per_s"]) > 0 and r["failed"] == 0 for r in records)
+    records = [{**r, "loadavg": 0.0} for r in records]
+    ratio = float(records[1]["requests_per_s"]) / float(records[0]["requests_per_s"])
+    assert f"| {ratio:.2f}x | {ratio:.2f} |" in markdown(records)
