@@ -20,16 +20,9 @@ from tests.conftest import LayerFactory, require_service
 POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/gateway_test"
 )
-TABLES = (
-    "messages",
-    "trimmed",
-    "groups",
-    "consumers",
-    "pending",
-    "idempotency_keys",
-    "broadcasts",
-    "schema",
-)
+# The tables whose rows belong to a channel, then every other table of a prefix.
+CHANNEL_TABLES = ("messages", "trimmed", "groups", "consumers", "pending", "idempotency_keys")
+TABLES = (*CHANNEL_TABLES, "broadcasts", "schema")
 
 T = TypeVar("T")
 
@@ -107,14 +100,7 @@ async def forget_channels(url: str, name_prefix: str, table_prefix: str = "gatew
     connection = await asyncpg.connect(url, timeout=5)
     try:
         if await connection.fetchval("SELECT to_regclass($1)", f"{table_prefix}schema"):
-            for table in (
-                "messages",
-                "trimmed",
-                "groups",
-                "consumers",
-                "pending",
-                "idempotency_keys",
-            ):
+            for table in CHANNEL_TABLES:
                 await connection.execute(
                     f"DELETE FROM {table_prefix}{table} WHERE channel LIKE $1 || '%'", name_prefix
                 )
