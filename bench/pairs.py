@@ -60,13 +60,14 @@ def markdown(records: list[Record]) -> list[str]:
         "server CPU µs/request memory:// | layer | load avg |",
         "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
+    by_run = {(r["layer"], r["round"], r["target"]): r for r in runs}
     for layer in dict.fromkeys(r["layer"] for r in runs):
-        pairs = []
-        for round_ in range(ROUNDS):
-            memory = [r for r in runs if r["layer"] == layer and r["round"] == round_]
-            by_target = {r["target"]: r for r in memory}
-            if "memory" in by_target and layer in by_target:
-                pairs.append((by_target["memory"], by_target[layer]))
+        rounds = sorted({r["round"] for r in runs if r["layer"] == layer})
+        pairs = [
+            (by_run[layer, round_, "memory"], by_run[layer, round_, layer])
+            for round_ in rounds
+            if (layer, round_, "memory") in by_run and (layer, round_, layer) in by_run
+        ]
         if not pairs:
             continue
         ratios = [mine["requests_per_s"] / base["requests_per_s"] for base, mine in pairs]

@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -338,8 +339,7 @@ async def vacuum(layer_url: str) -> None:
     import asyncpg  # type: ignore[import-untyped]
 
     url, _, query = layer_url.partition("?")
-    options = dict(part.split("=", 1) for part in query.split("&") if "=" in part)
-    prefix = options.get("table_prefix", "gateway_")
+    prefix = dict(urllib.parse.parse_qsl(query)).get("table_prefix", "gateway_")
     connection = await asyncpg.connect(url)
     try:
         for table in ("messages", "trimmed", "idempotency_keys"):

@@ -7,8 +7,8 @@ in flight into the next one, in their order of arrival, and hands each caller it
 
 - The first publish with nothing in flight is the call itself, in its caller's task: no hand-off
   and no added latency when publishes do not overlap.
-- The following groups are published by one task of the `Channel` (`run`), so a caller that goes
-  away does not cancel the call the others wait for; its messages may still be published, as
+- The following groups are published by the `Channel`'s worker tasks (`run`), so a caller that
+  goes away does not cancel the call the others wait for; its messages may still be published, as
   they may be once any layer call has started. A caller that goes away before its group starts
   is left out.
 - `calls` calls at a time (one unless the layer takes more, see `ChannelLayer.publish_calls`):
