@@ -130,9 +130,7 @@ class GroupPump:
             while True:
                 self._wakeup = anyio.Event()
                 try:
-                    claim = self._claim_now or time.monotonic() >= next_claim
-                    self._claim_now = False
-                    delivered = await self._fill(claim=claim)
+                    delivered = await self._fill(claim_due=time.monotonic() >= next_claim)
                     backoff = 0.1
                 except UnknownGroup:  # deleted: the consumer's stream ends
                     self.end()
@@ -150,13 +148,16 @@ class GroupPump:
                 with anyio.move_on_after(max(0.0, next_claim - time.monotonic())):
                     await self._wakeup.wait()
 
-    async def _fill(self, *, claim: bool) -> int:
+    async def _fill(self, *, claim_due: bool) -> int:
         layer = self.layer
         room = min(self.subscriber.free_slots, self.prefetch - self.in_flight)
         if room <= 0 or self.ended:
+            # Released messages wait for room: a nack's release can arrive before its settle
+            # notice, which frees the slot and wakes the pump again.
             return 0
         events: list[Event] = []
-        if claim:
+        if claim_due or self._claim_now:
+            self._claim_now = False
             claimed = await layer.group_claim(
                 self.channel, self.group, self.consumer, self.ack_timeout, room
             )

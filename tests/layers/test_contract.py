@@ -26,6 +26,7 @@ from layers import (
     Subscription,
     UnknownGroup,
 )
+from layers.base import GroupNotice
 from tests.conftest import eventually
 from tests.layers.conftest import OpenChannel
 
@@ -789,6 +790,26 @@ async def test_nack_redelivers_to_the_group_with_deliveries_counted(
             await eventually_pending(channel, unique, 0)
         with pytest.raises(UnknownGroup):
             await channel.nack(unique, "nobody", ["1"])
+
+
+async def test_a_release_seen_before_its_settle_notice_is_claimed_once_there_is_room(
+    open_channel: OpenChannel, unique: str
+) -> None:
+    # Across processes the layer's release can reach a consumer before the notice that settles
+    # the nacked message, while its slot is still taken: the claim must wait for the slot, not
+    # for the claim timer.
+    async with open_channel(ack_timeout=60) as channel:
+        need(channel, "groups")
+        async with channel.subscribe(unique, group="g", consumer="c", prefetch=1) as sub:
+            message_id = await channel.publish(unique, "again")
+            (first,) = await events(sub, 1)
+            assert await channel.layer.group_nack(unique, "g", [first.id]) == [first.id]
+            await anyio.sleep(0.3)  # the release is seen with no slot free
+            # what the notice from the process that nacked does when it arrives
+            channel._router.group_notice(GroupNotice(unique, "g", "settled", (first.id,)))
+            with anyio.fail_after(2):  # the claim timer would take 5 s (`layers._groups`)
+                (second,) = await events(sub, 1)
+            assert (second.id, second.deliveries) == (message_id, 2)
 
 
 async def eventually_pending(channel: Channel, name: str, pending: int) -> None:
