@@ -25,6 +25,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from abc import abstractmethod
@@ -39,11 +40,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ._redis_pipe import CommandPipe
 from ._supervisor import Supervisor
 from .base import ChannelLayer, Sink
 from .errors import InvalidArgument, LayerUnavailable
@@ -183,7 +184,10 @@ class RedisLayer(ChannelLayer):
         self.client_name = f"channels-gateway:{uuid.uuid4().hex[:12]}"
         self.where = redact(url)
         self._client: Redis | None = None
-        self._scripts: dict[str, AsyncScript] = {}
+        self._shas = {  # EVALSHA names a script by this
+            name: hashlib.sha1(lua.encode()).hexdigest() for name, lua in self.lua.items()
+        }
+        self._pipe: CommandPipe | None = None  # runs the scripts (see `layers._redis_pipe`)
         self._sink: Sink | None = None
         self._listening = False  # the listener connection is up and its subscriptions restored
 
@@ -206,15 +210,31 @@ class RedisLayer(ChannelLayer):
         except RedisError as exc:
             raise LayerUnavailable(f"Redis at {self.where} refused a command: {exc}") from exc
 
+    async def command(self, *args: str | bytes | int) -> Any:
+        """One command on the script pipe (see `layers._redis_pipe`), its reply as Redis sent it."""
+        with self.unavailable():
+            return await self._running_pipe().call(*args)
+
     async def script(self, name: str, keys: list[str], args: list[str | bytes | int]) -> Any:
         """Run one of the layer's Lua scripts: one round trip (a reload only after a restart)."""
+        pipe = self._running_pipe()
+        command = ("EVALSHA", self._shas[name], len(keys), *keys, *args)
         with self.unavailable():
-            return await self._scripts[name](keys=keys, args=args, client=self.redis)
+            try:
+                return await pipe.call(*command)
+            except NoScriptError:  # Redis restarted, or its scripts were flushed
+                await pipe.call("SCRIPT", "LOAD", self.lua[name])
+                return await pipe.call(*command)
+
+    def _running_pipe(self) -> CommandPipe:
+        if self._pipe is None:
+            raise LayerUnavailable(f"the layer for {self.where} is not running; open the Channel")
+        return self._pipe
 
     async def ping(self) -> None:
-        """Redis answers and the listener is connected (else live messages are not arriving)."""
-        with self.unavailable():
-            await self.redis.ping()
+        """Redis answers on the publishing connection and the listener is connected (else live
+        messages are not arriving)."""
+        await self.command("PING")
         if not self._listening:
             raise LayerUnavailable(f"Redis at {self.where} answers, the listener is reconnecting")
 
@@ -232,20 +252,25 @@ class RedisLayer(ChannelLayer):
         )
         return Redis(connection_pool=pool)
 
-    def _listener_connection(self) -> AbstractConnection:
+    def _new_connection(self, socket_timeout: float | None) -> AbstractConnection:
+        """A connection of its own (listener, script pipe), with the pool's options."""
         pool = self.redis.connection_pool
-        options = {**pool.connection_kwargs, "socket_timeout": self.listener_timeout}
+        options = {**pool.connection_kwargs, "socket_timeout": socket_timeout}
         return pool.connection_class(**options)
 
     async def run(self, sink: Sink, *, task_status: TaskStatus[None]) -> None:
         self._client = self._open_pool()
-        self._scripts = {name: self._client.register_script(lua) for name, lua in self.lua.items()}
         self._sink = sink
         supervisor = Supervisor(f"Redis listener at {self.where}", sink, logger)
         try:
-            await supervisor.run(self._listen, task_status=task_status)
+            async with anyio.create_task_group() as pipe_tasks:
+                # no socket timeout: the pipe times each command out itself
+                self._pipe = CommandPipe(
+                    lambda: self._new_connection(None), pipe_tasks, timeout=COMMAND_TIMEOUT
+                )
+                await supervisor.run(self._listen, task_status=task_status)
         finally:
-            self._sink, self._listening = None, False
+            self._sink, self._listening, self._pipe = None, False, None
             with anyio.CancelScope(shield=True):
                 await self.redis.aclose(close_connection_pool=True)
             self._client = None
@@ -257,7 +282,7 @@ class RedisLayer(ChannelLayer):
             self._listening = True
             ready()
 
-        connection = self._listener_connection()
+        connection = self._new_connection(self.listener_timeout)
         try:
             with self.unavailable():
                 await connection.connect()  # type: ignore[no-untyped-call]

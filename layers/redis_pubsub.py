@@ -107,8 +107,7 @@ class RedisPubSubLayer(RedisLayer):
         return read_ids(ids, messages)
 
     async def broadcast(self, blob: bytes) -> None:
-        with self.unavailable():
-            await self.redis.publish(self.keys.broadcast, blob)
+        await self.command("PUBLISH", self.keys.broadcast, blob)
 
     # -- subscribing -----------------------------------------------------------------------------
 
