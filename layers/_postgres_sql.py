@@ -302,8 +302,11 @@ class Statements:
         self.expire = f"""
             WITH gone AS (
                 DELETE FROM {p}messages WHERE id IN (
-                    SELECT id FROM {p}messages WHERE expires_at <= $1 LIMIT $2
-                    FOR UPDATE SKIP LOCKED
+                    -- The order makes the plan read the partial index on expires_at: without
+                    -- statistics (a new table, no autovacuum yet), a bare LIMIT is planned as a
+                    -- sequential scan that reads the whole table when nothing has expired.
+                    SELECT id FROM {p}messages WHERE expires_at <= $1 ORDER BY expires_at
+                    LIMIT $2 FOR UPDATE SKIP LOCKED
                 )
                 RETURNING channel, id
             ), {note_trimmed}

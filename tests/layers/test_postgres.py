@@ -423,6 +423,33 @@ async def test_each_trim_starts_where_the_last_one_ended(
         assert gap.gap and [e.id for e in gap.events] == second[2:]
 
 
+async def test_the_expiry_cleanup_reads_its_index_on_a_table_without_statistics(
+    postgres_url: str, unique: str
+) -> None:
+    """Without statistics (a new table; no autovacuum yet), a plain `LIMIT` is planned as a
+    sequential scan, which reads every row (and every dead one) each cleanup when no row has an
+    expiry."""
+    prefix = f"{unique}_"
+    layer = PostgresLayer(postgres_url, table_prefix=prefix, pool_size=1)
+    try:
+        async with Channel(layer) as channel:
+            await channel.publish(unique, "creates the tables")
+        # A table as large as a busy one, none of whose rows expires (ids below the sequence's)
+        await execute(
+            postgres_url,
+            f"INSERT INTO {prefix}messages (id, channel, event, data, published_at) "
+            "SELECT -n, $1, 'message', '1', 0 FROM generate_series(1, 1000000) AS n",
+            unique,
+        )
+        statement = layer._sql.expire.replace("$1", "0").replace("$2", "1000")
+        plan = "\n".join(r[0] for r in await execute(postgres_url, f"EXPLAIN {statement}"))
+        assert f"Index Scan on {prefix}messages_by_expiry" in plan or (
+            f"Index Scan using {prefix}messages_by_expiry" in plan
+        )
+    finally:
+        await drop_tables(postgres_url, prefix)
+
+
 async def test_expired_rows_are_deleted_and_reported_as_a_gap(
     factory: Factory, unique: str
 ) -> None:
