@@ -13,9 +13,11 @@ The Redis layers run their Lua scripts, publishing among them, through it:
 - The connection is the driver's own (`redis.asyncio.Connection`): URL options, authentication,
   TLS, RESP2 and the client name come with it. hiredis, which the driver parses replies with,
   packs the commands.
-- It connects on first use, and again on the next call after it was lost. A connection that gives
-  no reply within `timeout` is dropped, and every command waiting on it fails: a broker that
-  stopped answering makes each caller fail within `timeout` instead of waiting behind the others.
+- It connects on first use, and again on the next call after it was lost; the calls that waited
+  for an attempt that failed fail with it, so an unreachable broker costs each at most one
+  attempt. A call gets its answer within `timeout`, connecting included, or fails; the
+  connection is then dropped with every command still waiting on it, since a broker that stopped
+  answering one command answers none after it.
 """
 
 from __future__ import annotations
@@ -49,36 +51,49 @@ class CommandPipe:
         self._reader = anyio.CancelScope()  # the current connection's reader
         self._replies: deque[asyncio.Future[Any]] = deque()  # in the order the commands went
         self._connecting = anyio.Lock()
+        self._failures = 0  # connection attempts that failed: their waiters fail too
 
     async def call(self, *args: str | bytes | int | float) -> Any:
         """Send one command and return its reply; raises the driver's errors."""
-        connection = self._connection or await self._connect()
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        # Connected, the driver writes before it awaits anything: the reply's place in the queue
-        # is the command's place on the wire.
-        self._replies.append(reply)
+        connection: AbstractConnection | None = None
         try:
-            packed = hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub: 1-tuples
-            await connection.send_packed_command(packed, check_health=False)
-        except BaseException as exc:
-            reply.cancel()  # no one will wait for it
-            self._lost(connection, RedisConnectionError(f"sending a command failed: {exc!r}"))
-            raise
-        try:
-            with anyio.fail_after(self._timeout):
+            with anyio.fail_after(self._timeout):  # connecting, sending and the reply
+                connection = self._connection or await self._connect()
+                reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                # Connected, the driver writes before it awaits anything: the reply's place in
+                # the queue is the command's place on the wire.
+                self._replies.append(reply)
+                try:
+                    packed = hiredis.pack_command(args)  # type: ignore[arg-type]  # stub: 1-tuples
+                    await connection.send_packed_command(packed, check_health=False)
+                except BaseException as exc:
+                    reply.cancel()  # no one will wait for it
+                    self._lost(connection, RedisConnectionError(f"sending failed: {exc!r}"))
+                    raise
                 return await reply
         except TimeoutError:
-            self._lost(connection, RedisTimeoutError(f"no reply within {self._timeout:g} s"))
-            raise RedisTimeoutError(f"Redis gave no reply within {self._timeout:g} s") from None
+            if connection is not None:
+                self._lost(connection, RedisTimeoutError(f"no reply within {self._timeout:g} s"))
+            raise RedisTimeoutError(f"Redis gave no answer within {self._timeout:g} s") from None
 
     async def _connect(self) -> AbstractConnection:
+        failures = self._failures
         async with self._connecting:
-            if self._connection is None:
-                connection = self._new_connection()
+            if self._connection is not None:
+                return self._connection
+            if self._failures != failures:  # the attempt this call waited for failed: so does it
+                raise RedisConnectionError("connecting to Redis failed just now; retry shortly")
+            connection = self._new_connection()
+            try:
                 await connection.connect()  # type: ignore[no-untyped-call]
-                self._connection, self._reader = connection, anyio.CancelScope()
-                self._tasks.start_soon(self._read, connection, self._reader)
-            return self._connection
+            except BaseException:
+                self._failures += 1
+                with anyio.CancelScope(shield=True):
+                    await connection.disconnect(nowait=True)
+                raise
+            self._connection, self._reader = connection, anyio.CancelScope()
+            self._tasks.start_soon(self._read, connection, self._reader)
+            return connection
 
     async def _read(self, connection: AbstractConnection, scope: anyio.CancelScope) -> None:
         error: Exception = RedisConnectionError("the connection to Redis closed")

@@ -463,6 +463,53 @@ async def test_streams_survive_a_redis_restart(
     await restarted_redis_case(make, throwaway_redis, unique)
 
 
+async def test_a_frozen_redis_fails_each_call_within_the_command_timeout(
+    throwaway_redis: ThrowawayRedis, monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    """A broker that keeps its connections open and answers nothing (stopped, or a network that
+    drops everything): publishes and pings fail in about the timeout, connecting again included,
+    each call at most once; publishing recovers by itself once it answers again."""
+    import os
+    import signal
+    import time
+
+    import layers._redis
+
+    monkeypatch.setattr(layers._redis, "COMMAND_TIMEOUT", 0.5)
+    assert throwaway_redis.process is not None
+    pid = throwaway_redis.process.pid
+    async with Channel(RedisPubSubLayer(throwaway_redis.url)) as channel:
+        await channel.publish(unique, "before")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for wave in ("sent on the open connection", "sent after connecting again"):
+                failures: list[BaseException] = []
+
+                async def fails(call: Callable[[], Any], failures: list[BaseException]) -> None:
+                    try:
+                        await call()
+                    except LayerUnavailable as exc:
+                        failures.append(exc)
+
+                started = time.monotonic()
+                with anyio.fail_after(5):
+                    async with anyio.create_task_group() as tg:
+                        for n in range(4):
+                            tg.start_soon(fails, lambda n=n: channel.publish(unique, n), failures)
+                            tg.start_soon(fails, channel.ping, failures)
+                assert len(failures) == 8, wave
+                assert time.monotonic() - started < 2.5, wave  # not one timeout after another
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        with anyio.fail_after(TIMEOUT):
+            while True:
+                try:
+                    await channel.publish(unique, "after")
+                    break
+                except LayerUnavailable:
+                    await anyio.sleep(0.05)
+
+
 async def test_group_consumer_survives_a_redis_restart(
     throwaway_redis: ThrowawayRedis, unique: str
 ) -> None:
