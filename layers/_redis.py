@@ -3,14 +3,14 @@
 Design decisions:
 
 - Each layer instance opens one pipelined connection for its Lua scripts (publishing among
-  them), pings and control messages (`layers._redis_pipe`), a connection pool for the rest
-  (queries, blocking reads, redis-py's helpers) and one dedicated listener connection, all named
-  after the instance (`client_name`), so an operator or a test can find and kill exactly this
-  instance's connections. Commands are never retried: a publish that fails raises
-  `LayerUnavailable` at once (the gateway answers 503) instead of hanging on retries or risking a
-  duplicate. A dropped connection is replaced by the next command (the pipe's reader sees it
-  close; the pool checks a connection as it hands it out), so the first publish after it still
-  succeeds.
+  them), pings and Pub/Sub's control messages (`layers._redis_pipe`), a connection pool for the
+  rest (queries, blocking reads, transactions, redis-py's helpers) and one dedicated listener
+  connection, all named after the instance (`client_name`), so an operator or a test can find
+  and kill exactly this instance's connections. Commands are never retried: a publish that fails
+  raises `LayerUnavailable` at once (the gateway answers 503) instead of hanging on retries or
+  risking a duplicate. A dropped connection is replaced by the next command (the pipe's reader
+  sees it close; the pool checks a connection as it hands it out), so the first publish after it
+  still succeeds.
 - The listener reconnects by itself (`layers._supervisor`) and lets the layer restore its
   subscriptions; meanwhile `ping` fails (readiness goes red) and live subscriptions stay open. A
   broker unreachable at start-up is the same: the layer starts, and calls raise
